@@ -1,0 +1,600 @@
+"""Tests for phi.py against transformers (the oracle) on tiny random configs, plus the real Hub config.json files.
+
+Run: python -m pytest -q
+- PHI_REFERENCE: the shared reference data (default ../shared/reference); tests that need it skip without it.
+- PHI_ORACLE_442: a Python with transformers==4.42.4 (default .venv-hf442/bin/python, built by .ci/run), the last
+  version whose Phi-3 has the original "su" and "yarn" rotary classes; 4.43+ folds both into "longrope".
+"""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import phi
+
+ROOT = Path(__file__).resolve().parent
+REF = Path(os.environ.get("PHI_REFERENCE", ROOT.parent / "shared" / "reference"))
+ORACLE_442 = Path(os.environ.get("PHI_ORACLE_442", ROOT / ".venv-hf442" / "bin" / "python"))
+TOL = 1e-4            # fp32 max abs logits error allowed
+ERRORS = {}           # measured parity errors, printed at the end of the run (pytest -s, or in the summary)
+
+
+def needs_reference(sub):
+    p = REF / sub
+    return pytest.mark.skipif(not p.exists(), reason=f"reference data {p} not found (set PHI_REFERENCE)")
+
+
+def factors(n, seed, lo=1.0, hi=4.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, generator=g) * (hi - lo) + lo).tolist()
+
+
+def rope(kind, rotary_dim):
+    return {"type": kind, "short_factor": factors(rotary_dim // 2, 1, 1.0, 1.5), "long_factor": factors(rotary_dim // 2, 2)}
+
+
+# name -> (model_type, HF config kwargs, sequence lengths to test). Tiny, but each keeps the real model's shape ratios.
+BASE = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+CASES = {
+    "phi-1.5": ("phi", dict(partial_rotary_factor=0.5), [16]),
+    "phi-2": ("phi", dict(hidden_size=80, partial_rotary_factor=0.4), [16]),          # head 20, rotary 8 (phi-2: 80, 32)
+    "phi-2-qk-layernorm": ("phi", dict(hidden_size=80, partial_rotary_factor=0.4, qk_layernorm=True), [16]),
+    "phi3-4k": ("phi3", dict(max_position_embeddings=64, original_max_position_embeddings=64), [16]),
+    "phi3-gqa-window": ("phi3", dict(num_key_value_heads=2, sliding_window=6), [20]),
+    "phi3-128k-longrope": ("phi3", dict(max_position_embeddings=256, original_max_position_embeddings=32,
+                                        rope_scaling=rope("longrope", 16)), [20, 48]),
+    "phi4-mini": ("phi3", dict(num_key_value_heads=2, partial_rotary_factor=0.75, tie_word_embeddings=True,
+                               max_position_embeddings=256, original_max_position_embeddings=32,
+                               rope_scaling=rope("longrope", 12)), [20, 48]),
+}
+HF_CLASSES = {"phi": "Phi", "phi3": "Phi3"}
+
+
+def hf_model(name, head="ForCausalLM", **over):
+    """A transformers model of case `name` with random weights of a size that makes logits O(1..10)."""
+    kind, kw, _ = CASES[name]
+    config_cls = getattr(transformers, HF_CLASSES[kind] + "Config")
+    cfg = config_cls(**{**BASE, **kw, **over}, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = getattr(transformers, HF_CLASSES[kind] + head)(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n and n.endswith("weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.3 if "embed" in n else 0.15)
+    return model
+
+
+def saved(model, path):
+    model.save_pretrained(path)
+    return path
+
+
+def err(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+def record(key, value):
+    ERRORS[key] = max(ERRORS.get(key, 0.0), value)
+    return value
+
+
+@pytest.fixture(scope="session", autouse=True)
+def report_errors():
+    yield
+    if ERRORS:
+        print("\nmeasured max abs errors:\n" + "\n".join(f"  {k}: {v:.2e}" for k, v in sorted(ERRORS.items())))
+
+
+def ids_for(T, B=2, vocab=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (B, T), generator=g)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Logit parity, KV cache, padding
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_logits_match_transformers(name, tmp_path):
+    ref = hf_model(name)
+    ours = phi.Phi.from_pretrained(saved(ref, tmp_path))
+    for T in CASES[name][2]:
+        ids = ids_for(T)
+        with torch.no_grad():
+            e = record(f"logits {name} T={T}", err(ours(ids), ref(ids).logits))
+        assert e <= TOL, f"{name} T={T}: max abs error {e}"
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_kv_cache_decode_equals_full_forward(name, tmp_path):
+    """Prefill a prompt, then decode one token at a time; each step's logits must equal a full forward over the
+    sequence so far. For LongRoPE the prompt (20) is below the original context (32) and decoding runs past it,
+    which makes the model re-run the cache with the long factors at the crossing, as transformers' generate does."""
+    model = phi.Phi.from_pretrained(saved(hf_model(name), tmp_path))
+    T = max(CASES[name][2]) + 4
+    ids, prompt = ids_for(T), 10 if max(CASES[name][2]) < 20 else 20
+    cache = phi.KVCache(model.config, 2, T)
+    with torch.no_grad():
+        steps = [model(ids[:, :prompt], cache=cache)[:, -1]]
+        steps += [model(ids[:, t:t + 1], cache=cache)[:, -1] for t in range(prompt, T)]
+        for t, got in zip(range(prompt - 1, T), steps):
+            want = model(ids[:, :t + 1])[:, -1]
+            e = record(f"decode {name}", err(got, want))
+            assert e <= TOL, f"{name}: decode step at position {t}: max abs error {e}"
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_left_padded_batch_equals_rows_alone(name, tmp_path):
+    """Rows of different lengths, left-padded, through prefill and cached decode, equal each row run alone."""
+    model = phi.Phi.from_pretrained(saved(hf_model(name), tmp_path))
+    T = max(CASES[name][2])
+    ids = ids_for(T, B=3)
+    lengths = [T, T - 5, T - 9]
+    batch, mask = ids.clone(), torch.ones_like(ids)
+    for r, n in enumerate(lengths):
+        batch[r, :T - n], mask[r, :T - n] = 0, 0
+    extra = ids_for(4, B=3, seed=1)
+    with torch.no_grad():
+        cache = phi.KVCache(model.config, 3, T + 4)
+        got = [model(batch, attention_mask=mask, cache=cache)]
+        got += [model(extra[:, i:i + 1], cache=cache) for i in range(4)]
+        got = torch.cat(got, 1)                     # (3, T + 4, vocab)
+        full = model(torch.cat((batch, extra), 1), attention_mask=torch.cat((mask, torch.ones_like(extra)), 1))
+        for r, n in enumerate(lengths):
+            alone = model(torch.cat((ids[r:r + 1, T - n:], extra[r:r + 1]), 1))[0]
+            e = record(f"padded {name}", max(err(got[r, T - n:], alone), err(full[r, T - n:], alone)))
+            assert e <= TOL, f"{name}: row {r} (length {n}) differs from the row alone by {e}"
+
+
+def test_left_padding_matches_transformers_with_position_ids(tmp_path):
+    """With explicit position ids (what transformers' generate passes), a padded batch equals transformers too."""
+    ref = hf_model("phi3-gqa-window")
+    ours = phi.Phi.from_pretrained(saved(ref, tmp_path))
+    ids, mask = ids_for(12), torch.ones(2, 12, dtype=torch.long)
+    mask[1, :4] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        a, b = ours(ids, attention_mask=mask), ref(ids, attention_mask=mask, position_ids=pos).logits
+    e = record("padded vs transformers phi3-gqa-window", err(a[mask.bool()], b[mask.bool()]))
+    assert e <= TOL
+
+
+def test_sliding_window_bites(tmp_path):
+    """The window changes the result once the sequence is longer than it (else the parity test proves nothing)."""
+    path = saved(hf_model("phi3-gqa-window"), tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["sliding_window"] = None
+    (tmp_path / "nowin").mkdir()
+    (tmp_path / "nowin" / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "nowin" / "model.safetensors").symlink_to(path / "model.safetensors")
+    a, b = phi.Phi.from_pretrained(path), phi.Phi.from_pretrained(tmp_path / "nowin")
+    ids = ids_for(20)
+    with torch.no_grad():
+        assert err(a(ids[:, :6]), b(ids[:, :6])) <= TOL      # window 6: no effect up to 6 tokens
+        assert err(a(ids), b(ids)) > 1e-2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Su / YaRN against transformers 4.42.4 (in its own virtualenv) and su against 5.x
+
+
+ORACLE_SCRIPT = r"""
+import sys, torch, transformers
+assert transformers.__version__ == "4.42.4", transformers.__version__
+model = transformers.Phi3ForCausalLM.from_pretrained(sys.argv[1], attn_implementation="eager").eval()
+for name in sys.argv[2:]:
+    ids = torch.load(name + ".ids.pt")
+    with torch.no_grad():
+        torch.save(model(ids).logits, name + ".logits.pt")
+"""
+
+
+def run_oracle_442(model_dir, inputs):
+    for name, ids in inputs.items():
+        torch.save(ids, f"{name}.ids.pt")
+    r = subprocess.run([str(ORACLE_442), "-c", ORACLE_SCRIPT, str(model_dir), *inputs], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {name: torch.load(f"{name}.logits.pt") for name in inputs}
+
+
+@pytest.mark.skipif(not ORACLE_442.exists(), reason=f"no transformers 4.42.4 Python at {ORACLE_442} "
+                    "(bash .ci/run builds it; or set PHI_ORACLE_442)")
+@pytest.mark.parametrize("kind", ["su", "yarn"])
+def test_su_and_yarn_match_transformers_442(kind, tmp_path):
+    cfg = phi.PhiConfig(model_type="phi3", vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=4, head_dim=16, max_position_embeddings=256,
+                        original_max_position_embeddings=32, rope_scaling=rope(kind, 16), hidden_act="silu",
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = phi.Phi.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.15)
+    model.save_pretrained(tmp_path / "m")
+    inputs = {str(tmp_path / f"T{T}"): ids_for(T) for T in (20, 48)}        # below and above the original 32
+    expected = run_oracle_442(tmp_path / "m", inputs)
+    loaded = phi.Phi.from_pretrained(tmp_path / "m")
+    for name, ids in inputs.items():
+        with torch.no_grad():
+            e = record(f"logits {kind} vs 4.42 T={ids.shape[1]}", err(loaded(ids), expected[name]))
+        assert e <= TOL
+    if kind == "su":      # transformers 5.x renames "su" to "longrope" (same math), so it must agree too. (5.23 fails
+        cfg = json.loads((tmp_path / "m" / "config.json").read_text())      # to load "su" itself: it looks for the
+        cfg["rope_scaling"]["type"] = "longrope"                             # original context before renaming.)
+        (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+        ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", attn_implementation="eager").eval()
+        for ids in inputs.values():
+            with torch.no_grad():
+                assert err(loaded(ids), ref(ids).logits) <= TOL
+
+
+def test_yarn_and_longrope_differ_only_in_scale():
+    """The YaRN class's magnitude (0.1 ln s + 1) vs LongRoPE's sqrt(1 + ln s / ln o), with s = 256/32."""
+    cfg = dict(model_type="phi3", vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+               num_attention_heads=4, max_position_embeddings=256, original_max_position_embeddings=32)
+    su = phi.Rotary(phi.PhiConfig.from_hf({**cfg, "rope_scaling": rope("su", 16)}))
+    yarn = phi.Rotary(phi.PhiConfig.from_hf({**cfg, "rope_scaling": rope("yarn", 16)}))
+    import math
+    assert su.scale == pytest.approx(math.sqrt(1 + math.log(8) / math.log(32)))
+    assert yarn.scale == pytest.approx(0.1 * math.log(8) + 1)
+    assert torch.equal(su.inv_freq_long, yarn.inv_freq_long)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Heads
+
+
+def classification_inputs():
+    ids = ids_for(10, B=3)
+    mask = torch.ones_like(ids)
+    ids[1, 7:], mask[1, 7:] = 0, 0          # right padding with the pad id
+    ids[2, :3], mask[2, :3] = 0, 0          # left padding
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@pytest.mark.parametrize("name", ["phi-2", "phi3-gqa-window"])
+@pytest.mark.parametrize("problem", ["single_label_classification", "regression", "multi_label_classification"])
+def test_sequence_classification_matches_transformers(name, problem, tmp_path):
+    num_labels = 1 if problem == "regression" else 3
+    ref = hf_model(name, "ForSequenceClassification", num_labels=num_labels, problem_type=problem)
+    ours = phi.PhiForSequenceClassification.from_pretrained(saved(ref, tmp_path))
+    ids, mask, pos = classification_inputs()
+    labels = {"single_label_classification": torch.tensor([0, 2, 1]), "regression": torch.tensor([0.5, -1.0, 2.0]),
+              "multi_label_classification": torch.tensor([[1.0, 0, 1], [0, 0, 1], [0, 1, 0]])}[problem]
+    with torch.no_grad():
+        out = ref(ids, attention_mask=mask, position_ids=pos, labels=labels)
+        scores, loss = ours(ids, attention_mask=mask, labels=labels)
+    assert scores.shape == (3, num_labels)
+    e = record(f"seq-cls {name} {problem}", max(err(scores, out.logits), abs(loss.item() - out.loss.item())))
+    assert e <= TOL
+
+
+@pytest.mark.parametrize("name", ["phi-1.5", "phi4-mini"])
+def test_token_classification_matches_transformers(name, tmp_path):
+    ref = hf_model(name, "ForTokenClassification", num_labels=5)
+    ours = phi.PhiForTokenClassification.from_pretrained(saved(ref, tmp_path))
+    ids, mask, pos = classification_inputs()
+    labels = torch.where(mask == 0, -100, torch.randint(0, 5, (3, 10), generator=torch.Generator().manual_seed(3)))
+    with torch.no_grad():
+        out = ref(ids, attention_mask=mask, position_ids=pos, labels=labels)
+        scores, loss = ours(ids, attention_mask=mask, labels=labels)
+    assert scores.shape == (3, 10, 5)
+    e = record(f"token-cls {name}", max(err(scores[mask.bool()], out.logits[mask.bool()]), abs(loss.item() - out.loss.item())))
+    assert e <= TOL
+
+
+@pytest.mark.parametrize("name", ["phi-2", "phi3-4k"])
+def test_causal_lm_loss_matches_transformers(name, tmp_path):
+    ref = hf_model(name)
+    ours = phi.Phi.from_pretrained(saved(ref, tmp_path))
+    ids = ids_for(12)
+    labels = ids.clone()
+    labels[0, :4] = -100
+    with torch.no_grad():
+        logits, loss = ours(ids, labels=labels)
+        e = abs(loss.item() - ref(ids, labels=labels).loss.item())
+    assert record(f"lm loss {name}", e) <= TOL
+
+
+def test_classifier_head_initialised_from_causal_lm_checkpoint(tmp_path, capfd):
+    """Fine-tuning a classifier from a causal-LM checkpoint: the trunk loads, the new head starts fresh."""
+    path = saved(hf_model("phi-1.5"), tmp_path)
+    clf = phi.PhiForSequenceClassification.from_pretrained(path)
+    lm = phi.Phi.from_pretrained(path)
+    assert torch.equal(clf.layers[1].mlp.fc2.weight, lm.layers[1].mlp.fc2.weight)
+    assert "new score.weight initialised" in capfd.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Saving, sharding, legacy names
+
+
+@pytest.mark.parametrize("name,cls,head", [("phi-2-qk-layernorm", phi.Phi, "ForCausalLM"),
+                                           ("phi4-mini", phi.Phi, "ForCausalLM"),
+                                           ("phi3-gqa-window", phi.PhiForSequenceClassification, "ForSequenceClassification"),
+                                           ("phi-1.5", phi.PhiForTokenClassification, "ForTokenClassification")])
+def test_our_save_loads_in_transformers(name, cls, head, tmp_path):
+    ours = cls.from_pretrained(saved(hf_model(name, head), tmp_path / "hf"))
+    with torch.no_grad():      # change every weight, so the check is on what *we* wrote
+        for p in ours.parameters():
+            p.mul_(0.9).add_(0.01)
+    ours.save_pretrained(tmp_path / "ours", max_shard_size=20_000)        # forces several shards + index
+    assert (tmp_path / "ours" / "model.safetensors.index.json").exists()
+    ref = getattr(transformers, "Auto" + ("ModelForCausalLM" if head == "ForCausalLM" else "Model" + head))
+    ref = ref.from_pretrained(tmp_path / "ours", attn_implementation="eager").eval()
+    assert type(ref).__name__ == HF_CLASSES[CASES[name][0]] + head
+    ids, mask, pos = classification_inputs()
+    with torch.no_grad():
+        a, b = ours(ids, attention_mask=mask), ref(ids, attention_mask=mask, position_ids=pos).logits
+    if head == "ForCausalLM" or head == "ForTokenClassification":
+        a, b = a[mask.bool()], b[mask.bool()]
+    assert record(f"save->transformers {name} {head}", err(a, b)) <= TOL
+    again = cls.from_pretrained(tmp_path / "ours")        # and our own loader reads the shards back exactly
+    for (n, p), q in zip(ours.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(p, q), n
+
+
+def legacy_checkpoint(ref, path, layout):
+    """Write transformers' phi weights under Microsoft's old remote-code names (independent of phi.py's table):
+    phi-msft: transformer.embd.wte, transformer.h.N.{ln, mixer.Wqkv, mixer.out_proj, mlp.fc1/fc2}, lm_head.{ln, linear}
+    mixformer-sequential: layers.0.wte, layers.N+1.{...same...}, layers.<L+1>.{ln, linear}. Wqkv = [q; k; v]."""
+    sd, L, out = ref.state_dict(), ref.config.num_hidden_layers, {}
+    block = (lambda i: f"transformer.h.{i}") if layout == "phi-msft" else (lambda i: f"layers.{i + 1}")
+    emb, head = ("transformer.embd.wte", "lm_head") if layout == "phi-msft" else ("layers.0.wte", f"layers.{L + 1}")
+    out[f"{emb}.weight"] = sd["model.embed_tokens.weight"]
+    for p in ("weight", "bias"):
+        out[f"{head}.ln.{p}"] = sd[f"model.final_layernorm.{p}"]
+        out[f"{head}.linear.{p}"] = sd[f"lm_head.{p}"]
+        for i in range(L):
+            a = f"model.layers.{i}"
+            out[f"{block(i)}.ln.{p}"] = sd[f"{a}.input_layernorm.{p}"]
+            out[f"{block(i)}.mixer.Wqkv.{p}"] = torch.cat([sd[f"{a}.self_attn.{x}_proj.{p}"] for x in "qkv"])
+            out[f"{block(i)}.mixer.out_proj.{p}"] = sd[f"{a}.self_attn.dense.{p}"]
+            out[f"{block(i)}.mlp.fc1.{p}"], out[f"{block(i)}.mlp.fc2.{p}"] = sd[f"{a}.mlp.fc1.{p}"], sd[f"{a}.mlp.fc2.{p}"]
+    out[f"{block(0)}.mixer.rotary_emb.inv_freq"] = torch.ones(4)       # old files carry this buffer: ignored
+    c = ref.config
+    cfg = {"model_type": layout, "n_embd": c.hidden_size, "n_layer": L, "n_head": c.num_attention_heads,
+           "n_inner": c.intermediate_size, "rotary_dim": int(c.hidden_size // c.num_attention_heads * 0.4),
+           "n_positions": c.max_position_embeddings, "layer_norm_epsilon": c.layer_norm_eps,
+           "activation_function": "gelu_new", "vocab_size": c.vocab_size, "pad_vocab_size_multiple": 32}
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+@pytest.mark.parametrize("layout,fmt", [("mixformer-sequential", "bin"), ("phi-msft", "safetensors")])
+def test_legacy_checkpoint_loads_and_matches(layout, fmt, tmp_path):
+    ref = hf_model("phi-2")
+    tensors = legacy_checkpoint(ref, tmp_path / "legacy", layout)
+    if fmt == "bin":     # the original phi-1/1.5 files are pytorch_model.bin
+        torch.save(tensors, tmp_path / "legacy" / "pytorch_model.bin")
+    else:
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "legacy" / "model.safetensors")
+    ours = phi.Phi.from_pretrained(tmp_path / "legacy")
+    ids = ids_for(16)
+    with torch.no_grad():
+        e = record(f"legacy {layout}", err(ours(ids), ref(ids).logits))
+    assert e <= TOL
+
+
+@needs_reference("configs/phi-2-mixformer-sequential.index.json")
+def test_legacy_names_match_real_phi2_index():
+    """Our mixformer-sequential name table produces exactly the tensor names of the real (pre-2024) phi-2 files."""
+    cfg = phi.PhiConfig.from_hf(json.loads((REF / "configs/phi-2-mixformer-sequential.json").read_text()))
+    with torch.device("meta"):
+        model = phi.Phi(cfg)
+    ours = {n for names in model.hf_names("mixformer-sequential").values() for n in names}
+    real = set(json.loads((REF / "configs/phi-2-mixformer-sequential.index.json").read_text())["weight_map"])
+    assert ours == real
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real configs
+
+
+REAL = ["phi-1.json", "phi-2.json", "Phi-3-mini-4k-instruct.json", "Phi-3-medium-4k-instruct.json",
+        "Phi-3.5-mini-instruct.json", "phi-4.json", "Phi-4-mini-instruct.json"]
+
+
+@needs_reference("configs")
+@pytest.mark.parametrize("fname", REAL)
+def test_real_configs_build_the_same_shapes_as_transformers(fname):
+    d = json.loads((REF / "configs" / fname).read_text())
+    cfg = phi.PhiConfig.from_hf(d)
+    with torch.device("meta"):
+        ours = phi.Phi(cfg)
+        hf_cfg = transformers.AutoConfig.for_model(**{k: v for k, v in d.items() if k != "auto_map"})
+        ref = transformers.AutoModelForCausalLM.from_config(hf_cfg)
+    want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        want.pop("lm_head.weight", None)
+    got = {}
+    sd = ours.state_dict()
+    for our, names in ours.hf_names(cfg.model_type).items():
+        sizes = ours.layers[0].attn.sizes if len(names) == 3 else [sd[our].shape[0]]
+        for n, s in zip(names, sizes):
+            got[n] = (s, *sd[our].shape[1:])
+    assert got == want
+    assert cfg.rotary_dim == int(cfg.head_dim * hf_cfg.rope_parameters["partial_rotary_factor"])
+    again = phi.PhiConfig.from_hf(cfg.to_hf())                      # to_hf round-trips
+    assert again == cfg
+    transformers.AutoConfig.for_model(**cfg.to_hf())                # and transformers accepts it
+
+
+@needs_reference("configs")
+def test_legacy_real_config_parses():
+    cfg = phi.PhiConfig.from_hf(json.loads((REF / "configs/phi-2-mixformer-sequential.json").read_text()))
+    ref = phi.PhiConfig.from_hf(json.loads((REF / "configs/phi-2.json").read_text()))
+    for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+              "partial_rotary_factor", "max_position_embeddings", "norm_eps", "hidden_act", "rotary_dim"):
+        assert getattr(cfg, k) == getattr(ref, k), k
+
+
+@needs_reference("configs")
+def test_real_longrope_config_values():
+    """Phi-3.5-mini: 48 factors, attention scale sqrt(1 + ln 32 / ln 4096); Phi-4-mini: rotary dim 96 of 128."""
+    p35 = phi.Rotary(phi.PhiConfig.from_hf(json.loads((REF / "configs/Phi-3.5-mini-instruct.json").read_text())))
+    assert p35.scale == pytest.approx(1.1902380714238083, abs=1e-12)
+    assert p35.inv_freq.shape == p35.inv_freq_long.shape == (48,)
+    m4 = phi.PhiConfig.from_hf(json.loads((REF / "configs/Phi-4-mini-instruct.json").read_text()))
+    assert (m4.head_dim, m4.rotary_dim, m4.num_key_value_heads, m4.tie_word_embeddings) == (128, 96, 8, True)
+
+
+@needs_reference("configs")
+def test_phi3_small_is_a_clear_unsupported_error():
+    with pytest.raises(ValueError, match=r"'phi3small' \(Phi-3-small\) is not supported yet; supported: phi"):
+        phi.PhiConfig.from_hf(json.loads((REF / "configs/Phi-3-small-8k-instruct.json").read_text()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Error paths
+
+
+def good_config():
+    return dict(model_type="phi3", vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=256, original_max_position_embeddings=32)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(model_type="llama"), r"unknown model_type 'llama'; supported: phi, phi-msft"),
+    (dict(model_type="phimoe"), r"'phimoe' \(Phi-3.5-MoE\) is not supported yet"),
+    (dict(model_type=None), r"no 'model_type' key"),
+    (dict(hidden_size=None), r"required key 'hidden_size' is missing"),
+    (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), r"rope_scaling type 'dynamic' is not supported"),
+    (dict(rope_scaling=dict(rope("longrope", 16), short_factor=[1.0] * 7)),
+     r"rope_scaling.short_factor must be a list of 8 numbers \(rotary dim 16 / 2\), got 7"),
+    (dict(rope_scaling=rope("longrope", 16), original_max_position_embeddings=None),
+     r"required key 'original_max_position_embeddings' is missing"),
+    (dict(num_key_value_heads=3), r"do not divide evenly"),
+])
+def test_config_errors(change, message):
+    d = {k: v for k, v in {**good_config(), **change}.items() if v is not None}
+    with pytest.raises(ValueError, match=message):
+        phi.PhiConfig.from_hf(d, "x/config.json")
+
+
+def test_weight_errors(tmp_path):
+    path = saved(hf_model("phi-1.5"), tmp_path / "m")
+    from safetensors.torch import load_file, save_file
+    good = load_file(path / "model.safetensors")
+
+    def load_with(tensors):
+        save_file(tensors, path / "model.safetensors")
+        return phi.Phi.from_pretrained(path)
+
+    bad = dict(good)
+    del bad["model.layers.1.self_attn.k_proj.weight"]
+    with pytest.raises(ValueError, match=r"tensor 'model.layers.1.self_attn.k_proj.weight' is missing .*expected shape \[192, 64\]"):
+        load_with(bad)
+    bad = dict(good, **{"model.layers.0.mlp.fc1.weight": torch.zeros(97, 64)})
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.fc1.weight' has shape \[97, 64\], expected \[96, 64\]"):
+        load_with(bad)
+    bad = dict(good, **{"model.layers.7.mlp.fc1.weight": torch.zeros(96, 64)})
+    with pytest.raises(ValueError, match=r"unexpected tensor 'model.layers.7.mlp.fc1.weight'"):
+        load_with(bad)
+    (path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no model.safetensors, model.safetensors.index.json"):
+        phi.Phi.from_pretrained(path)
+    (path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"config.json not found"):
+        phi.Phi.from_pretrained(path)
+
+
+def test_kv_cache_overflow_is_an_error(tmp_path):
+    model = phi.Phi.from_pretrained(saved(hf_model("phi-1.5"), tmp_path))
+    cache = phi.KVCache(model.config, 2, 8)
+    with pytest.raises(ValueError, match=r"KV cache full: 0 \+ 9 tokens > max_len 8"):
+        model(ids_for(9), cache=cache)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fp16, bf16, flash-attn
+
+
+def test_phi2_fp16_does_not_overflow(tmp_path):
+    """phi-2's q·k exceeds fp16's 65504 (transformers#28163). Scale q and k up until it does; our fp16 forward must
+    stay finite and close to fp32, although plain fp16 scores q @ k.T overflow (an attention written that way fails)."""
+    ref = hf_model("phi-2")
+    with torch.no_grad():
+        for layer in ref.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                proj.weight.mul_(100)
+                proj.bias.mul_(100)
+    path = saved(ref, tmp_path)
+    f32, f16 = phi.Phi.from_pretrained(path), phi.Phi.from_pretrained(path, dtype=torch.float16)
+    ids = ids_for(16)
+    x = f16.layers[0].norm1(f16.embed(ids))
+    q, k, _ = f16.layers[0].attn.qkv(x).split(f16.layers[0].attn.sizes, -1)
+    assert not torch.isfinite(q[0] @ k[0].T).all(), "scores should overflow fp16 for this test to mean anything"
+    with torch.no_grad():
+        a, b = f32(ids), f16(ids)
+    assert torch.isfinite(b).all()
+    assert err(a, b) / a.abs().max().item() < 2e-2
+
+
+def test_bf16_close_to_fp32(tmp_path):
+    path = saved(hf_model("phi4-mini"), tmp_path)
+    ids = ids_for(48)
+    with torch.no_grad():
+        a, b = phi.Phi.from_pretrained(path)(ids), phi.Phi.from_pretrained(path, dtype=torch.bfloat16)(ids)
+    assert b.dtype == torch.bfloat16
+    assert err(a, b) / a.abs().max().item() < 5e-2
+
+
+def test_flash_requested_on_cpu_falls_back_with_one_line(tmp_path, capfd):
+    path = saved(hf_model("phi-1.5"), tmp_path)
+    capfd.readouterr()
+    model = phi.Phi.from_pretrained(path, attn="flash")
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert lines == ["flash-attn not used: it needs CUDA and float16/bfloat16, the model is on cpu in torch.float32; using SDPA"]
+    assert model.attn_impl == "sdpa"
+
+
+def fake_flash_attn_func(q, k, v, dropout_p=0.0, causal=False, window_size=(-1, -1)):
+    """flash_attn_func's documented semantics in plain torch: (B, T, H, hd) layout, GQA by head groups, causal mask
+    aligned to the bottom-right corner, and key j visible from query i iff i + S - T - left <= j <= i + S - T + right."""
+    B, T, H, D = q.shape
+    S, KV = k.shape[1], k.shape[2]
+    k, v = k.repeat_interleave(H // KV, 2), v.repeat_interleave(H // KV, 2)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) / D ** 0.5
+    i = torch.arange(T)[:, None] + S - T
+    j = torch.arange(S)[None, :]
+    left, right = window_size
+    ok = torch.ones(T, S, dtype=torch.bool)
+    if causal:
+        ok &= j <= i
+    if left >= 0:
+        ok &= j >= i - left
+    if right >= 0:
+        ok &= j <= i + right
+    return torch.einsum("bhts,bshd->bthd", scores.masked_fill(~ok, float("-inf")).softmax(-1), v)
+
+
+def test_flash_path_layout_and_window(tmp_path, monkeypatch):
+    """The flash branch (tensor layout, GQA, window argument, decode alignment) run against a reference flash."""
+    model = phi.Phi.from_pretrained(saved(hf_model("phi3-gqa-window"), tmp_path))
+    ids = ids_for(20)
+    calls = []
+
+    def flash(*args, **kw):
+        calls.append(kw["window_size"])
+        return fake_flash_attn_func(*args, **kw)
+    with torch.no_grad():
+        want = model(ids)
+        monkeypatch.setattr(phi, "_flash", flash)
+        model.attn_impl = "flash"
+        got = model(ids)
+        cache = phi.KVCache(model.config, 2, 20)
+        steps = torch.cat([model(ids[:, :12], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(12, 20)], 1)
+    assert calls and set(calls) == {(5, 0)}        # window 6 = the query and the 5 keys before it
+    assert err(got, want) <= TOL
+    assert err(steps, want) <= TOL
