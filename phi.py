@@ -24,7 +24,8 @@ import json
 import math
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -229,11 +230,10 @@ class Rotary:
 
     def __call__(self, position_ids, dtype, long=False):
         """position_ids (B, T) -> cos, sin (B, 1, T, rotary_dim) in `dtype`, computed in fp32."""
+        if self.inv_freq.device != position_ids.device:       # built on the CPU: follow the model's device once
+            self.inv_freq, self.inv_freq_long = (f if f is None else f.to(position_ids.device)
+                                                 for f in (self.inv_freq, self.inv_freq_long))
         inv_freq = self.inv_freq_long if long else self.inv_freq
-        if inv_freq.device != position_ids.device:
-            self.inv_freq = self.inv_freq.to(position_ids.device)
-            self.inv_freq_long = None if self.inv_freq_long is None else self.inv_freq_long.to(position_ids.device)
-            inv_freq = self.inv_freq_long if long else self.inv_freq
         with torch.autocast(position_ids.device.type, enabled=False):
             freqs = position_ids[..., None].float() * inv_freq              # (B, T, d/2)
             emb = torch.cat((freqs, freqs), dim=-1)                         # (B, T, d): half-split layout, not interleaved
@@ -313,8 +313,9 @@ def make_norm(cfg, dim):
     return RMSNorm(dim, cfg.norm_eps) if cfg.model_type == "phi3" else nn.LayerNorm(dim, eps=cfg.norm_eps)
 
 
-ACTIVATIONS = {"gelu_new": lambda x: F.gelu(x, approximate="tanh"), "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-               "gelu_fast": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu, "silu": F.silu, "relu": F.relu}
+gelu_tanh = partial(F.gelu, approximate="tanh")     # transformers' "gelu_new" (phi), up to float rounding
+ACTIVATIONS = {"gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh, "gelu_fast": gelu_tanh, "gelu": F.gelu,
+               "silu": F.silu, "relu": F.relu}
 
 _flash = None   # flash_attn.flash_attn_func once imported (see Phi.set_attention)
 
@@ -332,7 +333,9 @@ class Attention(nn.Module):
         self.qk_layernorm, self.window, self.dropout = cfg.qk_layernorm, cfg.sliding_window, cfg.attention_dropout
 
     def forward(self, x, cos, sin, mask, layer, cache=None, flash=False):
+        """x (B, T, C); mask: a bool (B, 1, T, S) tensor of the keys each query may see, "causal" or None (all)."""
         B, T, _ = x.shape
+        causal, mask = (True, None) if isinstance(mask, str) else (False, mask)
         q, k, v = self.qkv(x).split(self.sizes, dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)      # (B, H, T, hd)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)   # (B, KV, T, hd)
@@ -348,12 +351,11 @@ class Attention(nn.Module):
             # sees every cached key. window (w - 1, 0): w keys including the query itself, the same rule as the mask.
             window = (self.window - 1, 0) if self.window else (-1, -1)
             y = _flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout,
-                       causal=mask == "causal", window_size=window).transpose(1, 2)
+                       causal=causal, window_size=window).transpose(1, 2)
         else:
             # phi-2's raw q·k can exceed fp16's 65504 (transformers#28163: an explicit fp16 q @ k.T overflows). SDPA's
             # kernels scale before the product and accumulate in fp32, so no upcast is needed here (tested).
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask if isinstance(mask, torch.Tensor) else None,
-                                               dropout_p=dropout, is_causal=mask == "causal",
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
                                                enable_gqa=self.n_kv_head != self.n_head)
         return self.out(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
@@ -408,8 +410,6 @@ class Block(nn.Module):
 class PhiModel(nn.Module):
     """The trunk: embedding, blocks, final norm. forward() returns hidden states (B, T, C); the heads below add a
     last Linear. Loading and saving in Hugging Face layout live here too, so every head has them."""
-
-    head_names = ()   # module names of the task head, e.g. ("lm_head",)
 
     def __init__(self, cfg: PhiConfig):
         super().__init__()
@@ -547,8 +547,9 @@ class PhiModel(nn.Module):
             module, _, param = name.rpartition(".")
             m = re.match(r"layers\.(\d+)\.(.+)", module)
             key, i = (f"layers.{{i}}.{m[2]}", int(m[1])) if m else (module, 0)
-            src = table.get(key, key)   # the task heads (lm_head, score, classifier) keep their names
-            names[name] = tuple(s.format(i=i, j=i + 1, last=L + 1) + "." + param for s in (src if isinstance(src, tuple) else (src,)))
+            src = table.get(key, key)
+            srcs = src if isinstance(src, tuple) else (src,)
+            names[name] = tuple(s.format(i=i, j=i + 1, last=L + 1) + "." + param for s in srcs)
         return names
 
     @torch.no_grad()
@@ -570,7 +571,7 @@ class PhiModel(nn.Module):
         for our, srcs in self.hf_names(layout).items():
             srcs = tuple(renamed.get(s, s) for s in srcs)
             missing = [s for s in srcs if s not in where]
-            if missing and our.split(".")[0] in self.head_names and self.head_names != ("lm_head",):
+            if missing and our.startswith("score."):
                 # a classification head absent from a causal-LM checkpoint starts fresh (transformers does the same)
                 print(f"{path}: no '{missing[0]}' in the checkpoint: new {our} initialised", file=sys.stderr)
                 self._init_weights(self.get_submodule(our.rpartition(".")[0]))
@@ -630,33 +631,53 @@ class PhiModel(nn.Module):
         (path / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
-# Where each of our modules lives in a checkpoint, per layout. "{i}" is our layer index ({j} = i + 1 and {last} =
-# n_layer + 1 for mixformer-sequential, whose layers.0 is the embedding and layers.<last> the head). A tuple means our
-# tensor is those tensors concatenated along dim 0: phi stores q, k and v apart, we keep them fused.
-_PHI_LAYER = {"layers.{i}.norm1": "{p}.input_layernorm", "layers.{i}.attn.out": "{p}.self_attn.dense",
-              "layers.{i}.attn.qkv": ("{p}.self_attn.q_proj", "{p}.self_attn.k_proj", "{p}.self_attn.v_proj"),
-              "layers.{i}.attn.q_norm": "{p}.self_attn.q_layernorm", "layers.{i}.attn.k_norm": "{p}.self_attn.k_layernorm",
-              "layers.{i}.mlp.fc1": "{p}.mlp.fc1", "layers.{i}.mlp.fc2": "{p}.mlp.fc2"}
-_MIXER_LAYER = {"layers.{i}.norm1": "{p}.ln", "layers.{i}.attn.qkv": "{p}.mixer.Wqkv",
-                "layers.{i}.attn.out": "{p}.mixer.out_proj", "layers.{i}.mlp.fc1": "{p}.mlp.fc1",
-                "layers.{i}.mlp.fc2": "{p}.mlp.fc2"}
-
-
-def _with_prefix(table, p):
-    return {k: tuple(s.replace("{p}", p) for s in v) if isinstance(v, tuple) else v.replace("{p}", p)
-            for k, v in table.items()}
-
-
+# Where each of our modules lives in a checkpoint, per layout; ".weight"/".bias" follow. {i} is our layer index; {j}
+# = i + 1 and {last} = n_layer + 1 in mixformer-sequential, whose layers.0 is the embedding and layers.{last} the
+# head. A tuple means our tensor is those tensors concatenated along dim 0: phi stores q, k, v apart, we fuse them.
+# Modules not listed keep their names: the task heads lm_head and score.
 HF_LAYOUTS = {
-    "phi": {"embed": "model.embed_tokens", "norm": "model.final_layernorm", **_with_prefix(_PHI_LAYER, "model.layers.{i}")},
-    "phi3": {"embed": "model.embed_tokens", "norm": "model.norm", "layers.{i}.norm1": "model.layers.{i}.input_layernorm",
-             "layers.{i}.norm2": "model.layers.{i}.post_attention_layernorm",
-             "layers.{i}.attn.qkv": "model.layers.{i}.self_attn.qkv_proj", "layers.{i}.attn.out": "model.layers.{i}.self_attn.o_proj",
-             "layers.{i}.mlp.fc1": "model.layers.{i}.mlp.gate_up_proj", "layers.{i}.mlp.fc2": "model.layers.{i}.mlp.down_proj"},
-    "phi-msft": {"embed": "transformer.embd.wte", "norm": "lm_head.ln", "lm_head": "lm_head.linear",
-                 **_with_prefix(_MIXER_LAYER, "transformer.h.{i}")},
-    "mixformer-sequential": {"embed": "layers.0.wte", "norm": "layers.{last}.ln", "lm_head": "layers.{last}.linear",
-                             **_with_prefix(_MIXER_LAYER, "layers.{j}")},
+    "phi": {                                   # PhiForCausalLM, transformers >= 4.37 (phi-1, phi-1.5, phi-2 today)
+        "embed": "model.embed_tokens",
+        "layers.{i}.norm1": "model.layers.{i}.input_layernorm",
+        "layers.{i}.attn.qkv": ("model.layers.{i}.self_attn.q_proj", "model.layers.{i}.self_attn.k_proj",
+                                "model.layers.{i}.self_attn.v_proj"),
+        "layers.{i}.attn.q_norm": "model.layers.{i}.self_attn.q_layernorm",
+        "layers.{i}.attn.k_norm": "model.layers.{i}.self_attn.k_layernorm",
+        "layers.{i}.attn.out": "model.layers.{i}.self_attn.dense",
+        "layers.{i}.mlp.fc1": "model.layers.{i}.mlp.fc1",
+        "layers.{i}.mlp.fc2": "model.layers.{i}.mlp.fc2",
+        "norm": "model.final_layernorm",
+    },
+    "phi3": {                                  # Phi3ForCausalLM: Phi-3, Phi-3.5, Phi-4, Phi-4-mini
+        "embed": "model.embed_tokens",
+        "layers.{i}.norm1": "model.layers.{i}.input_layernorm",
+        "layers.{i}.attn.qkv": "model.layers.{i}.self_attn.qkv_proj",
+        "layers.{i}.attn.out": "model.layers.{i}.self_attn.o_proj",
+        "layers.{i}.norm2": "model.layers.{i}.post_attention_layernorm",
+        "layers.{i}.mlp.fc1": "model.layers.{i}.mlp.gate_up_proj",
+        "layers.{i}.mlp.fc2": "model.layers.{i}.mlp.down_proj",
+        "norm": "model.norm",
+    },
+    "phi-msft": {                              # Microsoft's remote code, December 2023
+        "embed": "transformer.embd.wte",
+        "layers.{i}.norm1": "transformer.h.{i}.ln",
+        "layers.{i}.attn.qkv": "transformer.h.{i}.mixer.Wqkv",      # already [q; k; v]
+        "layers.{i}.attn.out": "transformer.h.{i}.mixer.out_proj",
+        "layers.{i}.mlp.fc1": "transformer.h.{i}.mlp.fc1",
+        "layers.{i}.mlp.fc2": "transformer.h.{i}.mlp.fc2",
+        "norm": "lm_head.ln",
+        "lm_head": "lm_head.linear",
+    },
+    "mixformer-sequential": {                  # Microsoft's remote code, 2023 (phi-1, first phi-1.5 and phi-2)
+        "embed": "layers.0.wte",
+        "layers.{i}.norm1": "layers.{j}.ln",
+        "layers.{i}.attn.qkv": "layers.{j}.mixer.Wqkv",
+        "layers.{i}.attn.out": "layers.{j}.mixer.out_proj",
+        "layers.{i}.mlp.fc1": "layers.{j}.mlp.fc1",
+        "layers.{i}.mlp.fc2": "layers.{j}.mlp.fc2",
+        "norm": "layers.{last}.ln",
+        "lm_head": "layers.{last}.linear",
+    },
 }
 LAYOUT_PROBES = {"phi-msft": "transformer.embd.wte.weight", "mixformer-sequential": "layers.0.wte.weight"}
 
@@ -700,7 +721,7 @@ def _open_weights(f: Path):
 class Phi(PhiModel):
     """Causal language model: PhiForCausalLM / Phi3ForCausalLM."""
 
-    head_names, hf_suffix = ("lm_head",), "ForCausalLM"
+    hf_suffix = "ForCausalLM"      # architectures: PhiForCausalLM / Phi3ForCausalLM
 
     def __init__(self, cfg: PhiConfig):
         super().__init__(cfg)
@@ -721,7 +742,7 @@ class PhiForSequenceClassification(PhiModel):
     """One score per sequence, read at the last non-pad token (the rightmost token != pad_token_id, so both left
     and right padding work), as transformers' *ForSequenceClassification."""
 
-    head_names, hf_suffix = ("score",), "ForSequenceClassification"
+    hf_suffix = "ForSequenceClassification"
 
     def __init__(self, cfg: PhiConfig):
         super().__init__(cfg)
@@ -760,7 +781,7 @@ class PhiForTokenClassification(PhiModel):
     """One score per token: dropout + Linear on the hidden states, as transformers' *ForTokenClassification.
     The Linear is "score" as in transformers 5 (4.x called it "classifier": such checkpoints load too)."""
 
-    head_names, hf_suffix = ("score",), "ForTokenClassification"
+    hf_suffix = "ForTokenClassification"
 
     def __init__(self, cfg: PhiConfig):
         super().__init__(cfg)
