@@ -556,18 +556,12 @@ class PhiModel(nn.Module):
     def load_hf_weights(self, path):
         path = Path(path)
         files = _checkpoint_files(path)
-        handles = {f: _open_weights(f) for f in files}
-        where = {k: f for f, h in handles.items() for k in h.keys()}   # checkpoint name -> file
+        where = {k: f for f in map(CheckpointFile, files) for k in f.keys()}   # checkpoint name -> file
+        buf = bytearray(max(f.nbytes(k) for k, f in where.items()))            # one staging buffer for all reads
         # transformers 4.x named the token-classification head "classifier", 5.x "score"
         renamed = {"score" + k[10:]: k for k in where if k.startswith("classifier.") and "score" + k[10:] not in where}
         layout = next((lay for lay, probe in LAYOUT_PROBES.items() if probe in where), self.config.model_type)
         ours, used = self.state_dict(), set()
-
-        def get(name):
-            used.add(name)
-            h = handles[where[name]]
-            return h[name] if isinstance(h, dict) else h.get_tensor(name)
-
         for our, srcs in self.hf_names(layout).items():
             srcs = tuple(renamed.get(s, s) for s in srcs)
             missing = [s for s in srcs if s not in where]
@@ -579,17 +573,22 @@ class PhiModel(nn.Module):
             if missing:
                 raise ValueError(f"{path}: tensor '{missing[0]}' is missing from the checkpoint "
                                  f"(needed for {our}, expected shape {list(ours[our].shape)}; layout '{layout}')")
-            t = torch.cat([get(s) for s in srcs]) if len(srcs) > 1 else get(srcs[0])
-            if t.shape != ours[our].shape:
-                raise ValueError(f"{where[srcs[0]]}: tensor '{'+'.join(srcs)}' has shape {list(t.shape)}, "
+            shapes = [where[s].shape(s) for s in srcs]          # several: q, k, v stacked along dim 0
+            got = [sum(s[0] for s in shapes), *shapes[0][1:]] if all(s[1:] == shapes[0][1:] for s in shapes) else shapes
+            if got != list(ours[our].shape):
+                raise ValueError(f"{where[srcs[0]].path}: tensor '{'+'.join(srcs)}' has shape {got}, "
                                  f"expected {list(ours[our].shape)} from config.json")
-            ours[our].copy_(t)
+            row = 0
+            for s, shape in zip(srcs, shapes):
+                ours[our][row:row + shape[0]].copy_(where[s].read(s, buf))    # cast to our dtype and device here
+                row += shape[0]
+                used.add(s)
         heads = ("lm_head", "score", "classifier")   # another task's head: ignored, as transformers does
         extra = [k for k in where if k not in used and not k.endswith("rotary_emb.inv_freq")
                  and not (k.split(".")[0] in heads and layout in ("phi", "phi3"))
                  and not (k == "lm_head.weight" and self.config.tie_word_embeddings)]
         if extra:
-            raise ValueError(f"{where[extra[0]]}: unexpected tensor '{extra[0]}' (not part of this {self.config.model_type} "
+            raise ValueError(f"{where[extra[0]].path}: unexpected tensor '{extra[0]}' (not part of this {self.config.model_type} "
                              f"model, layout '{layout}'; {len(extra)} unexpected in all)")
 
     def save_pretrained(self, path, max_shard_size: int = 5 * 2**30):
@@ -706,12 +705,49 @@ def _checkpoint_files(path: Path):
                             f"or pytorch_model.bin.index.json")
 
 
-def _open_weights(f: Path):
-    """A safetensors handle (reads one tensor at a time) or, for old .bin files, a memory-mapped state dict."""
-    if f.suffix == ".safetensors":
-        from safetensors import safe_open
-        return safe_open(f, framework="pt", device="cpu")
-    return torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+class CheckpointFile:
+    """One weights file. safetensors are read tensor by tensor with plain file reads into one reused buffer (safetensors'
+    safe_open memory-maps the file, and every page it touches then counts toward our memory: a second copy).
+    Old .bin files go through torch.load(mmap=True, weights_only=True), which never runs pickled code.
+    safetensors format: 8-byte little-endian header size, JSON header {name: {dtype, shape, data_offsets}}, data."""
+
+    DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+    def __init__(self, path: Path):
+        self.path, self.state, self.index = path, None, {}
+        if path.suffix != ".safetensors":
+            self.state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            return
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        for name, t in header.items():      # name -> (dtype, shape, file offset, byte count)
+            start, end = t["data_offsets"]
+            self.index[name] = (self.DTYPES[t["dtype"]], t["shape"], 8 + n + start, end - start)
+
+    def keys(self):
+        return self.state.keys() if self.state is not None else self.index.keys()
+
+    def shape(self, name):
+        return list(self.state[name].shape) if self.state is not None else self.index[name][1]
+
+    def nbytes(self, name):
+        return 0 if self.state is not None else self.index[name][3]
+
+    def read(self, name, buf: bytearray):
+        """The tensor `name`; from safetensors, a view into buf (valid until the next read)."""
+        if self.state is not None:
+            return self.state[name]
+        dtype, shape, offset, n = self.index[name]
+        if n == 0:
+            return torch.empty(shape, dtype=dtype)
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            f.readinto(memoryview(buf)[:n])
+        return torch.frombuffer(buf, dtype=dtype, count=n // dtype.itemsize).view(shape)
 
 
 # -----------------------------------------------------------------------------------------------------------------

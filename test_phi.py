@@ -9,6 +9,7 @@ Run: python -m pytest -q
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -395,6 +396,33 @@ def test_legacy_names_match_real_phi2_index():
     ours = {n for names in model.hf_names("mixformer-sequential").values() for n in names}
     real = set(json.loads((REF / "configs/phi-2-mixformer-sequential.index.json").read_text())["weight_map"])
     assert ours == real
+
+
+MEMORY_SCRIPT = r"""
+import sys, torch, phi
+def rss(key):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
+with torch.device("meta"):                       # first use of the meta device imports ~75 MB of torch modules
+    phi.Phi(phi.PhiConfig(num_hidden_layers=1))
+before = rss("VmRSS")
+model = phi.Phi.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
+print(rss("VmHWM") - before, sum(p.numel() * p.element_size() for p in model.parameters()))
+"""
+
+
+def test_loading_peaks_near_one_copy_of_the_weights(tmp_path):
+    """A checkpoint stored in fp32 (~330 MB), loaded as bf16 (~165 MB): the process grows by under 1.3x the bf16
+    weights. Reading the file through a memory map, or building an fp32 model first, would not fit."""
+    cfg = phi.PhiConfig(model_type="phi3", vocab_size=1024, hidden_size=1024, intermediate_size=2048,
+                        num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16, head_dim=64,
+                        hidden_act="silu")
+    phi.Phi.from_config(cfg).save_pretrained(tmp_path)
+    r = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                       cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    grew, weights = map(int, r.stdout.split())
+    record("load peak / bf16 weights", grew / weights)
+    assert grew < 1.3 * weights, f"loading {weights / 2**20:.0f} MB of weights grew the process by {grew / 2**20:.0f} MB"
 
 
 # ---------------------------------------------------------------------------------------------------------------
