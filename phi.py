@@ -557,7 +557,7 @@ class PhiModel(nn.Module):
         path = Path(path)
         files = _checkpoint_files(path)
         where = {k: f for f in map(CheckpointFile, files) for k in f.keys()}   # checkpoint name -> file
-        buf = bytearray(max(f.nbytes(k) for k, f in where.items()))            # one staging buffer for all reads
+        buf = bytearray(min(2**26, max(f.nbytes(k) for k, f in where.items())))  # one 64 MB staging buffer
         # transformers 4.x named the token-classification head "classifier", 5.x "score"
         renamed = {"score" + k[10:]: k for k in where if k.startswith("classifier.") and "score" + k[10:] not in where}
         layout = next((lay for lay, probe in LAYOUT_PROBES.items() if probe in where), self.config.model_type)
@@ -580,7 +580,7 @@ class PhiModel(nn.Module):
                                  f"expected {list(ours[our].shape)} from config.json")
             row = 0
             for s, shape in zip(srcs, shapes):
-                ours[our][row:row + shape[0]].copy_(where[s].read(s, buf))    # cast to our dtype and device here
+                where[s].copy_into(s, ours[our][row:row + shape[0]], buf)     # cast to our dtype/device here
                 row += shape[0]
                 used.add(s)
         heads = ("lm_head", "score", "classifier")   # another task's head: ignored, as transformers does
@@ -737,17 +737,22 @@ class CheckpointFile:
     def nbytes(self, name):
         return 0 if self.state is not None else self.index[name][3]
 
-    def read(self, name, buf: bytearray):
-        """The tensor `name`; from safetensors, a view into buf (valid until the next read)."""
+    def copy_into(self, name, dest, buf: bytearray):
+        """Copy tensor `name` into dest (same shape), casting to dest's dtype and device. safetensors data comes in
+        chunks of whole rows that fit buf, so even a 500 MB embedding needs no temporary copy of its own."""
         if self.state is not None:
-            return self.state[name]
+            return dest.copy_(self.state[name])
         dtype, shape, offset, n = self.index[name]
-        if n == 0:
-            return torch.empty(shape, dtype=dtype)
+        rows = shape[0] if shape else 1
+        row_bytes = n // max(rows, 1)
+        step = max(1, len(buf) // max(row_bytes, 1))
         with open(self.path, "rb") as f:
             f.seek(offset)
-            f.readinto(memoryview(buf)[:n])
-        return torch.frombuffer(buf, dtype=dtype, count=n // dtype.itemsize).view(shape)
+            for r in range(0, rows if n else 0, step):
+                k = min(step, rows - r) * row_bytes
+                f.readinto(memoryview(buf)[:k])
+                chunk = torch.frombuffer(buf, dtype=dtype, count=k // dtype.itemsize)
+                dest.view(-1, *shape[1:])[r:r + k // row_bytes].copy_(chunk.view(-1, *shape[1:]))
 
 
 # -----------------------------------------------------------------------------------------------------------------
