@@ -298,8 +298,9 @@ def load_tokenizer(name_or_dir, revision=None) -> Tokenizer:
     if (d / "tokenizer.model").exists():
         pieces = _read_sentencepiece_model(d / "tokenizer.model")
         vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
-        # SentencePiece merges by score: the higher a piece's score, the earlier it forms (NORMAL pieces, type 1)
-        order = [p for _, p in sorted((-s, p) for p, s, t in pieces if t == 1 and len(p) > 1)]
+        # SentencePiece merges by score: the higher a piece's score, the earlier it forms (NORMAL pieces, type 1);
+        # ties (all the "▁▁…" whitespace pieces score -1e9) go by id, as in the merges of the converted tokenizer.json
+        order = [pieces[i][0] for _, i in sorted((-s, i) for i, (p, s, t) in enumerate(pieces) if t == 1 and len(p) > 1)]
         for content, a in added.items():
             if a["id"] is None:
                 a["id"] = vocab[content]
