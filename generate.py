@@ -9,13 +9,16 @@ Tokenizers are built on tiktoken from the files a checkpoint ships, for every fa
 No `tokenizers`, `sentencepiece` or `transformers` at run time; the tests compare our ids with theirs.
 """
 
+import argparse
 import json
 import re
 import struct
 import sys
+import time
 from pathlib import Path
 
 import tiktoken
+import torch
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "tokenizer_module.json", "*.tiktoken"]
@@ -107,7 +110,8 @@ class Tokenizer:
 
     def decode(self, ids, skip_special=False) -> str:
         """Text of ids (invalid UTF-8, e.g. half a character, becomes U+FFFD)."""
-        text = b"".join(self.decode_table[i] for i in ids if not (skip_special and i in self.special_ids))
+        n = len(self.decode_table)            # ids past the tokenizer (the model's padded vocab) decode to nothing
+        text = b"".join(self.decode_table[i] if i < n else b"" for i in ids if not (skip_special and i in self.special_ids))
         text = text.decode("utf-8", errors="replace")
         # SentencePiece: the dummy prefix of the first piece is not text (the reference's Strip decoder)
         return text[1:] if self.sentencepiece and text.startswith(" ") else text
@@ -382,5 +386,317 @@ def render_chat(fmt, messages, add_generation_prompt=True, tok=None) -> str:
     return "".join(out)
 
 
+
+# -----------------------------------------------------------------------------------------------------------------
+# Loading a checkpoint
+
+MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json"]
+LEGACY_FILES = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]   # read with torch.load(weights_only=True)
+
+
+def checkpoint_dir(name_or_dir, revision=None) -> Path:
+    """A local directory as it is, or a Hub id fetched (config, weights, tokenizer files only) into the cache."""
+    d = Path(name_or_dir)
+    if d.is_dir():
+        return d
+    d = _download(str(name_or_dir), MODEL_FILES + TOKENIZER_FILES, revision)
+    if not list(d.glob("*.safetensors")):                # an old checkpoint without safetensors
+        d = _download(str(name_or_dir), MODEL_FILES + LEGACY_FILES + TOKENIZER_FILES, revision)
+    return d
+
+
+def load(name_or_dir, dtype="auto", device=None, revision=None, attn="sdpa"):
+    """(model, tokenizer) from a Hub id or a local directory. dtype "auto" takes the checkpoint's own (float16
+    becomes bfloat16 on the CPU, where float16 matmuls are slow); device None picks CUDA when there is one."""
+    import phi
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    d = checkpoint_dir(name_or_dir, revision)
+    if not (d / "config.json").is_file():
+        raise FileNotFoundError(f"{d}: no config.json (is this a model checkpoint?)")
+    dtype = resolve_dtype(dtype, phi.PhiConfig.from_hf(phi._read_json(d / "config.json")).torch_dtype, device)
+    model = phi.Phi.from_pretrained(d, dtype=dtype, device=device, attn=attn)
+    tok = load_tokenizer(d)
+    model.eos_ids = eos_ids(d, model.config, tok)
+    return model, tok
+
+
+def resolve_dtype(dtype, checkpoint_dtype, device):
+    if dtype == "auto":
+        dtype = checkpoint_dtype or "float32"
+        if dtype == "float16" and device.type == "cpu":
+            dtype = "bfloat16"
+    if isinstance(dtype, str):
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype '{dtype}' is not one of auto, float32, bfloat16, float16")
+        dtype = getattr(torch, dtype)
+    try:                                                 # can this device compute in this dtype at all?
+        x = torch.ones(4, 4, dtype=dtype, device=device)
+        (x @ x).sum().item()
+    except (RuntimeError, TypeError, AssertionError) as e:   # a torch built without CUDA raises AssertionError
+        raise ValueError(f"{dtype} is not supported on {device}: {str(e).splitlines()[0]}") from None
+    return dtype
+
+
+def eos_ids(d: Path, cfg, tok) -> set:
+    """Where generation stops: generation_config.json's eos_token_id (an int or a list: Phi-3 has 32000, 32001,
+    32007), else config.json's; plus the tokenizer's eos token."""
+    ids = set()
+    gen = _read_json(d / "generation_config.json") if (d / "generation_config.json").is_file() else {}
+    for value in (gen.get("eos_token_id"), None if "eos_token_id" in gen else cfg.eos_token_id, tok.eos_id):
+        ids.update(value if isinstance(value, list) else [] if value is None else [value])
+    return ids
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Sampling (the same steps, in the same order, as transformers' logits processors)
+
+
+def process_logits(logits, prev_ids, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0):
+    """logits (B, V) -> filtered logits in fp32: repetition penalty over prev_ids (B, S), then temperature, top-k,
+    top-p (removed entries become -inf). Matches RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+    TopKLogitsWarper and TopPLogitsWarper."""
+    logits = logits.float()
+    if repetition_penalty != 1.0:                        # seen tokens: positive logits divided, negative multiplied
+        seen = logits.gather(1, prev_ids)
+        logits = logits.scatter(1, prev_ids, torch.where(seen < 0, seen * repetition_penalty, seen / repetition_penalty))
+    if temperature not in (0.0, 1.0):
+        logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:                                      # drop the least likely tokens holding 1 - top_p of the mass
+        sorted_logits, order = torch.sort(logits, descending=False)
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[..., -1] = False                            # always keep the most likely token
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits
+
+
+def sample(logits, prev_ids, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, generator=None):
+    """Next token (B,) from logits (B, V): argmax at temperature 0, else a draw from the filtered distribution."""
+    logits = process_logits(logits, prev_ids, temperature or 1.0, top_k, top_p, repetition_penalty)
+    if temperature == 0:
+        return logits.argmax(-1)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def prefill(model, ids, mask, cache):
+    """Run the prompt (B, T) through the model, filling the cache; logits of the last position (B, V)."""
+    return model(ids, attention_mask=mask, cache=cache)[:, -1]
+
+
+def decode_one_token(model, token, cache):
+    """One new token per row (B,) -> logits (B, V)."""
+    return model(token[:, None], cache=cache)[:, -1]
+
+
+@torch.no_grad()
+def generate_batch(model, prompts, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
+                   eos_ids=None, generator=None, stats=None):
+    """Generate for a batch of prompts (lists of ids, left-padded together). Yields a (B,) tensor of new tokens
+    per step; a row that has produced an EOS id keeps yielding -1. Stops when every row is done."""
+    dev = model.embed.weight.device
+    eos = torch.tensor(sorted(eos_ids if eos_ids is not None else getattr(model, "eos_ids", ())), dtype=torch.long, device=dev)
+    B, T = len(prompts), max(map(len, prompts))
+    context = model.config.max_position_embeddings
+    if T > context:
+        raise ValueError(f"the prompt is {T} tokens, longer than the model's context of {context}")
+    if T + max_new_tokens > context:
+        print(f"note: generating {context - T} tokens, not {max_new_tokens}: the context is {context}", file=sys.stderr)
+        max_new_tokens = context - T
+    ids = torch.zeros(B, T, dtype=torch.long, device=dev)
+    mask = torch.zeros(B, T, dtype=torch.long, device=dev)
+    for r, p in enumerate(prompts):                      # left padding: every row's last token sits at T - 1
+        ids[r, T - len(p):], mask[r, T - len(p):] = torch.tensor(p, dtype=torch.long), 1
+    import phi
+    cache = phi.KVCache(model.config, B, T + max_new_tokens, dtype=model.embed.weight.dtype, device=dev)
+    # tokens seen so far per row, for the repetition penalty; a pad slot repeats the row's first real token
+    seen = torch.where(mask.bool(), ids, ids.gather(1, (mask == 0).sum(1, keepdim=True).clamp(max=T - 1)))
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    stats = {} if stats is None else stats
+    stats.update(prompt_tokens=int(mask.sum()), new_tokens=0)
+    t0 = time.perf_counter()
+    try:
+        logits = prefill(model, ids, mask if (mask == 0).any() else None, cache)
+        for step in range(max_new_tokens):
+            token = sample(logits, seen, temperature, top_k, top_p, repetition_penalty, generator)
+            if step == 0:
+                stats["prefill_s"], t0 = time.perf_counter() - t0, time.perf_counter()
+            token = token.masked_fill(done, -1)
+            done |= torch.isin(token, eos)
+            stats["new_tokens"] += int((token >= 0).sum())
+            yield token
+            if done.all() or step == max_new_tokens - 1:
+                break
+            seen = torch.cat((seen, token.clamp(min=0)[:, None]), 1)
+            logits = decode_one_token(model, token.clamp(min=0), cache)
+    finally:                                             # also when the caller stops early (EOS, stop string)
+        stats["decode_s"] = time.perf_counter() - t0
+
+
+def generate(model, prompt_ids, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
+             eos_ids=None, generator=None, stats=None):
+    """Yields one int per new token for one prompt (a list of ints or a (1, T) LongTensor); stops at an EOS id
+    (not yielded) or after max_new_tokens. Greedy at temperature 0."""
+    if isinstance(prompt_ids, torch.Tensor):
+        prompt_ids = prompt_ids.reshape(-1).tolist()
+    for token in generate_batch(model, [prompt_ids], max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                                eos_ids, generator, stats):
+        t = int(token[0])
+        if t < 0 or t in (eos_ids if eos_ids is not None else getattr(model, "eos_ids", ())):
+            return
+        yield t
+
+
+def cut_at_stop(text, stops):
+    """(text to show, stopped): text up to the first stop string; while none has appeared, hold back a tail that
+    could still become one."""
+    hits = [text.index(s) for s in stops if s in text]
+    if hits:
+        return text[:min(hits)], True
+    hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return text[:len(text) - hold], False
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Generate text with a Phi checkpoint (Hub id or local directory).")
+    p.add_argument("--model", default="microsoft/phi-2", help="Hub id or local directory (default microsoft/phi-2)")
+    p.add_argument("--revision", help="Hub branch, tag or commit")
+    p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
+    p.add_argument("--prompt-file", help="a file with one prompt per line, run as a padded batch")
+    p.add_argument("--chat", action="store_true", help="wrap prompts in the model family's chat format")
+    p.add_argument("--system", help="system message for --chat/--interactive")
+    p.add_argument("--interactive", action="store_true", help="chat loop on stdin, keeping the conversation")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "flash"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
+    args = p.parse_args(argv)
+    sys.stdout.reconfigure(errors="replace")             # a terminal that cannot show a character gets "?"
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"generate.py: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def check_args(args):
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0, got {args.top_k}")
+    if args.repetition_penalty <= 0:
+        raise ValueError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
+    if args.max_new_tokens < 1 or args.num_samples < 1:
+        raise ValueError("--max-new-tokens and --num-samples must be >= 1")
+    if args.attn == "flash":
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if not device.startswith("cuda"):
+            raise ValueError(f"--attn flash needs a CUDA device, got {device}")
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            raise ValueError("--attn flash needs the flash-attn package (pip install flash-attn)") from None
+        if args.dtype == "float32":
+            raise ValueError("--attn flash needs --dtype bfloat16 or float16")
+
+
+def run(args):
+    global decode_one_token
+    check_args(args)
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        prompts += [line.rstrip("\n") for line in Path(args.prompt_file).read_text().splitlines() if line.strip()]
+    if not prompts and not args.interactive:
+        prompts = ["def print_prime(n):"]
+    model, tok = load(args.model, args.dtype, args.device, args.revision, args.attn)
+    print(f"loaded {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+          f"{model.embed.weight.dtype}, {model.embed.weight.device}", file=sys.stderr)
+    if args.compile:
+        decode_one_token = torch.compile(decode_one_token, dynamic=True)
+    generator = None
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+        generator = torch.Generator(model.embed.weight.device).manual_seed(args.seed)
+    eos = set(model.eos_ids)
+    if args.chat or args.interactive:                    # the family's end-of-turn token ends a reply too
+        eos |= {tok.added[t]["id"] for t in ("<|end|>", "<|im_end|>") if t in tok.added}
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, eos_ids=eos, generator=generator)
+    if args.interactive:
+        return interactive(model, tok, args, sampling)
+    texts = [chat_prompt(tok, p, args.system) if args.chat else p for p in prompts]
+    batch = [tok.encode(t, bos=tok.add_bos) for t in texts for _ in range(args.num_samples)]
+    stats = {}
+    if len(batch) == 1:
+        stream_one(model, tok, batch[0], sampling, args.stop, stats)
+    else:
+        outs = [[] for _ in batch]
+        for step in generate_batch(model, batch, stats=stats, **sampling):
+            for r, t in enumerate(step.tolist()):
+                if t >= 0 and t not in eos:
+                    outs[r].append(t)
+        for r, ids in enumerate(outs):
+            text, _ = cut_at_stop(tok.decode(ids), args.stop)
+            print(f"=== {r} ===\n{text}", flush=True)
+    report(stats)
+
+
+def chat_prompt(tok, user, system=None, history=()):
+    messages = ([{"role": "system", "content": system}] if system else []) + list(history)
+    return tok.render_chat(messages + [{"role": "user", "content": user}], add_generation_prompt=True)
+
+
+def stream_one(model, tok, prompt_ids, sampling, stops, stats):
+    """Print the continuation as it comes; returns its text (cut at a stop string)."""
+    stream, text, shown = tok.stream(context=prompt_ids), "", 0
+    for t in generate(model, prompt_ids, stats=stats, **sampling):
+        text += stream.push(t)
+        visible, stopped = cut_at_stop(text, stops)
+        print(visible[shown:], end="", flush=True)
+        shown = len(visible)
+        if stopped:
+            break
+    print(flush=True)
+    return cut_at_stop(text, stops)[0]
+
+
+def interactive(model, tok, args, sampling):
+    history = []
+    print("chat: type a message, an empty line or Ctrl-D to quit", file=sys.stderr)
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        ids = tok.encode(chat_prompt(tok, line.rstrip("\n"), args.system, history), bos=tok.add_bos)
+        stats = {}
+        reply = stream_one(model, tok, ids, sampling, args.stop, stats)
+        history += [{"role": "user", "content": line.rstrip("\n")}, {"role": "assistant", "content": reply}]
+        report(stats)
+
+
+def report(stats):
+    if stats.get("prefill_s"):
+        print(f"prompt: {stats['prompt_tokens']} tokens, {stats['prompt_tokens'] / stats['prefill_s']:.1f} tokens/s; "
+              f"generation: {stats['new_tokens']} tokens, {stats['new_tokens'] / max(stats['decode_s'], 1e-9):.1f} "
+              f"tokens/s", file=sys.stderr)
+
+
 if __name__ == "__main__":
-    sys.exit("generate.py: the command line arrives with the generate issue; the tokenizer API is ready")
+    sys.exit(main())

@@ -7,6 +7,7 @@ Run: python -m pytest -q
 """
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -888,3 +889,210 @@ def test_load_tokenizer_from_offline_hub_cache(tmp_path):
     ids, err_line = r.stdout.strip().split("\n")
     assert json.loads(ids) == oracle_encode("codegen", "def print_prime(n):")
     assert err_line == "'microsoft/not-cached' is not a local directory and is not in the Hugging Face cache (offline, or the Hub is unreachable)"
+
+
+# ===============================================================================================================
+# generate.py: checkpoints in an offline Hugging Face cache, greedy parity with transformers, sampling, CLI
+
+GEN_CASES = {   # name -> (CASES entry, tokenizer family, HF config overrides matching that tokenizer)
+    "phi-2": ("phi-2", "codegen", dict(vocab_size=51200, bos_token_id=50256, eos_token_id=50256, pad_token_id=50256)),
+    "phi3-4k": ("phi3-4k", "phi3", dict(vocab_size=32064, bos_token_id=1, eos_token_id=32000, pad_token_id=32000,
+                                        max_position_embeddings=128, original_max_position_embeddings=128)),
+    "phi3-longrope": ("phi3-128k-longrope", "phi3", dict(vocab_size=32064, bos_token_id=1, eos_token_id=32000,
+                                                         pad_token_id=32000)),
+    "phi4-mini": ("phi4-mini", "phi4mini", dict(vocab_size=200064, bos_token_id=199999, eos_token_id=199999,
+                                                pad_token_id=199999)),
+}
+PROMPT = "def print_prime(n):\n    # print all primes below n, one per line"     # 15-25 tokens: below LongRoPE's 32
+
+
+@pytest.fixture(scope="session")
+def hub(tmp_path_factory):
+    """An HF_HOME whose hub cache holds test/<name> for every GEN_CASES entry (written by transformers, with the
+    real tokenizer files of the family), and the transformers model of each, for the parity checks."""
+    home = tmp_path_factory.mktemp("hf_home")
+    refs = {}
+    for name, (case, family, over) in GEN_CASES.items():
+        repo = home / "hub" / f"models--test--{name}"
+        snap = repo / "snapshots" / ("1" * 40)
+        refs[name] = hf_model(case, **over)
+        refs[name].save_pretrained(snap)
+        for f in (TOK / family).iterdir():
+            if f.is_file():
+                shutil.copy(f, snap)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text("1" * 40)
+    return home, refs
+
+
+def run_cli(home, *args, stdin=None):
+    """generate.py in a subprocess, offline, on the cache under home. Output is read as bytes and decoded, so a
+    generated "\r\n" stays as it is (text mode would turn it into "\n")."""
+    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "PYTHONIOENCODING": "utf-8"}
+    r = subprocess.run([sys.executable, str(ROOT / "generate.py"), *map(str, args)], capture_output=True, env=env,
+                       input=stdin.encode() if stdin else None, cwd=home)
+    return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(), r.stderr.decode())
+
+
+def snapshot(home, name):
+    return home / "hub" / f"models--test--{name}" / "snapshots" / ("1" * 40)
+
+
+def hf_greedy(ref, ids, n=48, **kw):
+    out = ref.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n, **kw)[0, len(ids):].tolist()
+    eos = ref.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    return out[:next((i for i, t in enumerate(out) if t in eos), len(out))]    # we stop before the EOS
+
+
+@needs_reference("tokenizers")
+@pytest.mark.parametrize("name", GEN_CASES)
+def test_greedy_generation_matches_transformers(name, hub):
+    """48 greedy tokens, through the API and through the CLI (streamed), equal transformers' generate(). For
+    LongRoPE the prompt is below the original context (32) and generation runs past it."""
+    home, refs = hub
+    model, tok = generate.load(snapshot(home, name), dtype="float32")
+    prompt = tok.encode(PROMPT, bos=tok.add_bos)
+    want = hf_greedy(refs[name], prompt)
+    if name == "phi3-longrope":
+        assert len(prompt) < 32 < len(prompt) + len(want)
+    assert list(generate.generate(model, prompt, max_new_tokens=48, temperature=0)) == want
+    r = run_cli(home, "--model", f"test/{name}", "--prompt", PROMPT, "--max-new-tokens", 48, "--temperature", 0,
+                "--dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == tok.decode(prompt + want)[len(tok.decode(prompt)):] + "\n"
+    assert re.search(r"prompt: \d+ tokens, [\d.]+ tokens/s; generation: \d+ tokens, [\d.]+ tokens/s", r.stderr)
+
+
+@needs_reference("tokenizers")
+def test_repetition_penalty_generation_matches_transformers(hub):
+    home, refs = hub
+    model, tok = generate.load(snapshot(home, "phi3-4k"), dtype="float32")
+    prompt = tok.encode(PROMPT)
+    want = hf_greedy(refs["phi3-4k"], prompt, 24, repetition_penalty=1.5)
+    assert list(generate.generate(model, prompt, 24, temperature=0, repetition_penalty=1.5)) == want
+    assert want != hf_greedy(refs["phi3-4k"], prompt, 24)
+
+
+def test_logits_processing_matches_transformers_processors():
+    from transformers.generation import logits_process as lp
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=g) * 3
+    prev = torch.randint(0, 50, (3, 7), generator=g)
+    for temperature, top_k, top_p, penalty in [(1.0, 0, 1.0, 1.3), (0.7, 0, 1.0, 1.0), (1.0, 5, 1.0, 1.0),
+                                               (1.0, 0, 0.8, 1.0), (0.6, 10, 0.9, 1.2), (1.5, 1, 0.5, 0.8)]:
+        want = logits.clone()
+        if penalty != 1.0:
+            want = lp.RepetitionPenaltyLogitsProcessor(penalty)(prev, want)
+        if temperature != 1.0:
+            want = lp.TemperatureLogitsWarper(temperature)(prev, want)
+        if top_k:
+            want = lp.TopKLogitsWarper(top_k)(prev, want)
+        if top_p < 1.0:
+            want = lp.TopPLogitsWarper(top_p)(prev, want)
+        got = generate.process_logits(logits, prev, temperature, top_k, top_p, penalty)
+        assert torch.equal(torch.isinf(got), torch.isinf(want))
+        assert torch.allclose(got[~torch.isinf(got)], want[~torch.isinf(want)], atol=1e-6)
+
+
+@needs_reference("tokenizers")
+def test_sampling_seed_topk_batch_stop_and_eos(hub):
+    home, _ = hub
+    model, tok = generate.load(snapshot(home, "phi-2"), dtype="float32")
+    prompt = tok.encode(PROMPT)
+    greedy = list(generate.generate(model, prompt, 20, temperature=0))
+
+    def sampled(seed, **kw):
+        return list(generate.generate(model, prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(seed), **kw))
+    assert sampled(7) == sampled(7) and sampled(7) != sampled(8)            # a seed reproduces its sample
+    assert sampled(7, top_k=1) == sampled(8, top_k=1) == greedy             # top-k 1 is greedy
+    # EOS stops: declare the 6th greedy token an EOS id
+    assert list(generate.generate(model, prompt, 20, temperature=0, eos_ids={greedy[5]})) == greedy[:greedy.index(greedy[5])]
+    # a left-padded batch of different lengths equals each prompt alone
+    prompts = [prompt, tok.encode("import numpy as np"), tok.encode("x")]
+    steps = torch.stack(list(generate.generate_batch(model, prompts, 12, temperature=0, eos_ids=set())), 1)
+    for r, p in enumerate(prompts):
+        assert steps[r].tolist() == list(generate.generate(model, p, 12, temperature=0, eos_ids=set()))
+    # the CLI: a seed reproduces; a stop string cuts the text; --num-samples gives a batch
+    args = ("--model", "test/phi-2", "--prompt", PROMPT, "--max-new-tokens", 20, "--dtype", "float32")
+    a, b = run_cli(home, *args, "--temperature", 1, "--seed", 3), run_cli(home, *args, "--temperature", 1, "--seed", 3)
+    assert a.returncode == 0 and a.stdout == b.stdout
+    full = tok.decode(prompt + greedy)[len(tok.decode(prompt)):]
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    r = run_cli(home, *args, "--temperature", 0, "--stop", stop)
+    assert r.stdout == full[:full.index(stop)] + "\n"
+    r = run_cli(home, *args, "--temperature", 0, "--num-samples", 2)
+    assert r.stdout == f"=== 0 ===\n{tok.decode(greedy)}\n=== 1 ===\n{tok.decode(greedy)}\n"
+
+
+@needs_reference("tokenizers")
+def test_cli_stops_at_generation_config_eos_and_prompt_file(hub, tmp_path):
+    home, _ = hub
+    model, tok = generate.load(snapshot(home, "phi3-4k"), dtype="float32")
+    prompt = tok.encode(PROMPT)
+    greedy = list(generate.generate(model, prompt, 20, temperature=0))
+    snap = snapshot(home, "phi3-4k")
+    gen = json.loads((snap / "generation_config.json").read_text())
+    try:   # a list of EOS ids, as Phi-3's own generation_config.json has
+        (snap / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": [32000, greedy[3]]}))
+        r = run_cli(home, "--model", "test/phi3-4k", "--prompt", PROMPT, "--temperature", 0, "--dtype", "float32")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == tok.decode(prompt + greedy[:greedy.index(greedy[3])])[len(tok.decode(prompt)):] + "\n"
+    finally:
+        (snap / "generation_config.json").write_text(json.dumps(gen))
+    (tmp_path / "prompts.txt").write_text("def print_prime(n):\nHello there\n")
+    r = run_cli(home, "--model", "test/phi3-4k", "--prompt-file", tmp_path / "prompts.txt", "--temperature", 0,
+                "--max-new-tokens", 8, "--dtype", "float32")
+    alone = [tok.decode(list(generate.generate(model, tok.encode(p), 8, temperature=0))) for p in ("def print_prime(n):", "Hello there")]
+    assert r.stdout == f"=== 0 ===\n{alone[0]}\n=== 1 ===\n{alone[1]}\n"
+
+
+@needs_reference("tokenizers")
+@pytest.mark.parametrize("name,family", [("phi3-4k", "phi3"), ("phi4-mini", "phi4mini")])
+def test_cli_chat_uses_the_family_template(name, family, hub):
+    home, _ = hub
+    model, tok = generate.load(snapshot(home, name), dtype="float32")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a prime."}]
+    want_text = transformers.AutoTokenizer.from_pretrained(TOK / family).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True)
+    assert generate.chat_prompt(tok, "Name a prime.", "Be brief.") == want_text
+    end = tok.added["<|end|>"]["id"]                                       # <|end|> closes a turn in chat mode
+    ids = tok.encode(want_text)
+    want = list(generate.generate(model, ids, 16, temperature=0, eos_ids=model.eos_ids | {end}))
+    r = run_cli(home, "--model", f"test/{name}", "--chat", "--system", "Be brief.", "--prompt", "Name a prime.",
+                "--max-new-tokens", 16, "--temperature", 0, "--dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == tok.decode(ids + want)[len(tok.decode(ids)):] + "\n"
+    r = run_cli(home, "--model", f"test/{name}", "--interactive", "--system", "Be brief.", "--max-new-tokens", 16,
+                "--temperature", 0, "--dtype", "float32", stdin="Name a prime.\n\n")
+    assert r.returncode == 0 and r.stdout == tok.decode(ids + want)[len(tok.decode(ids)):] + "\n"
+
+
+@needs_reference("tokenizers")
+@pytest.mark.parametrize("args,message", [
+    (("--model", "nobody/nothing"), "'nobody/nothing' is not a local directory and is not in the Hugging Face cache"),
+    (("--temperature", "-1"), "--temperature must be >= 0 (0 = greedy), got -1.0"),
+    (("--top-p", "0"), "--top-p must be in (0, 1], got 0.0"),
+    (("--top-p", "1.5"), "--top-p must be in (0, 1], got 1.5"),
+    (("--top-k", "-2"), "--top-k must be >= 0, got -2"),
+    (("--attn", "flash", "--device", "cpu"), "--attn flash needs a CUDA device, got cpu"),
+    (("--device", "cuda", "--dtype", "bfloat16"), "torch.bfloat16 is not supported on cuda"),
+    (("--prompt", "word " * 300), "the prompt is 301 tokens, longer than the model's context of 128"),
+])
+def test_cli_bad_input_gives_one_clear_line(args, message, hub):
+    home, _ = hub
+    r = run_cli(home, "--model", "test/phi-2", "--temperature", "0", "--max-new-tokens", 4, *args)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("generate.py: error: ") and message in last, r.stderr
+
+
+def test_cli_missing_weights_is_one_clear_line(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "phi", "vocab_size": 96, "hidden_size": 64,
+                                                      "intermediate_size": 96, "num_hidden_layers": 1,
+                                                      "num_attention_heads": 4, "torch_dtype": "float32"}))
+    r = run_cli(tmp_path, "--model", tmp_path, "--prompt", "x")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (f"generate.py: error: {tmp_path}: no model.safetensors, "
+                                                 "model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json")
