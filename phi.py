@@ -20,6 +20,7 @@ References:
 This file reads local checkpoint directories only; the Hub and tokenizers live in generate.py.
 """
 
+import dataclasses
 import json
 import math
 import re
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 import torch.nn.functional as F
 
 SUPPORTED = "phi, phi-msft, mixformer-sequential (phi-1, phi-1.5, phi-2) and phi3 (Phi-3, Phi-3.5, Phi-4, Phi-4-mini)"
@@ -420,6 +422,7 @@ class PhiModel(nn.Module):
         self.norm = make_norm(cfg, cfg.hidden_size)
         self.rotary = Rotary(cfg)
         self.attn_impl = "sdpa"
+        self.gradient_checkpointing = False   # training: recompute each block in backward instead of storing it
 
     def _init_weights(self, m):
         # transformers' init: N(0, initializer_range) for Linear and Embedding, zero biases, norms at identity
@@ -502,7 +505,10 @@ class PhiModel(nn.Module):
         cos, sin = self.rotary(position_ids, self.embed.weight.dtype, long)
         x = self.drop(self.embed(input_ids))
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, mask, i, cache, flash)
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, i, cache, flash, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, i, cache, flash)
         return self.norm(x)
 
     # -------------------------------------------------------------------------------------------------------------
@@ -518,7 +524,7 @@ class PhiModel(nn.Module):
         return model.to(dtype)
 
     @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", attn="sdpa"):
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", attn="sdpa", **config_overrides):
         """Load a Hugging Face model directory (config.json + safetensors, sharded or not, or pytorch_model*.bin).
 
         The model is built on the meta device and each tensor is read and cast straight into its slot, so peak
@@ -527,6 +533,7 @@ class PhiModel(nn.Module):
         """
         path = Path(path)
         cfg = PhiConfig.from_hf(_read_json(path / "config.json"), str(path / "config.json"))
+        cfg = dataclasses.replace(cfg, **config_overrides)      # e.g. num_labels for a new classification head
         with torch.device("meta"):
             model = cls(cfg)
         model = model.to(dtype).to_empty(device=device)    # allocates, no init work

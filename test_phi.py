@@ -1096,3 +1096,149 @@ def test_cli_missing_weights_is_one_clear_line(tmp_path):
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == (f"generate.py: error: {tmp_path}: no model.safetensors, "
                                                  "model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json")
+
+
+# ===============================================================================================================
+# train.py
+
+import sysconfig
+
+import train
+
+CORPUS = Path(sysconfig.get_paths()["stdlib"]) / "json"          # a small, always-present code corpus
+TINY = dict(model_type="phi", vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=4, partial_rotary_factor=0.5, max_position_embeddings=128)
+
+
+def run_train(tmp_path, *args, torchrun=0):
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(TINY))
+    base = ["--config", cfg, "--data", CORPUS, "--block-size", 64, "--batch-size", 8, "--log-every", 5,
+            "--sample-tokens", 0, "--warmup-steps", 5]
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node", str(torchrun),
+                                    "--master_port", str(29500 + os.getpid() % 1000)] if torchrun else [])
+    return subprocess.run(launcher + [str(ROOT / "train.py"), *map(str, base + list(args))], capture_output=True,
+                          text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+
+
+def weights(d):
+    from safetensors.torch import load_file
+    return load_file(Path(d) / "model.safetensors")
+
+
+def test_train_loss_goes_down_and_checkpoint_loads_everywhere(tmp_path):
+    r = run_train(tmp_path, "--out", tmp_path / "out", "--max-steps", 40, "--eval-every", 20, "--lr", "3e-3")
+    assert r.returncode == 0, r.stderr
+    val = [float(x) for x in re.findall(r"validation loss ([\d.]+)", r.stderr)]
+    first = float(re.search(r"step 5/40 .*\| loss ([\d.]+)", r.stderr)[1])
+    assert len(val) == 2 and val[1] < val[0] < first and val[1] < first - 1.0, r.stderr
+    assert re.search(r"step 40/40 \[#{20}\] \| loss [\d.]+ \| lr [\d.e+-]+ \| [\d,]+ tok/s \| ETA 0:00", r.stderr)
+    model_dir = tmp_path / "out" / "model"
+    ours, tok = generate.load(model_dir, dtype="float32")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = torch.tensor([tok.encode("import json\ndef dumps(obj):\n    return")])
+    with torch.no_grad():
+        assert record("train checkpoint vs transformers", err(ours(ids), ref(ids).logits)) <= TOL
+    g = run_cli(tmp_path, "--model", model_dir, "--prompt", "def ", "--max-new-tokens", 20, "--temperature", 0)
+    assert g.returncode == 0 and len(g.stdout) > 1, g.stderr
+    hf_tok = transformers.AutoTokenizer.from_pretrained(model_dir)       # the byte tokenizer loads there too
+    assert hf_tok.encode("déf  x\n", add_special_tokens=False) == tok.encode("déf  x\n") == list("déf  x\n".encode())
+
+
+def test_resume_continues_exactly(tmp_path):
+    """5 steps + resume 5 steps == 10 steps straight: weights bit-identical (dropout on, so RNG state matters)."""
+    common = ("--max-steps", 10, "--eval-every", 0, "--dropout", 0.1)
+    a = run_train(tmp_path, "--out", tmp_path / "a", "--save-every", 5, *common)
+    assert a.returncode == 0, a.stderr
+    b = run_train(tmp_path, "--out", tmp_path / "b", "--resume", tmp_path / "a" / "ckpt-000005", *common)
+    assert b.returncode == 0, b.stderr
+    wa, wb = weights(tmp_path / "a" / "model"), weights(tmp_path / "b" / "model")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    w5 = weights(tmp_path / "a" / "ckpt-000005")
+    assert not all(torch.equal(wa[k], w5[k]) for k in wa)
+
+
+def test_torchrun_two_processes_equal_one(tmp_path):
+    """DDP with gloo on the CPU, 2 x 4 sequences == 1 process x 8 sequences, for one step."""
+    one = run_train(tmp_path, "--out", tmp_path / "one", "--max-steps", 1, "--eval-every", 0, "--batch-size", 8)
+    assert one.returncode == 0, one.stderr
+    two = run_train(tmp_path, "--out", tmp_path / "two", "--max-steps", 1, "--eval-every", 0, "--batch-size", 4,
+                    torchrun=2)
+    assert two.returncode == 0, two.stderr
+    assert "2 process(es)" in two.stderr
+    w1, w2, w0 = weights(tmp_path / "one" / "model"), weights(tmp_path / "two" / "model"), None
+    e = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    assert record("torchrun 2 vs 1 process, one step", e) <= 1e-6
+
+
+def toy_classification(path, n=200, seed=0):
+    """Separable toy sets: sentiment by word choice (seq-cls), and per-word tags: digits vs letters (token-cls)."""
+    rng = random.Random(seed)
+    good, bad, filler = ["great", "lovely", "superb", "fine"], ["awful", "boring", "dreadful", "poor"], ["the", "film", "was", "very", "and", "plot"]
+    with open(path / "seq.jsonl", "w") as f:
+        for _ in range(n):
+            label = rng.randint(0, 1)
+            words = rng.sample(filler, 4) + [rng.choice(good if label else bad)]
+            f.write(json.dumps({"text": " ".join(words), "label": label}) + "\n")
+    with open(path / "tok.jsonl", "w") as f:
+        for _ in range(n):
+            words = [rng.choice(filler) if rng.random() < 0.5 else str(rng.randint(0, 999)) for _ in range(8)]
+            f.write(json.dumps({"tokens": words, "labels": [int(w.isdigit()) for w in words]}) + "\n")
+
+
+def test_finetune_from_hub_format_checkpoint_and_classification_heads(tmp_path):
+    """A random checkpoint written by transformers (+ the byte tokenizer) fine-tunes as a causal LM, and as a
+    sequence classifier (>= 90% accuracy on a separable toy set) and a token classifier (loss goes down)."""
+    ckpt = tmp_path / "hub-format"
+    ref = transformers.PhiForCausalLM(transformers.PhiConfig(**{k: v for k, v in TINY.items() if k != "model_type"},
+                                                             pad_token_id=256, eos_token_id=256, bos_token_id=256))
+    ref.save_pretrained(ckpt)
+    train.write_byte_tokenizer(ckpt)
+    lm = run_train(tmp_path, "--init", ckpt, "--out", tmp_path / "lm", "--max-steps", 20, "--eval-every", 10)
+    assert lm.returncode == 0, lm.stderr
+    val = [float(x) for x in re.findall(r"validation loss ([\d.]+)", lm.stderr)]
+    assert val[1] < val[0]
+    toy_classification(tmp_path)
+    seq = run_train(tmp_path, "--init", ckpt, "--task", "seq-cls", "--data", tmp_path / "seq.jsonl", "--out",
+                    tmp_path / "seq", "--max-steps", 60, "--eval-every", 60, "--eval-steps", 4, "--lr", "3e-3")
+    assert seq.returncode == 0, seq.stderr
+    acc = float(re.findall(r"accuracy ([\d.]+)%", seq.stderr)[-1])
+    assert record("seq-cls toy accuracy %", acc) >= 90, seq.stderr
+    clf = phi.PhiForSequenceClassification.from_pretrained(tmp_path / "seq" / "model")
+    assert clf.config.num_labels == 2
+    tag = run_train(tmp_path, "--init", ckpt, "--task", "token-cls", "--data", tmp_path / "tok.jsonl", "--out",
+                    tmp_path / "tag", "--max-steps", 40, "--eval-every", 20, "--eval-steps", 4, "--lr", "3e-3")
+    assert tag.returncode == 0, tag.stderr
+    val = [float(x) for x in re.findall(r"validation loss ([\d.]+)", tag.stderr)]
+    assert val[1] < val[0]
+
+
+def test_train_bad_input_one_clear_error_nothing_overwritten(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "short.py").write_text("x = 1\n")
+    cases = [
+        (("--data", tmp_path / "missing"), f"--data {tmp_path / 'missing'}: no such file or directory"),
+        (("--data", tmp_path / "empty"), f"--data {tmp_path / 'empty'}: no files found"),
+        (("--data", tmp_path / "short.py"), "the corpus is 7 tokens: too short for --block-size 64 (needs at least 1300, so that train "
+                                              "and validation each hold a block)"),
+        (("--config", "huge"), "--config huge: not a preset (demo, small, 160m, phi-1.5, phi-2, phi3-mini) nor a config.json file"),
+    ]
+    for args, message in cases:
+        r = run_train(tmp_path, "--out", out, "--max-steps", 2, *args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.strip().splitlines()[-1] == f"train.py: error: {message}"
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
+    ok = run_train(tmp_path, "--out", tmp_path / "run", "--max-steps", 2, "--eval-every", 0, "--save-every", 2)
+    assert ok.returncode == 0, ok.stderr
+    before = weights(tmp_path / "run" / "model")
+    for args, message in [(("--task", "seq-cls"), "was trained with --task causal-lm, not seq-cls"),
+                          (("--block-size", 32), "was trained with --block-size 64, not 32")]:
+        r = run_train(tmp_path, "--out", tmp_path / "run", "--resume", tmp_path / "run", "--max-steps", 4, *args)
+        assert r.returncode == 2 and message in r.stderr.strip().splitlines()[-1], r.stderr
+    r = run_train(tmp_path, "--out", out, "--resume", tmp_path / "empty")
+    assert r.stderr.strip().splitlines()[-1] == f"train.py: error: --resume {tmp_path / 'empty'}: no checkpoint with a training_state.pt there"
+    after = weights(tmp_path / "run" / "model")
+    assert all(torch.equal(before[k], after[k]) for k in before)

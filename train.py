@@ -1,0 +1,507 @@
+"""
+Train a small Phi from scratch, or fine-tune a real one, on one GPU (or several with torchrun), or on the CPU.
+
+    python train.py                                  # offline demo: a small phi on this Python's own stdlib sources
+    python generate.py --model out/model --prompt "def "
+    python train.py --init microsoft/phi-1_5 --data my_code/ --max-steps 1000 --dtype bfloat16
+    python train.py --init out/model --task seq-cls --data reviews.jsonl        # {"text": ..., "label": ...}
+    torchrun --nproc_per_node 2 train.py ...         # DDP (nccl on GPU, gloo on CPU); --fsdp shards instead
+
+Every checkpoint (out/ckpt-NNNNNN, and out/model at the end) is a Hugging Face model directory (config.json,
+model.safetensors, tokenizer files) plus training_state.pt (optimizer, schedule step, RNG and data position),
+written to a temporary directory and renamed into place, so a checkpoint is never half-written. --resume continues
+exactly where it stopped.
+"""
+
+import argparse
+import glob
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import sysconfig
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import generate
+import phi
+
+# Size presets for --config (a config.json path works too). "demo" trains in a few minutes on 2 CPU cores.
+PRESETS = {
+    "demo": dict(model_type="phi", hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=6,
+                 num_key_value_heads=6, head_dim=32, partial_rotary_factor=0.5, max_position_embeddings=256),
+    "small": dict(model_type="phi", hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=8, head_dim=64, partial_rotary_factor=0.5, max_position_embeddings=1024),
+    "160m": dict(model_type="phi", hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 num_key_value_heads=12, head_dim=64, partial_rotary_factor=0.5, max_position_embeddings=2048),
+    "phi-1.5": dict(model_type="phi", hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
+                    num_key_value_heads=32, head_dim=64, partial_rotary_factor=0.5, max_position_embeddings=2048),
+    "phi-2": dict(model_type="phi", hidden_size=2560, intermediate_size=10240, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=32, head_dim=80, partial_rotary_factor=0.4, max_position_embeddings=2048),
+    "phi3-mini": dict(model_type="phi3", hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, head_dim=96, hidden_act="silu",
+                      max_position_embeddings=4096, original_max_position_embeddings=4096),
+}
+TASKS = {"causal-lm": phi.Phi, "seq-cls": phi.PhiForSequenceClassification, "token-cls": phi.PhiForTokenClassification}
+
+
+class TrainError(Exception):
+    """Bad input: reported as one line, exit code 2, nothing written."""
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Tokenizer and data
+
+
+def write_byte_tokenizer(d: Path):
+    """A tokenizer that needs no download: the 256 bytes (id = byte value) + <|endoftext|> (256), written as
+    byte-level BPE files without merges (vocab.json + merges.txt), which generate.py and transformers both read."""
+    d.mkdir(parents=True, exist_ok=True)
+    vocab = {c: b for b, c in generate.bytes_to_unicode().items()}
+    vocab["<|endoftext|>"] = 256
+    (d / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (d / "merges.txt").write_text("#version: 0.2\n")
+    eot = {"content": "<|endoftext|>", "special": True, "lstrip": False, "rstrip": False, "normalized": False,
+           "single_word": False}
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "add_bos_token": False,
+        "added_tokens_decoder": {"256": eot}, "model_max_length": 1 << 30}, indent=2))
+    (d / "special_tokens_map.json").write_text(json.dumps({k: "<|endoftext|>" for k in ("bos_token", "eos_token",
+                                                                                         "pad_token", "unk_token")}))
+
+
+def tokenizer_files(src: Path):
+    return [f for pat in generate.TOKENIZER_FILES for f in src.glob(pat) if f.is_file()] + \
+        [f for f in [src / "chat_template.jinja"] if f.is_file()]
+
+
+def default_corpus():
+    """The standard library's own .py sources of this interpreter (~12 MB without its tests and site-packages):
+    code, like phi-1's data, and no download."""
+    files = glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "**", "*.py"), recursive=True)
+    return sorted(f for f in files if not any(s in f for s in ("site-packages", "/test/", "/tests/")))
+
+
+def data_files(spec):
+    if spec is None:
+        return default_corpus()
+    files = []
+    for part in spec.split(","):
+        p = Path(part)
+        if p.is_dir():
+            files += sorted(str(f) for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        elif any(c in part for c in "*?["):
+            files += sorted(glob.glob(part, recursive=True))
+        elif p.is_file():
+            files.append(str(p))
+        else:
+            raise TrainError(f"--data {part}: no such file or directory")
+    if not files:
+        raise TrainError(f"--data {spec}: no files found")
+    return files
+
+
+def read_documents(files):
+    """Texts: whole files, or the "text" field of each line of a .jsonl file."""
+    for f in files:
+        if f.endswith(".jsonl"):
+            for n, line in enumerate(open(f, encoding="utf-8", errors="replace"), 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)["text"]
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise TrainError(f"{f}:{n}: expected a JSON object with a \"text\" field") from None
+        else:
+            yield Path(f).read_text(encoding="utf-8", errors="replace")
+
+
+def token_files(files, tok, cache_dir: Path, block_size):
+    """Tokenize the corpus once into memory-mapped token files (train.bin, val.bin: the last 10%), nanoGPT style.
+    The files are cached under a hash of the inputs and the tokenizer."""
+    h = hashlib.sha256(repr((tok.vocab_size, tok.eos_id, [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files])).encode())
+    d = cache_dir / f"tokens-{h.hexdigest()[:16]}"
+    dtype = np.uint16 if tok.vocab_size < 2**16 else np.uint32
+    if not (d / "val.bin").exists():
+        ids = np.concatenate([np.array(tok.encode(text, allowed_special=set()) + [tok.eos_id], dtype=dtype)
+                              for text in read_documents(files)] or [np.zeros(0, dtype)])
+        if len(ids) < 20 * (block_size + 1):
+            raise TrainError(f"the corpus is {len(ids)} tokens: too short for --block-size {block_size} "
+                             f"(needs at least {20 * (block_size + 1)}, so that train and validation each hold a block)")
+        tmp = d.with_name(d.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        split = int(len(ids) * 0.9)
+        ids[:split].tofile(tmp / "train.bin")
+        ids[split:].tofile(tmp / "val.bin")
+        tmp.rename(d)
+    return (np.memmap(d / "train.bin", dtype=dtype, mode="r"), np.memmap(d / "val.bin", dtype=dtype, mode="r"))
+
+
+def labelled_examples(files, tok, task, block_size, label_map):
+    """seq-cls: {"text", "label"}; token-cls: {"tokens": [words], "labels": [one per word]} -> (ids, labels).
+    Token labels go to each word's first token (-100 on the rest, as transformers' examples do)."""
+    out = []
+    for f in files:
+        for n, line in enumerate(open(f, encoding="utf-8"), 1):
+            if not line.strip():
+                continue
+            try:
+                ex = json.loads(line)
+                if task == "seq-cls":
+                    ids = tok.encode(ex["text"], allowed_special=set())[:block_size]
+                    labels = label_map.setdefault(ex["label"], len(label_map)) if not isinstance(ex["label"], int) else ex["label"]
+                else:
+                    ids, labels = [], []
+                    if len(ex["tokens"]) != len(ex["labels"]):
+                        raise KeyError
+                    for i, (word, lab) in enumerate(zip(ex["tokens"], ex["labels"])):
+                        piece = tok.encode(("" if i == 0 else " ") + word, allowed_special=set())
+                        lab = label_map.setdefault(lab, len(label_map)) if not isinstance(lab, int) else lab
+                        ids += piece
+                        labels += [lab] + [-100] * (len(piece) - 1)
+                    ids, labels = ids[:block_size], labels[:block_size]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                fields = '"text" and "label"' if task == "seq-cls" else '"tokens" and "labels" of equal length'
+                raise TrainError(f"{f}:{n}: expected a JSON object with {fields}") from None
+            if ids:
+                out.append((ids, labels))
+    if len(out) < 10:
+        raise TrainError(f"--data: {len(out)} labelled examples; a {task} run needs at least 10")
+    return out
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Batches: every rank draws the same global batch from one seeded generator and takes its own rows, so the data
+# position is just that generator's state, and N GPUs see exactly what one GPU with N times the batch would.
+
+
+def lm_batch(data, g, rows, block_size, rank, world, device):
+    starts = torch.randint(len(data) - block_size - 1, (rows * world,), generator=g)[rank * rows:(rank + 1) * rows]
+    x = torch.stack([torch.from_numpy(data[s:s + block_size + 1].astype(np.int64)) for s in starts.tolist()])
+    return x[:, :-1].to(device), x[:, 1:].to(device)
+
+
+def labelled_batch(examples, g, rows, rank, world, device, pad_id):
+    pick = torch.randint(len(examples), (rows * world,), generator=g)[rank * rows:(rank + 1) * rows].tolist()
+    T = max(len(examples[i][0]) for i in pick)
+    ids = torch.full((rows, T), pad_id, dtype=torch.long)
+    mask = torch.zeros(rows, T, dtype=torch.long)
+    labels = []
+    for r, i in enumerate(pick):                         # right padding: the pooled token is the last real one
+        x, y = examples[i]
+        ids[r, :len(x)], mask[r, :len(x)] = torch.tensor(x), 1
+        labels.append(torch.tensor(y) if isinstance(y, int) else torch.tensor(y + [-100] * (T - len(y))))
+    return ids.to(device), mask.to(device), torch.stack(labels).to(device)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(path: Path, model, tok_dir: Path, state: dict | None):
+    """model directory + tokenizer files (+ training_state.pt), written to a temporary directory, then renamed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    for f in tokenizer_files(tok_dir):
+        shutil.copy(f, tmp / f.name)
+    if state is not None:
+        torch.save(state, tmp / "training_state.pt")
+    old = path.with_name(f".{path.name}.old")
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(d: Path):
+    if (d / "training_state.pt").exists():
+        return d
+    found = sorted(d.glob("ckpt-*/training_state.pt"))
+    if not found:
+        raise TrainError(f"--resume {d}: no checkpoint with a training_state.pt there")
+    return found[-1].parent
+
+
+def lr_at(step, args):
+    """Linear warmup to --lr, then cosine decay to --min-lr at --max-steps."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    t = min(1.0, (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
+    return args.min_lr + 0.5 * (1 + math.cos(math.pi * t)) * (args.lr - args.min_lr)
+
+
+def peak_flops(device):
+    """bf16 dense peak of common GPUs, for the MFU estimate (None when unknown)."""
+    name = torch.cuda.get_device_name(device)
+    table = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "A10": 125e12, "4090": 165e12, "3090": 71e12}
+    return next((v for k, v in table.items() if k in name), None)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train or fine-tune a Phi model.")
+    p.add_argument("--init", default="scratch", help="scratch, or a Hub id / local directory to fine-tune")
+    p.add_argument("--config", default="demo", help=f"size preset ({', '.join(PRESETS)}) or a config.json (scratch)")
+    p.add_argument("--tokenizer", default=None, help="bytes (scratch default), or a Hub id / directory")
+    p.add_argument("--data", default=None, help="files, a directory, a glob or .jsonl, comma-separated "
+                                                "(default: this Python's stdlib .py sources)")
+    p.add_argument("--task", default="causal-lm", choices=list(TASKS))
+    p.add_argument("--num-labels", type=int, default=None, help="classification: default from the data")
+    p.add_argument("--out", default="out")
+    p.add_argument("--resume", default=None, help="a checkpoint directory (or an out dir: its latest)")
+    p.add_argument("--max-steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-step per process")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--block-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--min-lr", type=float, default=2e-4)
+    p.add_argument("--warmup-steps", type=int, default=30)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--dropout", type=float, default=0.0, help="residual/embedding dropout (scratch)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="autocast dtype")
+    p.add_argument("--device", default=None)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (less memory)")
+    p.add_argument("--fsdp", action="store_true", help="with torchrun: shard parameters (FSDP) instead of DDP")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-steps", type=int, default=10)
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--sample-tokens", type=int, default=200, help="causal-lm: sample this many tokens at the end")
+    p.add_argument("--seed", type=int, default=1337)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        train(args)
+    except TrainError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:         # bad checkpoints, configs and tokenizer files
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def setup_distributed(args):
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def preset_config(name):
+    if name in PRESETS:
+        return phi.PhiConfig(**PRESETS[name])
+    if Path(name).is_file():
+        return phi.PhiConfig.from_hf(json.loads(Path(name).read_text()), name)
+    raise TrainError(f"--config {name}: not a preset ({', '.join(PRESETS)}) nor a config.json file")
+
+
+def build_model(args, cfg, device, tok_vocab, pad_id, num_labels):
+    """The model to train: from a --resume checkpoint, a --init checkpoint, or a fresh one of config cfg."""
+    cls = TASKS[args.task]
+    if cfg is None:
+        src = Path(args.resume) if args.resume else generate.checkpoint_dir(args.init)
+        over = {"num_labels": num_labels} if num_labels else {}
+        return cls.from_pretrained(src, dtype=torch.float32, device=device, **over).train()
+    cfg.vocab_size = -(-tok_vocab // 64) * 64            # round up to a multiple of 64 (faster matmuls)
+    cfg.max_position_embeddings = max(cfg.max_position_embeddings, args.block_size)
+    cfg.embd_pdrop = cfg.resid_pdrop = args.dropout
+    cfg.bos_token_id = cfg.eos_token_id = cfg.pad_token_id = pad_id
+    cfg.num_labels = num_labels or cfg.num_labels
+    torch.manual_seed(args.seed)
+    return cls.from_config(cfg, device=device).train()
+
+
+def train(args):
+    rank, world, device = setup_distributed(args)
+    master = rank == 0
+    out = Path(args.out)
+    files = data_files(args.data)                        # bad input is caught before anything is written
+    state, resume = None, latest_checkpoint(Path(args.resume)) if args.resume else None
+    if resume:
+        args.resume = str(resume)
+        state = torch.load(resume / "training_state.pt", weights_only=False)
+        for key in ("task", "config", "init", "block_size"):
+            if state["args"][key] != getattr(args, key):
+                raise TrainError(f"--resume {resume} was trained with --{key.replace('_', '-')} "
+                                 f"{state['args'][key]}, not {getattr(args, key)}")
+    # --- tokenizer: the checkpoint's own, a given one, or bytes
+    scratch_config = None if resume or args.init != "scratch" else preset_config(args.config)
+    tok_src = args.tokenizer or (str(resume) if resume else None) or (None if args.init == "scratch" else args.init)
+    if tok_src in (None, "bytes"):                       # written next to each checkpoint when it is saved
+        tok_dir = Path(tempfile.mkdtemp(prefix="phi-byte-tokenizer-"))
+        write_byte_tokenizer(tok_dir)
+    else:
+        tok_dir = Path(tok_src) if Path(tok_src).is_dir() else generate.checkpoint_dir(tok_src)
+    tok = generate.load_tokenizer(tok_dir)
+    pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
+    # --- data
+    label_map, examples = {}, None
+    if args.task == "causal-lm":
+        if master:                                       # rank 0 tokenizes, the others then read its files
+            token_files(files, tok, out, args.block_size)
+        if world > 1:
+            torch.distributed.barrier()
+        train_data, val_data = token_files(files, tok, out, args.block_size)
+    else:
+        examples = labelled_examples(files, tok, args.task, args.block_size, label_map)
+        n_val = max(1, len(examples) // 10)
+        train_data, val_data = examples[:-n_val], examples[-n_val:]
+    num_labels = args.num_labels or (None if args.task == "causal-lm" else
+                                     1 + max(max(y) if isinstance(y, list) else y for _, y in examples))
+    # --- model and optimizer
+    model = build_model(args, scratch_config, device, tok.vocab_size, pad_id, num_labels)
+    if model.config.vocab_size < tok.vocab_size:
+        raise TrainError(f"the tokenizer has {tok.vocab_size} tokens, the model's vocabulary only {model.config.vocab_size}")
+    model.gradient_checkpointing = args.checkpointing
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]          # matrices decay; biases, norms don't
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
+                            fused=device.type == "cuda")
+    g = torch.Generator().manual_seed(args.seed)          # the data position
+    step = 0
+    if resume:
+        opt.load_state_dict(state["optimizer"])
+        g.set_state(state["data_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        step = state["step"]
+    raw = model
+    if world > 1:
+        if args.fsdp:
+            from torch.distributed.fsdp import fully_shard
+            for block in model.layers:
+                fully_shard(block)
+            model = fully_shard(model)
+        else:
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if args.compile:
+        model = torch.compile(model)
+    amp = torch.autocast(device.type, dtype=getattr(torch, args.dtype)) if args.dtype != "float32" else nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")
+    if master:
+        n = sum(p.numel() for p in raw.parameters())
+        print(f"{args.task}: {n / 1e6:.2f}M parameters ({raw.config.model_type}, {raw.config.num_hidden_layers} layers, "
+              f"{raw.config.hidden_size} wide), {device}, {args.dtype} autocast, {world} process(es)", file=sys.stderr)
+
+    def loss_of(batch):
+        with amp:
+            if args.task == "causal-lm":
+                x, y = batch
+                logits = model(x)
+                return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            ids, mask, labels = batch
+            return model(ids, attention_mask=mask, labels=labels)[1]
+
+    def next_batch(data, gen):
+        if args.task == "causal-lm":
+            return lm_batch(data, gen, args.batch_size, args.block_size, rank, world, device)
+        return labelled_batch(data, gen, args.batch_size, rank, world, device, pad_id)
+
+    @torch.no_grad()
+    def evaluate():
+        model.eval()
+        ge = torch.Generator().manual_seed(1234)          # the same validation batches every time
+        losses, correct, total = [], 0, 0
+        for _ in range(args.eval_steps):
+            batch = next_batch(val_data, ge)
+            losses.append(loss_of(batch).item())
+            if args.task != "causal-lm":
+                with amp:
+                    scores = model(batch[0], attention_mask=batch[1])
+                keep = batch[2] != -100
+                correct += int((scores.argmax(-1) == batch[2])[keep].sum())
+                total += int(keep.sum())
+        model.train()
+        return sum(losses) / len(losses), (correct / total if total else None)
+
+    tokens_per_step = args.batch_size * args.grad_accum * world * (args.block_size if args.task == "causal-lm" else 1)
+    t0, last_log, losses = time.time(), time.time(), []
+    while step < args.max_steps:
+        lr = lr_at(step, args)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        for micro in range(args.grad_accum):
+            sync = micro == args.grad_accum - 1 or world == 1 or args.fsdp
+            with (model.no_sync() if not sync else nullcontext()):
+                loss = loss_of(next_batch(train_data, g)) / args.grad_accum
+                scaler.scale(loss).backward()
+            losses.append(loss.item() * args.grad_accum)
+        if not math.isfinite(losses[-1]):
+            raise TrainError(f"the loss is {losses[-1]} at step {step}: stopping (try a lower --lr, or bfloat16 "
+                             f"instead of float16); the last good checkpoint is kept")
+        scaler.unscale_(opt)
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if master and (step % args.log_every == 0 or step == args.max_steps):
+            dt = time.time() - last_log
+            tok_s = tokens_per_step * min(args.log_every, len(losses)) / max(dt, 1e-9)
+            eta = (time.time() - t0) / step * (args.max_steps - step) if step else 0
+            mfu = ""
+            if device.type == "cuda" and args.task == "causal-lm" and peak_flops(device):
+                c = raw.config                             # 6N per token + attention (nanoGPT's estimate)
+                flops = 6 * sum(p.numel() for p in raw.parameters()) + 12 * c.num_hidden_layers * c.hidden_size * args.block_size
+                mfu = f" | MFU {flops * tok_s / world / peak_flops(device):.1%}"
+            bar = "#" * (20 * step // args.max_steps)
+            line = (f"step {step}/{args.max_steps} [{bar:20}] | loss {sum(losses[-args.log_every:]) / len(losses[-args.log_every:]):.4f} "
+                    f"| lr {lr:.2e} | {tok_s:,.0f} tok/s{mfu} | ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+            print(line, file=sys.stderr, flush=True)
+            last_log = time.time()
+        if args.eval_every and (step % args.eval_every == 0 or step == args.max_steps):
+            val, acc = evaluate()
+            if master:
+                print(f"step {step}: validation loss {val:.4f}" + (f", accuracy {acc:.1%}" if acc is not None else ""),
+                      file=sys.stderr, flush=True)
+        if args.save_every and step % args.save_every == 0 or step == args.max_steps:
+            state = dict(step=step, task=args.task, optimizer=opt.state_dict(), data_rng=g.get_state(),
+                         torch_rng=torch.get_rng_state(), args=vars(args), label_map=label_map)
+            if args.fsdp and world > 1:                    # gather the shards into one full state
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+                full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if master:
+                if args.fsdp and world > 1:
+                    raw = type(raw).from_config(raw.config)
+                    raw.load_state_dict(full)
+                save_checkpoint(out / f"ckpt-{step:06d}", raw, tok_dir, state)
+    if master:
+        save_checkpoint(out / "model", raw, tok_dir, None)
+        print(f"saved {out / 'model'} (a Hugging Face model directory: python generate.py --model {out / 'model'})",
+              file=sys.stderr)
+        if args.task == "causal-lm" and args.sample_tokens:
+            raw.eval()
+            prompt = tok.encode("def ", allowed_special=set())
+            gen = torch.Generator(device).manual_seed(args.seed)
+            ids = generate.generate(raw, prompt, args.sample_tokens, temperature=0.8, top_k=50, generator=gen,
+                                    eos_ids={tok.eos_id})
+            print("sample:\n" + tok.decode(prompt + list(ids)))
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
