@@ -262,7 +262,9 @@ class KVCache:
 
     k, v: (n_layer, B, n_kv_head, max_len, head_dim). For each cached slot it also keeps whether it is a real token
     (left padding is not), its position id and its token id: a LongRoPE model that crosses its original context
-    re-runs everything cached with the long factors, as transformers' generate does (see Phi.forward).
+    re-runs everything cached with the long factors, as transformers' generate does (see PhiModel.forward).
+    How many slots are filled lives in a device tensor, `slot`: a decode step never reads it on the host, so its
+    shapes never change and torch.compile compiles it once.
     """
 
     def __init__(self, cfg: PhiConfig, batch_size: int, max_len: int, dtype=torch.float32, device="cpu"):
@@ -272,25 +274,41 @@ class KVCache:
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.pos = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.ids = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
-        self.length = 0          # slots filled so far
+        self.slot = torch.zeros((), dtype=torch.long, device=device)   # slots filled so far
+        self.slots = torch.arange(max_len, device=device)              # (S,) slot indices, for the decode mask
         self.padded = False      # some slot holds padding: attention needs an explicit mask
         self.long = False        # keys were rotated with LongRoPE's long factors
 
-    def append(self, ids, valid, pos):
-        """Reserve the next T slots for tokens ids/valid/pos (B, T); the layers then write their k/v there."""
-        B, T = ids.shape
-        if self.length + T > self.k.shape[3]:
-            raise ValueError(f"KV cache full: {self.length} + {T} tokens > max_len {self.k.shape[3]}")
-        s = slice(self.length, self.length + T)
+    def append(self, ids, valid, pos, start: int):
+        """Prompt: reserve slots start .. start+T-1 for tokens ids/valid/pos (B, T)."""
+        T = ids.shape[1]
+        if start + T > self.k.shape[3]:
+            raise ValueError(f"KV cache full: {start} + {T} tokens > max_len {self.k.shape[3]}")
+        s = slice(start, start + T)
         self.ids[:, s], self.valid[:, s], self.pos[:, s] = ids, valid, pos
-        self.length += T
+        self.slot.fill_(start + T)
 
-    def update(self, layer: int, k, v):
-        """Write this layer's new k, v (B, n_kv, T, hd) into the slots reserved last; return all cached k, v."""
-        start = self.length - k.shape[2]
-        self.k[layer, :, :, start:self.length] = k
-        self.v[layer, :, :, start:self.length] = v
-        return self.k[layer, :, :, :self.length], self.v[layer, :, :, :self.length]
+    def append_one(self, ids):
+        """Decode: the next slot for one token per row, ids (B, 1). Returns the slot (1,) and positions (B, 1)."""
+        at = self.slot.view(1).clone()                 # (a copy: the view would move with slot += 1)
+        pos = torch.where(at > 0, self.pos.index_select(1, (at - 1).clamp(min=0)) + 1, 0)     # (B, 1)
+        self.ids.index_copy_(1, at, ids)
+        self.pos.index_copy_(1, at, pos)
+        self.valid.index_fill_(1, at, True)
+        self.slot += 1
+        return at, pos
+
+    def update(self, layer: int, k, v, at):
+        """Write this layer's new k, v (B, n_kv, T, hd) at slot `at`; return the keys and values to attend to. A
+        prompt (`at` an int) gets the filled slots; a decode token (`at` a (1,) tensor) gets all max_len slots, the
+        unfilled ones hidden by its mask."""
+        if isinstance(at, int):
+            self.k[layer, :, :, at:at + k.shape[2]] = k
+            self.v[layer, :, :, at:at + k.shape[2]] = v
+            return self.k[layer, :, :, :at + k.shape[2]], self.v[layer, :, :, :at + k.shape[2]]
+        self.k[layer].index_copy_(2, at, k)
+        self.v[layer].index_copy_(2, at, v)
+        return self.k[layer], self.v[layer]
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -334,8 +352,9 @@ class Attention(nn.Module):
             self.k_norm = nn.LayerNorm(self.head_dim, eps=cfg.norm_eps)
         self.qk_layernorm, self.window, self.dropout = cfg.qk_layernorm, cfg.sliding_window, cfg.attention_dropout
 
-    def forward(self, x, cos, sin, mask, layer, cache=None, flash=False):
-        """x (B, T, C); mask: a bool (B, 1, T, S) tensor of the keys each query may see, "causal" or None (all)."""
+    def forward(self, x, cos, sin, mask, layer, cache=None, flash=False, at=0):
+        """x (B, T, C); mask: a bool (B, 1, T, S) tensor of the keys each query may see, "causal" or None (all);
+        at: the cache slot of the first token (see KVCache.update)."""
         B, T, _ = x.shape
         causal, mask = (True, None) if isinstance(mask, str) else (False, mask)
         q, k, v = self.qkv(x).split(self.sizes, dim=-1)
@@ -346,7 +365,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(layer, k, v)                              # (B, KV, S, hd), S = cached + T
+            k, v = cache.update(layer, k, v, at)                          # (B, KV, S, hd), S = cached + T
         dropout = self.dropout if self.training else 0.0
         if flash:
             # flash-attn wants (B, T, H, hd) and aligns the causal mask bottom-right, so a decode step's single query
@@ -465,9 +484,12 @@ class PhiModel(nn.Module):
         transformers forward would count the pads). With a KVCache, the tokens are appended to it.
         """
         B, T = input_ids.shape
+        if (cache is not None and T == 1 and attention_mask is None and position_ids is None
+                and self.attn_impl == "sdpa" and (self.rotary.inv_freq_long is None or cache.long)):
+            return self.decode_step(input_ids, cache)
         dev = input_ids.device
         valid = torch.ones(B, T, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
-        start = 0 if cache is None else cache.length
+        start = 0 if cache is None else int(cache.slot)
         if position_ids is None:
             offset = 0 if start == 0 else cache.pos[:, start - 1:start] + 1                  # (B, 1)
             position_ids = (offset + valid.long().cumsum(-1) - 1).clamp(min=0)               # (B, T)
@@ -477,15 +499,16 @@ class PhiModel(nn.Module):
             # later layer saw them. Re-run the cached tokens with the long factors, as transformers' generate does
             # (transformers#33129: without this, generation turns to garbage past the original context).
             old = slice(0, start)
-            cache.length, cache.long, cache.padded = 0, True, False
+            cache.slot.zero_()
+            cache.long, cache.padded = True, False
             return PhiModel.forward(self, torch.cat((cache.ids[:, old], input_ids), 1),
                                     torch.cat((cache.valid[:, old], valid), 1),
                                     torch.cat((cache.pos[:, old], position_ids), 1), cache)[:, -T:]
         if cache is not None:
-            cache.append(input_ids, valid, position_ids)
+            cache.append(input_ids, valid, position_ids, start)
             cache.long = long
             cache.padded |= attention_mask is not None and not bool(valid.all())
-            key_valid, padded = cache.valid[:, :cache.length], cache.padded
+            key_valid, padded = cache.valid[:, :start + T], cache.padded
         else:
             key_valid, padded = valid, attention_mask is not None and not bool(valid.all())
         S = start + T
@@ -503,12 +526,25 @@ class PhiModel(nn.Module):
             allowed = allowed[None] & key_valid[:, None, :]                                  # (B, T, S) no pads
             mask = (allowed | (k_idx == q_idx))[:, None]   # a pad query sees itself: no empty softmax row (NaN)
         cos, sin = self.rotary(position_ids, self.embed.weight.dtype, long)
-        x = self.drop(self.embed(input_ids))
+        return self.blocks(self.drop(self.embed(input_ids)), cos, sin, mask, cache, flash, start)
+
+    def decode_step(self, input_ids, cache: KVCache):
+        """One new token per row, (B, 1) -> hidden states (B, 1, C), with shapes that do not depend on how full the
+        cache is: it attends over all max_len slots under a mask, and reads the fill level only on the device.
+        This is the step that `torch.compile` compiles once (gpt-fast's decode_one_token)."""
+        at, pos = cache.append_one(input_ids)                                                # (1,), (B, 1)
+        allowed = cache.valid & (cache.slots <= at)                                          # (B, S)
+        if self.config.sliding_window is not None:
+            allowed = allowed & (cache.slots > at - self.config.sliding_window)
+        cos, sin = self.rotary(pos, self.embed.weight.dtype, cache.long)
+        return self.blocks(self.embed(input_ids), cos, sin, allowed[:, None, None, :], cache, False, at)
+
+    def blocks(self, x, cos, sin, mask, cache, flash, at):
         for i, block in enumerate(self.layers):
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, i, cache, flash, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, i, cache, flash, at, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, i, cache, flash)
+                x = block(x, cos, sin, mask, i, cache, flash, at)
         return self.norm(x)
 
     # -------------------------------------------------------------------------------------------------------------

@@ -1242,3 +1242,25 @@ def test_train_bad_input_one_clear_error_nothing_overwritten(tmp_path):
     assert r.stderr.strip().splitlines()[-1] == f"train.py: error: --resume {tmp_path / 'empty'}: no checkpoint with a training_state.pt there"
     after = weights(tmp_path / "run" / "model")
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# ===============================================================================================================
+# Speed machinery (correctness only: the speed itself is measured by bench.py)
+
+
+def test_compiled_decode_step_compiles_once_and_matches(tmp_path):
+    """The decode step has static shapes (it attends over all cache slots under a mask and reads the fill level
+    only on the device): torch.compile traces it once for a whole generation, in one graph, and it still equals
+    the full forward pass (sliding window and GQA included)."""
+    import torch._dynamo.testing
+    model = phi.Phi.from_pretrained(saved(hf_model("phi3-gqa-window"), tmp_path))
+    counter = torch._dynamo.testing.CompileCounter()
+    step = torch.compile(generate.decode_one_token, backend=counter, fullgraph=True)
+    ids = ids_for(24)
+    with torch.no_grad():
+        full = model(ids)
+        cache = phi.KVCache(model.config, 2, 24)
+        generate.prefill(model, ids[:, :8], None, cache)
+        got = torch.stack([step(model, ids[:, t], cache) for t in range(8, 24)], 1)
+    assert counter.frame_count == 1
+    assert err(got, full[:, 8:]) <= TOL
