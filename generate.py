@@ -405,9 +405,10 @@ def checkpoint_dir(name_or_dir, revision=None) -> Path:
     return d
 
 
-def load(name_or_dir, dtype="auto", device=None, revision=None, attn="sdpa"):
+def load(name_or_dir, dtype="auto", device=None, revision=None, attn="sdpa", quantize=None):
     """(model, tokenizer) from a Hub id or a local directory. dtype "auto" takes the checkpoint's own (float16
-    becomes bfloat16 on the CPU, where float16 matmuls are slow); device None picks CUDA when there is one."""
+    becomes bfloat16 on the CPU, where float16 matmuls are slow); device None picks CUDA when there is one;
+    quantize="int8" stores the weights as int8 (weight-only, per channel)."""
     import phi
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     d = checkpoint_dir(name_or_dir, revision)
@@ -415,6 +416,10 @@ def load(name_or_dir, dtype="auto", device=None, revision=None, attn="sdpa"):
         raise FileNotFoundError(f"{d}: no config.json (is this a model checkpoint?)")
     dtype = resolve_dtype(dtype, phi.PhiConfig.from_hf(phi._read_json(d / "config.json")).torch_dtype, device)
     model = phi.Phi.from_pretrained(d, dtype=dtype, device=device, attn=attn)
+    if quantize == "int8":
+        phi.quantize_int8(model)
+    elif quantize is not None:
+        raise ValueError(f"quantize '{quantize}' is unknown (int8 or none)")
     tok = load_tokenizer(d)
     model.eos_ids = eos_ids(d, model.config, tok)
     return model, tok
@@ -583,6 +588,7 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "flash"])
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
+    p.add_argument("--quantize", choices=["int8"], help="weight-only int8 (per channel): faster memory-bound decode")
     args = p.parse_args(argv)
     sys.stdout.reconfigure(errors="replace")             # a terminal that cannot show a character gets "?"
     try:
@@ -626,11 +632,11 @@ def run(args):
         prompts += [line.rstrip("\n") for line in Path(args.prompt_file).read_text().splitlines() if line.strip()]
     if not prompts and not args.interactive:
         prompts = ["def print_prime(n):"]
-    model, tok = load(args.model, args.dtype, args.device, args.revision, args.attn)
+    model, tok = load(args.model, args.dtype, args.device, args.revision, args.attn, args.quantize)
     print(f"loaded {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
           f"{model.embed.weight.dtype}, {model.embed.weight.device}", file=sys.stderr)
-    if args.compile:
-        decode_one_token = torch.compile(decode_one_token, dynamic=True)
+    if args.compile:                                     # static shapes: compiled once for the whole generation
+        decode_one_token = torch.compile(decode_one_token, fullgraph=True)
     generator = None
     if args.seed is not None:
         torch.manual_seed(args.seed)

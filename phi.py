@@ -638,6 +638,8 @@ class PhiModel(nn.Module):
         """Write config.json + model.safetensors (or model-0000i-of-0000n.safetensors + index above
         max_shard_size bytes) in the current Hugging Face layout, which transformers' from_pretrained loads."""
         from safetensors.torch import save_file
+        if any(isinstance(m, Int8Linear) for m in self.modules()):
+            raise ValueError("an int8-quantized model is not saved: save the original, quantize after loading")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         cfg = self.config.to_hf()
@@ -796,6 +798,41 @@ class CheckpointFile:
                 f.readinto(memoryview(buf)[:k])
                 chunk = torch.frombuffer(buf, dtype=dtype, count=k // dtype.itemsize)
                 dest.view(-1, *shape[1:])[r:r + k // row_bytes].copy_(chunk.view(-1, *shape[1:]))
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Weight-only int8
+
+
+class Int8Linear(nn.Module):
+    """A Linear whose weight is stored as int8 with one scale per output channel (symmetric: w ≈ q * scale, q in
+    -127..127). Decoding reads every weight once per token, so 1 byte per weight instead of 2 (bf16) or 4 (fp32)
+    is up to 2x or 4x faster. Activations stay in the model's dtype."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.register_buffer("weight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(linear.weight.dtype))
+        self.bias = linear.bias
+
+    def forward(self, x):
+        if x.device.type == "cpu":   # PyTorch's CPU kernel multiplies by the int8 weights without expanding them
+            y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scale.to(x.dtype))
+            y = y.view(*x.shape[:-1], -1)
+        else:                        # elsewhere dequantize on the fly (torch.compile fuses it into the matmul)
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+def quantize_int8(model: nn.Module):
+    """Replace every Linear of the blocks and the lm_head by an Int8Linear, in place (for inference)."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.Linear) and name != "score":
+                setattr(module, name, Int8Linear(child))
+    return model
 
 
 # -----------------------------------------------------------------------------------------------------------------

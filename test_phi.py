@@ -1264,3 +1264,33 @@ def test_compiled_decode_step_compiles_once_and_matches(tmp_path):
         got = torch.stack([step(model, ids[:, t], cache) for t in range(8, 24)], 1)
     assert counter.frame_count == 1
     assert err(got, full[:, 8:]) <= TOL
+
+
+@pytest.mark.parametrize("name", ["phi-2", "phi3-4k", "phi4-mini"])
+def test_int8_logits_close_to_fp32(name, tmp_path):
+    """Weight-only int8 (per-channel symmetric) on transformers' own random init: logits within 2% of fp32
+    (||int8 - fp32|| / ||fp32||), with fp32 and with bf16 activations."""
+    kind, kw, _ = CASES[name]
+    torch.manual_seed(0)
+    hf_cfg = getattr(transformers, HF_CLASSES[kind] + "Config")(**{**BASE, **kw})
+    path = saved(getattr(transformers, HF_CLASSES[kind] + "ForCausalLM")(hf_cfg), tmp_path)
+    ids = ids_for(48)
+    with torch.no_grad():
+        want = phi.Phi.from_pretrained(path)(ids)
+        q = phi.quantize_int8(phi.Phi.from_pretrained(path))
+        assert q.layers[0].attn.qkv.weight.dtype == torch.int8
+        rel = ((q(ids) - want).norm() / want.norm()).item()
+        qb = phi.quantize_int8(phi.Phi.from_pretrained(path, dtype=torch.bfloat16))
+        rel_bf16 = ((qb(ids).float() - want).norm() / want.norm()).item()
+    assert record(f"int8 logits relative error {name}", rel) < 0.02
+    assert record(f"int8 (bf16) logits relative error {name}", rel_bf16) < 0.02
+
+
+def test_int8_cannot_be_saved_and_cli_runs(tmp_path, hub):
+    q = phi.quantize_int8(phi.Phi.from_pretrained(saved(hf_model("phi-1.5"), tmp_path)))
+    with pytest.raises(ValueError, match="an int8-quantized model is not saved"):
+        q.save_pretrained(tmp_path / "no")
+    home, _ = hub
+    r = run_cli(home, "--model", "test/phi-2", "--prompt", "def f(x):", "--max-new-tokens", 8, "--quantize", "int8",
+                "--temperature", 0)
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
