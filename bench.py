@@ -1,17 +1,21 @@
 """
-Benchmarks (never tests: speed is measured here, correctness in test_phi.py).
+Benchmarks (never tests: speed is measured here, correctness in test_phi.py). Needs the dev requirements.
 
-    python bench.py tokenizers [--json out.json]   encode throughput of our tiktoken tokenizers vs the Hugging Face
-                                                   `tokenizers` library, on ~1 MB of mixed text, every family
-
-Needs the dev requirements (the reference libraries) and the reference tokenizer files (PHI_REFERENCE, default
-../shared/reference).
+    python bench.py models [--sizes tiny,160m,1.4b] [--dtypes float32,bfloat16] [--json bench.json]
+        our model (eager, compiled decode, int8 weights) against transformers (eager and SDPA attention) on the
+        same random weights: prefill tokens/s (prompt 512), decode tokens/s at batch 1 and 8, training-step
+        tokens/s (tiny and 160m), peak memory, and batch-1 decode as a share of this machine's memory bandwidth
+        (bytes of weights read per token x tokens/s / the bandwidth of a plain 1 GB read, measured here)
+    python bench.py tokenizers [--json out.json]
+        encode throughput of our tiktoken tokenizers vs the Hugging Face `tokenizers` library on ~1 MB of mixed
+        text, every family (needs the reference tokenizer files: PHI_REFERENCE, default ../shared/reference)
 """
 
 import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import sysconfig
 import time
@@ -64,11 +68,204 @@ def bench_tokenizers(args):
         Path(args.json).write_text(json.dumps(dict(bench="tokenizers", mb=mb, rows=rows), indent=2))
 
 
+# -----------------------------------------------------------------------------------------------------------------
+# Models
+
+SIZES = {   # phi-style (parallel block, partial rotary); 1.4b is phi-1.5's shape
+    "tiny": dict(vocab_size=1024, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8),
+    "160m": dict(vocab_size=51200, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+    "1.4b": dict(vocab_size=51200, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32),
+}
+NEW_TOKENS = {"tiny": 200, "160m": 64, "1.4b": 16}
+
+
+def rss_mb(key="VmRSS"):
+    return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1]) / 1024
+
+
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:      # Linux: resets VmHWM (the peak) to the current RSS
+        f.write("5")
+
+
+def bandwidth_gbs():
+    """Read bandwidth of this machine: summing a 1 GB fp32 tensor, best of 5 (what a memory-bound decode can reach)."""
+    import torch
+    a = torch.ones(2**28)
+    best = min(timed(a.sum) for _ in range(5))
+    return a.numel() * 4 / best / 1e9
+
+
+def timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def decode_bytes(model):
+    """Bytes read per decoded token: every weight but the embedding table (one row of it)."""
+    return sum(t.numel() * t.element_size() for n, t in list(model.named_parameters()) + list(model.named_buffers())
+               if not n.startswith(("embed.", "model.embed_tokens.")))
+
+
+def bench_models(args):
+    import gc
+    import tempfile
+
+    import torch
+    import transformers
+
+    import phi
+    torch.manual_seed(0)
+    bw = bandwidth_gbs()
+    print(f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"transformers {transformers.__version__}; memory read bandwidth {bw:.1f} GB/s")
+    head = (f"{'size':5} {'dtype':8} {'impl':13} {'prefill':>9} {'decode b1':>9} {'decode b8':>9} {'train':>8} "
+            f"{'peak MB':>8} {'b1 % bw':>7}")
+    rows = []
+    for size in args.sizes.split(","):
+        cfg = phi.PhiConfig(model_type="phi", num_key_value_heads=SIZES[size]["num_attention_heads"],
+                            head_dim=SIZES[size]["hidden_size"] // SIZES[size]["num_attention_heads"],
+                            partial_rotary_factor=0.5, max_position_embeddings=2048, **SIZES[size])
+        ckpt = Path(tempfile.mkdtemp(prefix=f"phi-bench-{size}-"))
+        phi.Phi.from_config(cfg).save_pretrained(ckpt)                    # one set of random weights for all
+        print(f"\n{size}: {sum(p.numel() for p in phi.Phi.from_pretrained(ckpt).parameters()) / 1e6:.0f}M parameters; "
+              f"tokens/s; train: forward+backward+AdamW; b1 % bw: batch-1 decode as a share of the bandwidth limit")
+        print(head)
+        for dtype_name in args.dtypes.split(","):
+            dtype = getattr(torch, dtype_name)
+            for impl in ("ours", "ours+compile", "ours+int8", "hf-eager", "hf-sdpa"):
+                gc.collect()
+                reset_peak()
+                base = rss_mb()
+                row = dict(size=size, dtype=dtype_name, impl=impl, **measure(impl, ckpt, dtype, size, cfg))
+                row["peak_mb"] = rss_mb("VmHWM") - base
+                row["decode_b1_bandwidth_share"] = row.pop("bytes_per_token") * row["decode_b1"] / (bw * 1e9)
+                rows.append(row)
+                print(f"{size:5} {dtype_name:8} {impl:13} {row['prefill']:9.1f} {row['decode_b1']:9.1f} "
+                      f"{row['decode_b8']:9.1f} {row['train'] or float('nan'):8.0f} {row['peak_mb']:8.0f} "
+                      f"{row['decode_b1_bandwidth_share']:7.0%}", flush=True)
+            ratios(rows, size, dtype_name)
+        if size == "1.4b":
+            rows.append(dict(size=size, load_peak_over_size=load_peak(ckpt)))
+            print(f"loading the 1.4b checkpoint as bf16 peaks at {rows[-1]['load_peak_over_size']:.2f}x its size")
+        shutil.rmtree(ckpt)
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(bench="models", bandwidth_gbs=bw, machine=platform.machine(),
+                                                   cores=os.cpu_count(), rows=rows), indent=2))
+
+
+def ratios(rows, size, dtype):
+    by = {r["impl"]: r for r in rows if r.get("size") == size and r.get("dtype") == dtype}
+    hf = {k: max(by["hf-eager"][k] or 0, by["hf-sdpa"][k] or 0) for k in ("prefill", "decode_b1", "decode_b8", "train")}
+    for impl in ("ours", "ours+compile", "ours+int8"):
+        print(f"      {impl} / best transformers: " + ", ".join(
+            f"{k} {by[impl][k] / hf[k]:.2f}x" for k in hf if by[impl][k] and hf[k]))
+
+
+def measure(impl, ckpt, dtype, size, cfg):
+    """Load one implementation and time it: prefill (1 x 512), decode (1 and 8 rows after a 128-token prompt),
+    and a training step (tiny and 160m)."""
+    import torch
+    import transformers
+
+    import generate
+    import phi
+    torch.manual_seed(0)
+    ids512 = torch.randint(cfg.vocab_size, (1, 512))
+    prompt = torch.randint(cfg.vocab_size, (1, 128)).tolist()[0]
+    n = NEW_TOKENS[size]
+    out = {}
+    if impl.startswith("ours"):
+        model = phi.Phi.from_pretrained(ckpt, dtype=dtype)
+        if impl == "ours+int8":
+            phi.quantize_int8(model)
+        step_fn = generate.decode_one_token
+        if impl == "ours+compile":
+            generate.decode_one_token = torch.compile(step_fn, fullgraph=True)
+        try:
+            with torch.no_grad():
+                for B in (1, 8):                                              # warm-up (and compile) once each
+                    list(generate.generate_batch(model, [prompt] * B, n, eos_ids=set()))
+                cache = phi.KVCache(cfg, 1, 512, dtype=dtype)
+                out["prefill"] = 512 / min(timed(lambda: generate.prefill(model, ids512, None, phi.KVCache(cfg, 1, 512, dtype=dtype)))
+                                           for _ in range(1 if size == "1.4b" else 2))
+                for B in (1, 8):
+                    stats = {}
+                    list(generate.generate_batch(model, [prompt] * B, n, eos_ids=set(), stats=stats))
+                    out[f"decode_b{B}"] = (stats["new_tokens"] - B) / stats["decode_s"]
+        finally:
+            generate.decode_one_token = step_fn
+        out["bytes_per_token"] = decode_bytes(model)
+        out["train"] = None if size == "1.4b" or impl != "ours" else train_step(model.float().train(), dtype, cfg, hf=False)
+    else:
+        model = transformers.PhiForCausalLM.from_pretrained(ckpt, dtype=dtype, attn_implementation=impl[3:]).eval()
+        stamps = []
+
+        class Stamp(transformers.LogitsProcessor):
+            def __call__(self, input_ids, scores):
+                stamps.append(time.perf_counter())
+                return scores
+        with torch.no_grad():
+            def hf_generate(B, k):
+                stamps.clear()
+                x = torch.tensor([prompt] * B)
+                model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=k, min_new_tokens=k,
+                               do_sample=False, pad_token_id=0, logits_processor=transformers.LogitsProcessorList([Stamp()]))
+            for B in (1, 8):
+                hf_generate(B, 4)
+            out["prefill"] = 512 / min(timed(lambda: model(ids512, use_cache=True)) for _ in range(1 if size == "1.4b" else 2))
+            for B in (1, 8):
+                hf_generate(B, n)
+                out[f"decode_b{B}"] = (len(stamps) - 1) * B / (stamps[-1] - stamps[0])
+        out["bytes_per_token"] = decode_bytes(model)
+        out["train"] = None if size == "1.4b" else train_step(model.float().train(), dtype, cfg, hf=True)
+    return out
+
+
+def train_step(model, dtype, cfg, hf):
+    """Tokens/s of forward + backward + AdamW on 4 x 256 tokens (fp32 weights, autocast to dtype), best of 3."""
+    import torch
+    import torch.nn.functional as F
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(cfg.vocab_size, (4, 257))
+    amp = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else torch.autocast("cpu", enabled=False)
+
+    def step():
+        with amp:
+            logits = model(x[:, :-1]).logits if hf else model(x[:, :-1])
+            loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    step()
+    return 4 * 256 / min(timed(step) for _ in range(3))
+
+
+def load_peak(ckpt):
+    """Peak RSS growth of a fresh process loading the checkpoint as bf16, over the size of the bf16 weights."""
+    import subprocess
+    script = ("import sys, torch, phi\n"
+              "with torch.device('meta'): phi.Phi(phi.PhiConfig(num_hidden_layers=1))\n"
+              "rss = lambda k: int(next(l for l in open('/proc/self/status') if l.startswith(k)).split()[1]) * 1024\n"
+              "before = rss('VmRSS')\n"
+              "m = phi.Phi.from_pretrained(sys.argv[1], dtype=torch.bfloat16)\n"
+              "print((rss('VmHWM') - before) / sum(p.numel() * p.element_size() for p in m.parameters()))\n")
+    r = subprocess.run([sys.executable, "-c", script, str(ckpt)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent)})
+    return float(r.stdout.strip()) if r.returncode == 0 else float("nan")
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["tokenizers"])
+    p.add_argument("what", choices=["models", "tokenizers"])
+    p.add_argument("--sizes", default="tiny,160m,1.4b")
+    p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
-    if not (REF / "tokenizers").is_dir():
-        sys.exit(f"bench.py: reference tokenizers not found in {REF} (set PHI_REFERENCE)")
-    bench_tokenizers(args)
+    if args.what == "models":
+        bench_models(args)
+    else:
+        if not (REF / "tokenizers").is_dir():
+            sys.exit(f"bench.py: reference tokenizers not found in {REF} (set PHI_REFERENCE)")
+        bench_tokenizers(args)

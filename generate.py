@@ -520,6 +520,7 @@ def generate_batch(model, prompts, max_new_tokens=128, temperature=0.0, top_k=0,
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     stats = {} if stats is None else stats
     stats.update(prompt_tokens=int(mask.sum()), new_tokens=0)
+    produced = torch.zeros((), dtype=torch.long, device=dev)
     t0 = time.perf_counter()
     try:
         logits = prefill(model, ids, mask if (mask == 0).any() else None, cache)
@@ -529,14 +530,15 @@ def generate_batch(model, prompts, max_new_tokens=128, temperature=0.0, top_k=0,
                 stats["prefill_s"], t0 = time.perf_counter() - t0, time.perf_counter()
             token = token.masked_fill(done, -1)
             done |= torch.isin(token, eos)
-            stats["new_tokens"] += int((token >= 0).sum())
+            produced += (token >= 0).sum()
             yield token
-            if done.all() or step == max_new_tokens - 1:
+            if step == max_new_tokens - 1 or done.all():
                 break
-            seen = torch.cat((seen, token.clamp(min=0)[:, None]), 1)
+            if repetition_penalty != 1.0:
+                seen = torch.cat((seen, token.clamp(min=0)[:, None]), 1)
             logits = decode_one_token(model, token.clamp(min=0), cache)
     finally:                                             # also when the caller stops early (EOS, stop string)
-        stats["decode_s"] = time.perf_counter() - t0
+        stats["decode_s"], stats["new_tokens"] = time.perf_counter() - t0, int(produced)
 
 
 def generate(model, prompt_ids, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,

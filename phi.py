@@ -818,11 +818,13 @@ class Int8Linear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x):
-        if x.device.type == "cpu":   # PyTorch's CPU kernel multiplies by the int8 weights without expanding them
-            y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scale.to(x.dtype))
-            y = y.view(*x.shape[:-1], -1)
-        else:                        # elsewhere dequantize on the fly (torch.compile fuses it into the matmul)
-            y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        rows = x.numel() // x.shape[-1]
+        if x.device.type == "cpu" and rows <= 8:
+            # decoding: PyTorch's CPU kernel multiplies by the int8 weights without expanding them (bf16 activations)
+            y = torch._weight_int8pack_mm(x.reshape(rows, -1).to(torch.bfloat16), self.weight, self.scale.to(torch.bfloat16))
+            y = y.view(*x.shape[:-1], -1).to(x.dtype)
+        else:   # a prompt (compute bound) or another device: dequantize, then an ordinary matmul
+            y = F.linear(x, self.weight.to(x.dtype) * self.scale.to(x.dtype)[:, None])
         return y if self.bias is None else y + self.bias
 
 
