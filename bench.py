@@ -6,6 +6,8 @@ Benchmarks (never tests: speed is measured here, correctness in test_phi.py). Ne
         same random weights: prefill tokens/s (prompt 512), decode tokens/s at batch 1 and 8, training-step
         tokens/s (tiny and 160m), peak memory, and batch-1 decode as a share of this machine's memory bandwidth
         (bytes of weights read per token x tokens/s / the bandwidth of a plain 1 GB read, measured here)
+    python bench.py int8-agreement [--model out/model]
+        share of prompts whose greedy continuation is the same with int8 weights as with fp32 (a trained model)
     python bench.py tokenizers [--json out.json]
         encode throughput of our tiktoken tokenizers vs the Hugging Face `tokenizers` library on ~1 MB of mixed
         text, every family (needs the reference tokenizer files: PHI_REFERENCE, default ../shared/reference)
@@ -256,15 +258,40 @@ def load_peak(ckpt):
     return float(r.stdout.strip()) if r.returncode == 0 else float("nan")
 
 
+def bench_int8_agreement(args):
+    """Share of prompts whose greedy continuation with int8 weights equals the fp32 one, on a trained model
+    (default out/model, what `python train.py` writes): prompts are line starts of the stdlib sources."""
+    import torch
+
+    import phi
+    model, tok = generate.load(args.model, dtype="float32")
+    q = phi.quantize_int8(generate.load(args.model, dtype="float32")[0])
+    lines = [line for line in mixed_text(200_000).splitlines() if len(line.strip()) > 12][::37][:args.prompts]
+    same = 0
+    with torch.no_grad():
+        for line in lines:
+            prompt = tok.encode(line[:len(line) // 2])
+            a = list(generate.generate(model, prompt, args.new_tokens, temperature=0, eos_ids=set()))
+            b = list(generate.generate(q, prompt, args.new_tokens, temperature=0, eos_ids=set()))
+            same += a == b
+    print(f"int8 vs fp32 greedy continuations ({args.new_tokens} tokens) identical on {same} of {len(lines)} prompts "
+          f"({same / len(lines):.0%}), model {args.model}")
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["models", "tokenizers"])
+    p.add_argument("what", choices=["models", "tokenizers", "int8-agreement"])
+    p.add_argument("--model", default="out/model", help="int8-agreement: a trained checkpoint")
+    p.add_argument("--prompts", type=int, default=50)
+    p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--sizes", default="tiny,160m,1.4b")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
     if args.what == "models":
         bench_models(args)
+    elif args.what == "int8-agreement":
+        bench_int8_agreement(args)
     else:
         if not (REF / "tokenizers").is_dir():
             sys.exit(f"bench.py: reference tokenizers not found in {REF} (set PHI_REFERENCE)")
