@@ -1152,17 +1152,18 @@ def test_resume_continues_exactly(tmp_path):
     assert not all(torch.equal(wa[k], w5[k]) for k in wa)
 
 
-def test_torchrun_two_processes_equal_one(tmp_path):
-    """DDP with gloo on the CPU, 2 x 4 sequences == 1 process x 8 sequences, for one step."""
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_two_processes_equal_one(mode, tmp_path):
+    """torchrun with gloo on the CPU, 2 x 4 sequences == 1 process x 8 sequences, for one step (DDP, and FSDP)."""
     one = run_train(tmp_path, "--out", tmp_path / "one", "--max-steps", 1, "--eval-every", 0, "--batch-size", 8)
     assert one.returncode == 0, one.stderr
     two = run_train(tmp_path, "--out", tmp_path / "two", "--max-steps", 1, "--eval-every", 0, "--batch-size", 4,
-                    torchrun=2)
+                    *(["--fsdp"] if mode == "fsdp" else []), torchrun=2)
     assert two.returncode == 0, two.stderr
     assert "2 process(es)" in two.stderr
-    w1, w2, w0 = weights(tmp_path / "one" / "model"), weights(tmp_path / "two" / "model"), None
+    w1, w2 = weights(tmp_path / "one" / "model"), weights(tmp_path / "two" / "model")
     e = max((w1[k] - w2[k]).abs().max().item() for k in w1)
-    assert record("torchrun 2 vs 1 process, one step", e) <= 1e-6
+    assert record(f"torchrun {mode} 2 vs 1 process, one step", e) <= 1e-6
 
 
 def toy_classification(path, n=200, seed=0):

@@ -375,6 +375,17 @@ def train(args):
     if model.config.vocab_size < tok.vocab_size:
         raise TrainError(f"the tokenizer has {tok.vocab_size} tokens, the model's vocabulary only {model.config.vocab_size}")
     model.gradient_checkpointing = args.checkpointing
+    raw = model
+    if world > 1:
+        if args.fsdp:
+            if resume:
+                raise TrainError("--resume with --fsdp is not supported yet (its optimizer state is sharded)")
+            from torch.distributed.fsdp import fully_shard
+            for block in model.layers:
+                fully_shard(block)
+            model = fully_shard(model)                    # parameters become shards: build the optimizer after
+        else:
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]          # matrices decay; biases, norms don't
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -387,15 +398,6 @@ def train(args):
         g.set_state(state["data_rng"])
         torch.set_rng_state(state["torch_rng"])
         step = state["step"]
-    raw = model
-    if world > 1:
-        if args.fsdp:
-            from torch.distributed.fsdp import fully_shard
-            for block in model.layers:
-                fully_shard(block)
-            model = fully_shard(model)
-        else:
-            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if args.compile:
         model = torch.compile(model)
     amp = torch.autocast(device.type, dtype=getattr(torch, args.dtype)) if args.dtype != "float32" else nullcontext()
