@@ -20,6 +20,8 @@ from pathlib import Path
 import tiktoken
 import torch
 
+import phi
+
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "tokenizer_module.json", "*.tiktoken"]
 
@@ -409,7 +411,6 @@ def load(name_or_dir, dtype="auto", device=None, revision=None, attn="sdpa", qua
     """(model, tokenizer) from a Hub id or a local directory. dtype "auto" takes the checkpoint's own (float16
     becomes bfloat16 on the CPU, where float16 matmuls are slow); device None picks CUDA when there is one;
     quantize="int8" stores the weights as int8 (weight-only, per channel)."""
-    import phi
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     d = checkpoint_dir(name_or_dir, revision)
     if not (d / "config.json").is_file():
@@ -486,8 +487,9 @@ def sample(logits, prev_ids, temperature=0.0, top_k=0, top_p=1.0, repetition_pen
 
 
 def prefill(model, ids, mask, cache):
-    """Run the prompt (B, T) through the model, filling the cache; logits of the last position (B, V)."""
-    return model(ids, attention_mask=mask, cache=cache)[:, -1]
+    """Run the prompt (B, T) through the model, filling the cache; logits of the last position (B, V) (the lm_head
+    runs on that position only)."""
+    return model.lm_head(phi.PhiModel.forward(model, ids, mask, None, cache)[:, -1])
 
 
 def decode_one_token(model, token, cache):
@@ -513,7 +515,6 @@ def generate_batch(model, prompts, max_new_tokens=128, temperature=0.0, top_k=0,
     mask = torch.zeros(B, T, dtype=torch.long, device=dev)
     for r, p in enumerate(prompts):                      # left padding: every row's last token sits at T - 1
         ids[r, T - len(p):], mask[r, T - len(p):] = torch.tensor(p, dtype=torch.long), 1
-    import phi
     cache = phi.KVCache(model.config, B, T + max_new_tokens, dtype=model.embed.weight.dtype, device=dev)
     # tokens seen so far per row, for the repetition penalty; a pad slot repeats the row's first real token
     seen = torch.where(mask.bool(), ids, ids.gather(1, (mask == 0).sum(1, keepdim=True).clamp(max=T - 1)))

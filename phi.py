@@ -373,6 +373,13 @@ class Attention(nn.Module):
             window = (self.window - 1, 0) if self.window else (-1, -1)
             y = _flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout,
                        causal=causal, window_size=window).transpose(1, 2)
+        elif T == 1 and mask is not None:
+            # one query per row (a decode step): two small matmuls beat SDPA's masked kernel here. Query heads are
+            # grouped by the KV head they share (GQA) instead of repeating k and v; softmax in fp32.
+            G = self.n_head // self.n_kv_head
+            att = (q.view(B, self.n_kv_head, G, self.head_dim) @ k.transpose(-1, -2)) * self.head_dim ** -0.5
+            att = att.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32).to(v.dtype)  # (B, KV, G, S)
+            y = (att @ v).view(B, self.n_head, 1, self.head_dim)
         else:
             # phi-2's raw q·k can exceed fp16's 65504 (transformers#28163: an explicit fp16 q @ k.T overflows). SDPA's
             # kernels scale before the product and accumulate in fp32, so no upcast is needed here (tested).
