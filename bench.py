@@ -184,6 +184,7 @@ def measure(impl, ckpt, dtype, size, cfg):
             phi.quantize_int8(model)
         step_fn = generate.decode_one_token
         if impl == "ours+compile":
+            torch._dynamo.reset()                         # a fresh compile per size/dtype (recompile limit)
             generate.decode_one_token = torch.compile(step_fn, fullgraph=True)
         try:
             with torch.no_grad():

@@ -925,22 +925,3 @@ class PhiForTokenClassification(PhiModel):
             return scores
         return scores, F.cross_entropy(scores.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
 
-
-if __name__ == "__main__":
-    # Demo that needs no download: a tiny random model of each architecture, greedy decoding with the KV cache,
-    # checked against full forward passes.
-    torch.manual_seed(0)
-    tiny = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=4, head_dim=16)
-    for cfg in (PhiConfig(model_type="phi", partial_rotary_factor=0.4, **tiny),
-                PhiConfig(model_type="phi3", hidden_act="silu", **{**tiny, "num_key_value_heads": 2})):
-        model, ids = Phi.from_config(cfg).eval(), [1, 2, 3]
-        cache = KVCache(cfg, batch_size=1, max_len=16)
-        with torch.no_grad():
-            logits = model(torch.tensor([ids]), cache=cache)                # prefill
-            for _ in range(8):
-                ids.append(int(logits[0, -1].argmax()))
-                logits = model(torch.tensor([ids[-1:]]), cache=cache)       # one-token decode
-            same = model(torch.tensor([ids])).argmax(-1)[0, 2:-1].tolist() == ids[3:]
-        n = sum(p.numel() for p in model.parameters())
-        print(f"{cfg.model_type}: {n:,} parameters, greedy tokens {ids}, KV-cache decode == full forward: {same}")

@@ -1289,3 +1289,12 @@ def test_int8_cannot_be_saved_and_cli_runs(tmp_path, hub):
     r = run_cli(home, "--model", "test/phi-2", "--prompt", "def f(x):", "--max-new-tokens", 8, "--quantize", "int8",
                 "--temperature", 0)
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
+
+
+def test_train_stops_on_a_non_finite_loss(tmp_path):
+    r = run_train(tmp_path, "--out", tmp_path / "out", "--max-steps", 20, "--eval-every", 0, "--lr", "1e12",
+                  "--warmup-steps", 1, "--grad-clip", 0)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert re.fullmatch(r"train.py: error: the loss is (nan|inf) at step \d+: stopping \(try a lower --lr, or bfloat16 "
+                        r"instead of float16\); the last good checkpoint is kept", r.stderr.strip().splitlines()[-1])
+    assert not (tmp_path / "out" / "model").exists()
