@@ -190,7 +190,6 @@ def measure(impl, ckpt, dtype, size, cfg):
             with torch.no_grad():
                 for B in (1, 8):                                              # warm-up (and compile) once each
                     list(generate.generate_batch(model, [prompt] * B, n, eos_ids=set()))
-                cache = phi.KVCache(cfg, 1, 512, dtype=dtype)
                 out["prefill"] = 512 / min(timed(lambda: generate.prefill(model, ids512, None, phi.KVCache(cfg, 1, 512, dtype=dtype)))
                                            for _ in range(1 if size == "1.4b" else 2))
                 for B in (1, 8):

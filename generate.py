@@ -497,13 +497,18 @@ def decode_one_token(model, token, cache):
     return model(token[:, None], cache=cache)[:, -1]
 
 
+def stop_ids(model, eos_ids=None) -> set:
+    """The ids that end a row: eos_ids when given, else the model's own (set by load())."""
+    return set(eos_ids if eos_ids is not None else getattr(model, "eos_ids", ()))
+
+
 @torch.no_grad()
 def generate_batch(model, prompts, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
                    eos_ids=None, generator=None, stats=None):
     """Generate for a batch of prompts (lists of ids, left-padded together). Yields a (B,) tensor of new tokens
     per step; a row that has produced an EOS id keeps yielding -1. Stops when every row is done."""
     dev = model.embed.weight.device
-    eos = torch.tensor(sorted(eos_ids if eos_ids is not None else getattr(model, "eos_ids", ())), dtype=torch.long, device=dev)
+    eos = torch.tensor(sorted(stop_ids(model, eos_ids)), dtype=torch.long, device=dev)
     B, T = len(prompts), max(map(len, prompts))
     context = model.config.max_position_embeddings
     if T > context:
@@ -548,10 +553,11 @@ def generate(model, prompt_ids, max_new_tokens=128, temperature=0.0, top_k=0, to
     (not yielded) or after max_new_tokens. Greedy at temperature 0."""
     if isinstance(prompt_ids, torch.Tensor):
         prompt_ids = prompt_ids.reshape(-1).tolist()
+    stops = stop_ids(model, eos_ids)
     for token in generate_batch(model, [prompt_ids], max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                                eos_ids, generator, stats):
+                                stops, generator, stats):
         t = int(token[0])
-        if t < 0 or t in (eos_ids if eos_ids is not None else getattr(model, "eos_ids", ())):
+        if t < 0 or t in stops:
             return
         yield t
 
