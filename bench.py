@@ -1,11 +1,13 @@
 """
 Benchmarks (never tests: speed is measured here, correctness in test_phi.py). Needs the dev requirements.
 
-    python bench.py models [--sizes tiny,160m,1.4b] [--dtypes float32,bfloat16] [--json bench.json]
-        our model (eager, compiled decode, int8 weights) against transformers (eager and SDPA attention) on the
-        same random weights: prefill tokens/s (prompt 512), decode tokens/s at batch 1 and 8, training-step
-        tokens/s (tiny and 160m), peak memory, and batch-1 decode as a share of this machine's memory bandwidth
-        (bytes of weights read per token x tokens/s / the bandwidth of a plain 1 GB read, measured here)
+    python bench.py models [--sizes tiny,160m,1.4b] [--dtypes float32,bfloat16] [--impls ...] [--device cuda]
+                           [--json bench.json]
+        our model (eager, compiled decode, int8 weights eager and compiled) against transformers (eager and SDPA
+        attention) on the same random weights, each row in a process of its own: prefill tokens/s (prompt 512),
+        decode tokens/s at batch 1 and 8, training-step tokens/s (tiny and 160m), peak memory, and batch-1 decode
+        as a share of this machine's memory bandwidth (bytes of weights read per token x tokens/s / the bandwidth
+        of a plain 1 GB read, measured just before and after that decode: the larger reading counts)
     python bench.py int8-agreement [--model out/model]
         share of prompts whose greedy continuation is the same with int8 weights as with fp32 (a trained model)
     python bench.py tokenizers [--json out.json]
@@ -81,21 +83,11 @@ SIZES = {   # phi-style (parallel block, partial rotary); 1.4b is phi-1.5's shap
 NEW_TOKENS = {"tiny": 200, "160m": 64, "1.4b": 16}
 
 
+IMPLS = ("ours", "ours+compile", "ours+int8", "ours+int8+compile", "hf-eager", "hf-sdpa")
+
+
 def rss_mb(key="VmRSS"):
     return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1]) / 1024
-
-
-def reset_peak():
-    with open("/proc/self/clear_refs", "w") as f:      # Linux: resets VmHWM (the peak) to the current RSS
-        f.write("5")
-
-
-def bandwidth_gbs():
-    """Read bandwidth of this machine: summing a 1 GB fp32 tensor, best of 5 (what a memory-bound decode can reach)."""
-    import torch
-    a = torch.ones(2**28)
-    best = min(timed(a.sum) for _ in range(5))
-    return a.numel() * 4 / best / 1e9
 
 
 def timed(fn):
@@ -104,14 +96,34 @@ def timed(fn):
     return time.perf_counter() - t
 
 
+class Bandwidth:
+    """Read bandwidth of this machine now: summing a 1 GB fp32 tensor, best of 3 (what a memory-bound decode can
+    reach). It drifts by tens of percent within minutes on a shared machine, so each batch-1 decode is divided by
+    the larger of the readings taken just before and just after it."""
+
+    def __init__(self):
+        import torch
+        self.a = torch.ones(2**28)
+
+    def __call__(self):
+        return self.a.numel() * 4 / min(timed(self.a.sum) for _ in range(3)) / 1e9
+
+
 def decode_bytes(model):
     """Bytes read per decoded token: every weight but the embedding table (one row of it)."""
     return sum(t.numel() * t.element_size() for n, t in list(model.named_parameters()) + list(model.named_buffers())
                if not n.startswith(("embed.", "model.embed_tokens.")))
 
 
+def model_config(size):
+    import phi
+    s = SIZES[size]
+    return phi.PhiConfig(model_type="phi", num_key_value_heads=s["num_attention_heads"], partial_rotary_factor=0.5,
+                         head_dim=s["hidden_size"] // s["num_attention_heads"], max_position_embeddings=2048, **s)
+
+
 def bench_models(args):
-    import gc
+    import subprocess
     import tempfile
 
     import torch
@@ -119,119 +131,133 @@ def bench_models(args):
 
     import phi
     torch.manual_seed(0)
-    bw = bandwidth_gbs()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"transformers {transformers.__version__}; memory read bandwidth {bw:.1f} GB/s")
-    head = (f"{'size':5} {'dtype':8} {'impl':13} {'prefill':>9} {'decode b1':>9} {'decode b8':>9} {'train':>8} "
+          f"transformers {transformers.__version__}, device {device}"
+          + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else f"; read bandwidth now {Bandwidth()():.1f} GB/s"))
+    head = (f"{'size':5} {'dtype':8} {'impl':17} {'prefill':>9} {'decode b1':>9} {'decode b8':>9} {'train':>8} "
             f"{'peak MB':>8} {'b1 % bw':>7}")
     rows = []
     for size in args.sizes.split(","):
-        cfg = phi.PhiConfig(model_type="phi", num_key_value_heads=SIZES[size]["num_attention_heads"],
-                            head_dim=SIZES[size]["hidden_size"] // SIZES[size]["num_attention_heads"],
-                            partial_rotary_factor=0.5, max_position_embeddings=2048, **SIZES[size])
+        cfg = model_config(size)
         ckpt = Path(tempfile.mkdtemp(prefix=f"phi-bench-{size}-"))
         phi.Phi.from_config(cfg).save_pretrained(ckpt)                    # one set of random weights for all
         print(f"\n{size}: {sum(p.numel() for p in phi.Phi.from_pretrained(ckpt).parameters()) / 1e6:.0f}M parameters; "
-              f"tokens/s; train: forward+backward+AdamW; b1 % bw: batch-1 decode as a share of the bandwidth limit")
+              f"tokens/s; train: forward+backward+AdamW; b1 % bw: batch-1 decode x bytes read per token / read "
+              f"bandwidth measured beside it; peak MB: the row's process, over its RSS before loading")
         print(head)
         for dtype_name in args.dtypes.split(","):
-            dtype = getattr(torch, dtype_name)
-            for impl in ("ours", "ours+compile", "ours+int8", "hf-eager", "hf-sdpa"):
-                gc.collect()
-                reset_peak()
-                base = rss_mb()
-                row = dict(size=size, dtype=dtype_name, impl=impl, **measure(impl, ckpt, dtype, size, cfg))
-                row["peak_mb"] = rss_mb("VmHWM") - base
-                row["decode_b1_bandwidth_share"] = row.pop("bytes_per_token") * row["decode_b1"] / (bw * 1e9)
+            for impl in args.impls.split(","):
+                if device != "cpu" and "int8" in impl:
+                    continue                                 # the int8 kernels here are CPU ones
+                # one process per row: its own peak memory, no compiled code or allocator state left by the last
+                r = subprocess.run([sys.executable, __file__, "_row", size, dtype_name, impl, str(ckpt), device],
+                                   capture_output=True, text=True)
+                if r.returncode != 0:
+                    print(f"{size:5} {dtype_name:8} {impl:17} failed: {r.stderr.strip().splitlines()[-1:]}")
+                    continue
+                row = dict(size=size, dtype=dtype_name, impl=impl, **json.loads(r.stdout.strip().splitlines()[-1]))
                 rows.append(row)
-                print(f"{size:5} {dtype_name:8} {impl:13} {row['prefill']:9.1f} {row['decode_b1']:9.1f} "
+                share = row["decode_b1_bandwidth_share"]
+                print(f"{size:5} {dtype_name:8} {impl:17} {row['prefill']:9.1f} {row['decode_b1']:9.1f} "
                       f"{row['decode_b8']:9.1f} {row['train'] or float('nan'):8.0f} {row['peak_mb']:8.0f} "
-                      f"{row['decode_b1_bandwidth_share']:7.0%}", flush=True)
+                      f"{'' if share is None else f'{share:7.0%}'}", flush=True)
             ratios(rows, size, dtype_name)
-        if size == "1.4b":
+        if size == "1.4b" and device == "cpu":
             rows.append(dict(size=size, load_peak_over_size=load_peak(ckpt)))
             print(f"loading the 1.4b checkpoint as bf16 peaks at {rows[-1]['load_peak_over_size']:.2f}x its size")
         shutil.rmtree(ckpt)
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(bench="models", bandwidth_gbs=bw, machine=platform.machine(),
+        Path(args.json).write_text(json.dumps(dict(bench="models", machine=platform.machine(), device=device,
                                                    cores=os.cpu_count(), rows=rows), indent=2))
 
 
 def ratios(rows, size, dtype):
     by = {r["impl"]: r for r in rows if r.get("size") == size and r.get("dtype") == dtype}
-    hf = {k: max(by["hf-eager"][k] or 0, by["hf-sdpa"][k] or 0) for k in ("prefill", "decode_b1", "decode_b8", "train")}
-    for impl in ("ours", "ours+compile", "ours+int8"):
+    hf = {k: max((by[i][k] or 0) for i in ("hf-eager", "hf-sdpa") if i in by) if any(i in by for i in ("hf-eager", "hf-sdpa")) else 0
+          for k in ("prefill", "decode_b1", "decode_b8", "train")}
+    for impl in (i for i in IMPLS if i.startswith("ours") and i in by):
         print(f"      {impl} / best transformers: " + ", ".join(
             f"{k} {by[impl][k] / hf[k]:.2f}x" for k in hf if by[impl][k] and hf[k]))
 
 
-def measure(impl, ckpt, dtype, size, cfg):
-    """Load one implementation and time it: prefill (1 x 512), decode (1 and 8 rows after a 128-token prompt),
-    and a training step (tiny and 160m)."""
+def measure_row(size, dtype_name, impl, ckpt, device):
+    """One row, in its own process: load one implementation and time it: prefill (1 x 512), decode (1 and 8 rows
+    after a 128-token prompt), and a training step (tiny and 160m). Prints the result as JSON."""
     import torch
     import transformers
 
-    import generate
     import phi
+    cfg, dtype = model_config(size), getattr(torch, dtype_name)
+    bandwidth = Bandwidth() if device == "cpu" else None
     torch.manual_seed(0)
-    ids512 = torch.randint(cfg.vocab_size, (1, 512))
+    ids512 = torch.randint(cfg.vocab_size, (1, 512), device=device)
     prompt = torch.randint(cfg.vocab_size, (1, 128)).tolist()[0]
     n = NEW_TOKENS[size]
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+    base = rss_mb()
     out = {}
-    if impl.startswith("ours"):
-        model = phi.Phi.from_pretrained(ckpt, dtype=dtype)
-        if impl == "ours+int8":
-            phi.quantize_int8(model)
-        step_fn = generate.decode_one_token
-        if impl == "ours+compile":
-            torch._dynamo.reset()                         # a fresh compile per size/dtype (recompile limit)
-            generate.decode_one_token = torch.compile(step_fn, fullgraph=True)
-        try:
-            with torch.no_grad():
-                for B in (1, 8):                                              # warm-up (and compile) once each
-                    list(generate.generate_batch(model, [prompt] * B, n, eos_ids=set()))
-                out["prefill"] = 512 / min(timed(lambda: generate.prefill(model, ids512, None, phi.KVCache(cfg, 1, 512, dtype=dtype)))
-                                           for _ in range(1 if size == "1.4b" else 2))
-                for B in (1, 8):
-                    stats = {}
-                    list(generate.generate_batch(model, [prompt] * B, n, eos_ids=set(), stats=stats))
-                    out[f"decode_b{B}"] = (stats["new_tokens"] - B) / stats["decode_s"]
-        finally:
-            generate.decode_one_token = step_fn
-        out["bytes_per_token"] = decode_bytes(model)
-        out["train"] = None if size == "1.4b" or impl != "ours" else train_step(model.float().train(), dtype, cfg, hf=False)
-    else:
-        model = transformers.PhiForCausalLM.from_pretrained(ckpt, dtype=dtype, attn_implementation=impl[3:]).eval()
-        stamps = []
+    with torch.no_grad():
+        if impl.startswith("ours"):
+            model = phi.Phi.from_pretrained(ckpt, dtype=dtype, device=device)
+            if "int8" in impl:
+                phi.quantize_int8(model)
+            if "compile" in impl:
+                generate.decode_one_token = torch.compile(generate.decode_one_token, fullgraph=True)
 
-        class Stamp(transformers.LogitsProcessor):
-            def __call__(self, input_ids, scores):
-                stamps.append(time.perf_counter())
-                return scores
-        with torch.no_grad():
-            def hf_generate(B, k):
+            def prefill():
+                generate.prefill(model, ids512, None, phi.KVCache(cfg, 1, 512, dtype=dtype, device=device))
+                sync()
+
+            def decode(B, k):
+                stats = {}
+                list(generate.generate_batch(model, [prompt] * B, k, eos_ids=set(), stats=stats))
+                return (stats["new_tokens"] - B) / stats["decode_s"]
+        else:
+            model = transformers.PhiForCausalLM.from_pretrained(ckpt, dtype=dtype, attn_implementation=impl[3:])
+            model = model.to(device).eval()
+            stamps = []
+
+            class Stamp(transformers.LogitsProcessor):
+                def __call__(self, input_ids, scores):
+                    sync()
+                    stamps.append(time.perf_counter())
+                    return scores
+
+            def prefill():        # logits of the last position only, as transformers' generate asks for them
+                model(ids512, use_cache=True, logits_to_keep=1)
+                sync()
+
+            def decode(B, k):
                 stamps.clear()
-                x = torch.tensor([prompt] * B)
+                x = torch.tensor([prompt] * B, device=device)
                 model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=k, min_new_tokens=k,
                                do_sample=False, pad_token_id=0, logits_processor=transformers.LogitsProcessorList([Stamp()]))
-            for B in (1, 8):
-                hf_generate(B, 4)
-            out["prefill"] = 512 / min(timed(lambda: model(ids512, use_cache=True)) for _ in range(1 if size == "1.4b" else 2))
-            for B in (1, 8):
-                hf_generate(B, n)
-                out[f"decode_b{B}"] = (len(stamps) - 1) * B / (stamps[-1] - stamps[0])
-        out["bytes_per_token"] = decode_bytes(model)
-        out["train"] = None if size == "1.4b" else train_step(model.float().train(), dtype, cfg, hf=True)
-    return out
+                return (len(stamps) - 1) * B / (stamps[-1] - stamps[0])
+        for B in (1, 8):                                      # warm-up (and compile) once each
+            decode(B, n if "compile" in impl else 4)
+        out["prefill"] = 512 / min(timed(prefill) for _ in range(1 if size == "1.4b" else 2))
+        before = bandwidth() if bandwidth else None
+        out["decode_b1"] = decode(1, n)
+        after = bandwidth() if bandwidth else None
+        out["decode_b8"] = decode(8, n)
+        out["decode_b1_bandwidth_share"] = (decode_bytes(model) * out["decode_b1"] / (max(before, after) * 1e9)
+                                            if bandwidth else None)
+        out["bandwidth_gbs"] = [before, after]
+    out["train"] = None
+    if size != "1.4b" and impl in ("ours", "hf-eager", "hf-sdpa"):
+        out["train"] = train_step(model.float().train(), dtype, cfg, hf=impl.startswith("hf"), device=device)
+    out["peak_mb"] = rss_mb("VmHWM") - base if device == "cpu" else torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(out))
 
 
-def train_step(model, dtype, cfg, hf):
+def train_step(model, dtype, cfg, hf, device="cpu"):
     """Tokens/s of forward + backward + AdamW on 4 x 256 tokens (fp32 weights, autocast to dtype), best of 3."""
     import torch
     import torch.nn.functional as F
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randint(cfg.vocab_size, (4, 257))
-    amp = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else torch.autocast("cpu", enabled=False)
+    x = torch.randint(cfg.vocab_size, (4, 257), device=device)
+    amp = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
 
     def step():
         with amp:
@@ -240,6 +266,8 @@ def train_step(model, dtype, cfg, hf):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
     step()
     return 4 * 256 / min(timed(step) for _ in range(3))
 
@@ -279,6 +307,8 @@ def bench_int8_agreement(args):
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["_row"]:                        # bench_models runs each row as: bench.py _row SIZE DTYPE IMPL CKPT DEVICE
+        sys.exit(measure_row(*sys.argv[2:]))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["models", "tokenizers", "int8-agreement"])
     p.add_argument("--model", default="out/model", help="int8-agreement: a trained checkpoint")
@@ -286,6 +316,8 @@ if __name__ == "__main__":
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--sizes", default="tiny,160m,1.4b")
     p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--impls", default=",".join(IMPLS))
+    p.add_argument("--device", help="cpu or cuda (default: cuda when there is one)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
     if args.what == "models":

@@ -410,11 +410,14 @@ def checkpoint_dir(name_or_dir, revision=None) -> Path:
 def load(name_or_dir, dtype="auto", device=None, revision=None, attn="sdpa", quantize=None):
     """(model, tokenizer) from a Hub id or a local directory. dtype "auto" takes the checkpoint's own (float16
     becomes bfloat16 on the CPU, where float16 matmuls are slow); device None picks CUDA when there is one;
-    quantize="int8" stores the weights as int8 (weight-only, per channel)."""
+    quantize="int8" stores the weights as int8 (weight-only, per channel); with dtype "auto" on the CPU the rest of
+    the model and the activations are then float32 (converting bf16 activations costs more than it saves)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     d = checkpoint_dir(name_or_dir, revision)
     if not (d / "config.json").is_file():
         raise FileNotFoundError(f"{d}: no config.json (is this a model checkpoint?)")
+    if quantize == "int8" and dtype == "auto" and device.type == "cpu":
+        dtype = "float32"
     dtype = resolve_dtype(dtype, phi.PhiConfig.from_hf(phi._read_json(d / "config.json")).torch_dtype, device)
     model = phi.Phi.from_pretrained(d, dtype=dtype, device=device, attn=attn)
     if quantize == "int8":
@@ -486,12 +489,14 @@ def sample(logits, prev_ids, temperature=0.0, top_k=0, top_p=1.0, repetition_pen
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
+@torch.no_grad()
 def prefill(model, ids, mask, cache):
     """Run the prompt (B, T) through the model, filling the cache; logits of the last position (B, V) (the lm_head
     runs on that position only)."""
     return model.lm_head(phi.PhiModel.forward(model, ids, mask, None, cache)[:, -1])
 
 
+@torch.no_grad()      # also under torch.compile: a compiled step run with grad enabled loses its cache writes
 def decode_one_token(model, token, cache):
     """One new token per row (B,) -> logits (B, V)."""
     return model(token[:, None], cache=cache)[:, -1]

@@ -260,17 +260,16 @@ def apply_rotary(x, cos, sin):
 class KVCache:
     """Preallocated keys and values of every layer (gpt-fast style), filled left to right.
 
-    k, v: (n_layer, B, n_kv_head, max_len, head_dim). For each cached slot it also keeps whether it is a real token
-    (left padding is not), its position id and its token id: a LongRoPE model that crosses its original context
-    re-runs everything cached with the long factors, as transformers' generate does (see PhiModel.forward).
-    How many slots are filled lives in a device tensor, `slot`: a decode step never reads it on the host, so its
-    shapes never change and torch.compile compiles it once.
-    """
+    k, v: one (B, n_kv_head, max_len, head_dim) tensor per layer (a compiled step writes these in place; it would
+    copy a slice of one big tensor). For each slot it also keeps whether it is a real token (left padding is not),
+    its position id and its token id: a LongRoPE model that crosses its original context re-runs everything cached
+    with the long factors, as transformers' generate does (see PhiModel.forward). How many slots are filled lives in
+    a device tensor, `slot`: a decode step never reads it on the host, so torch.compile compiles it once."""
 
     def __init__(self, cfg: PhiConfig, batch_size: int, max_len: int, dtype=torch.float32, device="cpu"):
-        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.pos = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.ids = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
@@ -282,8 +281,8 @@ class KVCache:
     def append(self, ids, valid, pos, start: int):
         """Prompt: reserve slots start .. start+T-1 for tokens ids/valid/pos (B, T)."""
         T = ids.shape[1]
-        if start + T > self.k.shape[3]:
-            raise ValueError(f"KV cache full: {start} + {T} tokens > max_len {self.k.shape[3]}")
+        if start + T > self.ids.shape[1]:
+            raise ValueError(f"KV cache full: {start} + {T} tokens > max_len {self.ids.shape[1]}")
         s = slice(start, start + T)
         self.ids[:, s], self.valid[:, s], self.pos[:, s] = ids, valid, pos
         self.slot.fill_(start + T)
@@ -303,9 +302,9 @@ class KVCache:
         prompt (`at` an int) gets the filled slots; a decode token (`at` a (1,) tensor) gets all max_len slots, the
         unfilled ones hidden by its mask."""
         if isinstance(at, int):
-            self.k[layer, :, :, at:at + k.shape[2]] = k
-            self.v[layer, :, :, at:at + k.shape[2]] = v
-            return self.k[layer, :, :, :at + k.shape[2]], self.v[layer, :, :, :at + k.shape[2]]
+            self.k[layer][:, :, at:at + k.shape[2]] = k
+            self.v[layer][:, :, at:at + k.shape[2]] = v
+            return self.k[layer][:, :, :at + k.shape[2]], self.v[layer][:, :, :at + k.shape[2]]
         self.k[layer].index_copy_(2, at, k)
         self.v[layer].index_copy_(2, at, v)
         return self.k[layer], self.v[layer]
@@ -340,13 +339,37 @@ ACTIVATIONS = {"gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh, "gelu_fast
 _flash = None   # flash_attn.flash_attn_func once imported (see Phi.set_attention)
 
 
+def one_row_compiled(x) -> bool:     # a single row (batch-1 decoding) on the CPU inside torch.compile: see matvec
+    return x.device.type == "cpu" and x.numel() == x.shape[-1] and torch.compiler.is_compiling()
+
+
+def matvec(x, weight, scale=None):
+    """x (..., in), one row, @ weight (out, in).T as multiply-and-sum in fp32 (scale: int8 weights' (out,)). Inductor
+    compiles it into one pass over the weight at ~95% of the memory bandwidth (CPU GEMM with one row: about half), which
+    bounds batch-1 decoding. Rows > 4096 are cut in equal chunks (inductor sums longer ones with a slower cascade)."""
+    N, K = weight.shape
+    n = next((n for n in range(1, K + 1) if K % n == 0 and K // n <= 4096), 1)
+    y = (weight.float().view(N, n, K // n) * x.float().view(n, K // n)).sum(-1).sum(-1)   # (out,)
+    return (y if scale is None else y * scale.float()).to(x.dtype).view(*x.shape[:-1], -1)
+
+
+class Linear(nn.Linear):
+    """nn.Linear, with matvec for one row under torch.compile on the CPU (the compiled decode step)."""
+
+    def forward(self, x):
+        if not one_row_compiled(x):
+            return F.linear(x, self.weight, self.bias)
+        y = matvec(x, self.weight)
+        return y if self.bias is None else y + self.bias
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: PhiConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.sizes = [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim]
-        self.qkv = nn.Linear(cfg.hidden_size, sum(self.sizes), bias=cfg.bias)    # q, k, v in one matmul
-        self.out = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=cfg.bias)
+        self.qkv = Linear(cfg.hidden_size, sum(self.sizes), bias=cfg.bias)    # q, k, v in one matmul
+        self.out = Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=cfg.bias)
         if cfg.qk_layernorm:
             self.q_norm = nn.LayerNorm(self.head_dim, eps=cfg.norm_eps)
             self.k_norm = nn.LayerNorm(self.head_dim, eps=cfg.norm_eps)
@@ -392,8 +415,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: PhiConfig):
         super().__init__()
         # phi: fc1 -> gelu -> fc2.  phi3: fc1 holds [gate; up] (gate_up_proj), fc2 is down_proj.
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size * (2 if cfg.glu else 1), bias=cfg.bias)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.bias)
+        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size * (2 if cfg.glu else 1), bias=cfg.bias)
+        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.bias)
         if cfg.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act '{cfg.hidden_act}' is not supported (supported: {', '.join(ACTIVATIONS)})")
         self.act, self.glu = ACTIVATIONS[cfg.hidden_act], cfg.glu
@@ -813,8 +836,7 @@ class CheckpointFile:
 
 class Int8Linear(nn.Module):
     """A Linear whose weight is stored as int8 with one scale per output channel (symmetric: w ≈ q * scale, q in
-    -127..127). Decoding reads every weight once per token, so 1 byte per weight instead of 2 (bf16) or 4 (fp32)
-    is up to 2x or 4x faster. Activations stay in the model's dtype."""
+    -127..127): decoding reads 1 byte per weight instead of 2 (bf16) or 4 (fp32). Activations keep their dtype."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -826,12 +848,15 @@ class Int8Linear(nn.Module):
 
     def forward(self, x):
         rows = x.numel() // x.shape[-1]
-        if x.device.type == "cpu" and rows <= 8:
-            # decoding: PyTorch's CPU kernel multiplies by the int8 weights without expanding them (bf16 activations)
+        if one_row_compiled(x):
+            y = matvec(x, self.weight, self.scale)
+        elif x.device.type == "cpu" and rows <= 8 and x.shape[-1] % 16 == 0 and not torch.compiler.is_compiling():
+            # decoding: PyTorch's CPU kernel multiplies by the int8 weights without expanding them (bf16 activations;
+            # it crashes unless in_features % 16 == 0, true of every Phi)
             y = torch._weight_int8pack_mm(x.reshape(rows, -1).to(torch.bfloat16), self.weight, self.scale.to(torch.bfloat16))
             y = y.view(*x.shape[:-1], -1).to(x.dtype)
-        else:   # a prompt (compute bound) or another device: dequantize, then an ordinary matmul
-            y = F.linear(x, self.weight.to(x.dtype) * self.scale.to(x.dtype)[:, None])
+        else:   # a prompt, another device, or compiled (inductor turns this pattern into its bf16 int8 kernel)
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
         return y if self.bias is None else y + self.bias
 
 
@@ -855,7 +880,7 @@ class Phi(PhiModel):
 
     def __init__(self, cfg: PhiConfig):
         super().__init__(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.bias)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.bias)
         self.tie_weights()
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None, cache=None):

@@ -1261,6 +1261,36 @@ def test_compiled_decode_step_compiles_once_and_matches(tmp_path):
     assert err(got, full[:, 8:]) <= TOL
 
 
+def test_compiled_batch1_decode_streams_weights_and_matches(monkeypatch):
+    """Batch-1 decoding under torch.compile (inductor) multiplies by every weight as multiply-and-sum (phi.matvec):
+    the logits equal the full forward pass, for biased Linears, a row longer than 4096 (summed in 4 chunks of 2050)
+    and int8 weights. The caller's grad mode is left on: a compiled step run with grad enabled used to lose its
+    cache writes after the first token (decode_one_token runs under no_grad)."""
+    calls = []
+
+    def counted(x, weight, scale=None):
+        calls.append(tuple(weight.shape))
+        return matvec(x, weight, scale)
+    matvec = phi.matvec
+    monkeypatch.setattr(phi, "matvec", counted)
+    cfg = phi.PhiConfig(model_type="phi", vocab_size=96, hidden_size=64, intermediate_size=8200, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=4, head_dim=16, initializer_range=0.1)
+    torch.manual_seed(0)
+    model = phi.Phi.from_config(cfg).eval()
+    ids = ids_for(16, B=1)
+    for m in (model, phi.quantize_int8(phi.Phi.from_config(cfg).eval())):
+        torch._dynamo.reset()
+        step = torch.compile(generate.decode_one_token, fullgraph=True)
+        with torch.no_grad():
+            full = m(ids)
+        cache = phi.KVCache(cfg, 1, 16)
+        generate.prefill(m, ids[:, :10], None, cache)   # > 8 rows: int8 prefill in fp32, like the full forward
+        got = torch.stack([step(m, ids[:, t], cache) for t in range(10, 16)], 1)
+        assert (64, 8200) in calls                     # fc2: the chunked long row went through matvec
+        calls.clear()
+        assert record(f"compiled batch-1 decode vs full forward ({type(m.lm_head).__name__})", err(got, full[:, 10:])) <= TOL
+
+
 @pytest.mark.parametrize("name", ["phi-2", "phi3-4k", "phi4-mini"])
 def test_int8_logits_close_to_fp32(name, tmp_path):
     """Weight-only int8 (per-channel symmetric) on transformers' own random init: logits within 2% of fp32
