@@ -344,9 +344,9 @@ def one_row_compiled(x) -> bool:     # a single row (batch-1 decoding) on the CP
 
 
 def matvec(x, weight, scale=None):
-    """x (..., in), one row, @ weight (out, in).T as multiply-and-sum in fp32 (scale: int8 weights' (out,)). Inductor
-    compiles it into one pass over the weight at ~95% of the memory bandwidth (CPU GEMM with one row: about half), which
-    bounds batch-1 decoding. Rows > 4096 are cut in equal chunks (inductor sums longer ones with a slower cascade)."""
+    """x (..., in), one row, times weight (out, in).T as multiply-and-sum in fp32 (scale: int8's per-channel (out,)).
+    Inductor compiles it into one pass over the weight at ~95% of the memory bandwidth; CPU GEMM with one row reaches
+    about half: this bounds batch-1 decoding. Rows > 4096 are cut in equal chunks (inductor sums longer ones slower)."""
     N, K = weight.shape
     n = next((n for n in range(1, K + 1) if K % n == 0 and K // n <= 4096), 1)
     y = (weight.float().view(N, n, K // n) * x.float().view(n, K // n)).sum(-1).sum(-1)   # (out,)
