@@ -174,7 +174,7 @@ def bench_models(args):
 
 def ratios(rows, size, dtype):
     by = {r["impl"]: r for r in rows if r.get("size") == size and r.get("dtype") == dtype}
-    hf = {k: max((by[i][k] or 0) for i in ("hf-eager", "hf-sdpa") if i in by) if any(i in by for i in ("hf-eager", "hf-sdpa")) else 0
+    hf = {k: max(((by[i][k] or 0) for i in ("hf-eager", "hf-sdpa") if i in by), default=0)
           for k in ("prefill", "decode_b1", "decode_b8", "train")}
     for impl in (i for i in IMPLS if i.startswith("ours") and i in by):
         print(f"      {impl} / best transformers: " + ", ".join(
