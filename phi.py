@@ -381,9 +381,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         causal, mask = (True, None) if isinstance(mask, str) else (False, mask)
         q, k, v = self.qkv(x).split(self.sizes, dim=-1)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)      # (B, H, T, hd)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)   # (B, KV, T, hd)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)   # (B, KV, T, hd)
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H | KV | KV, T, hd)
         if self.qk_layernorm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -425,10 +423,8 @@ class MLP(nn.Module):
         h = self.fc1(x)
         if self.glu:
             gate, up = h.chunk(2, dim=-1)       # first half is the gate
-            h = up * self.act(gate)
-        else:
-            h = self.act(h)
-        return self.fc2(h)
+            return self.fc2(up * self.act(gate))
+        return self.fc2(self.act(h))
 
 
 class Block(nn.Module):
@@ -850,12 +846,14 @@ class Int8Linear(nn.Module):
         rows = x.numel() // x.shape[-1]
         if one_row_compiled(x):
             y = matvec(x, self.weight, self.scale)
-        elif x.device.type == "cpu" and rows <= 8 and x.shape[-1] % 16 == 0 and not torch.compiler.is_compiling():
-            # decoding: PyTorch's CPU kernel multiplies by the int8 weights without expanding them (bf16 activations;
-            # it crashes unless in_features % 16 == 0, true of every Phi)
-            y = torch._weight_int8pack_mm(x.reshape(rows, -1).to(torch.bfloat16), self.weight, self.scale.to(torch.bfloat16))
-            y = y.view(*x.shape[:-1], -1).to(x.dtype)
-        else:   # a prompt, another device, or compiled (inductor turns this pattern into its bf16 int8 kernel)
+        elif x.device.type == "cpu" and rows <= 8 and x.shape[-1] % 16 == 0:
+            # decoding: PyTorch's CPU kernel multiplies bf16 activations by the int8 weights without expanding them
+            # (it crashes unless in_features % 16 == 0, true of every Phi). Compiled (where it fails to lower): the
+            # same bf16 product with the weights expanded; expanding them to fp32 would move twice the bytes.
+            xb, s = x.reshape(rows, -1).to(torch.bfloat16), self.scale.to(torch.bfloat16)
+            y = (F.linear(xb, self.weight.to(torch.bfloat16)) * s if torch.compiler.is_compiling()
+                 else torch._weight_int8pack_mm(xb, self.weight, s)).view(*x.shape[:-1], -1).to(x.dtype)
+        else:   # a prompt, or another device
             y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
         return y if self.bias is None else y + self.bias
 

@@ -6,6 +6,7 @@ Run: python -m pytest -q
   version whose Phi-3 has the original "su" and "yarn" rotary classes; 4.43+ folds both into "longrope".
 """
 
+import copy
 import json
 import re
 import os
@@ -1289,6 +1290,28 @@ def test_compiled_batch1_decode_streams_weights_and_matches(monkeypatch):
         assert (64, 8200) in calls                     # fc2: the chunked long row went through matvec
         calls.clear()
         assert record(f"compiled batch-1 decode vs full forward ({type(m.lm_head).__name__})", err(got, full[:, 10:])) <= TOL
+
+
+def test_compiled_int8_decode_of_several_rows_matches_eager():
+    """int8 weights, compiled decode step with 3 rows (bf16 product with the weights expanded, where the eager step
+    calls PyTorch's int8 kernel): the same tokens' logits as the eager step, and within 2% of the fp32 model."""
+    cfg = phi.PhiConfig(model_type="phi", vocab_size=96, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=4, head_dim=16, initializer_range=0.1)
+    torch.manual_seed(0)
+    fp32 = phi.Phi.from_config(cfg).eval()
+    q = phi.quantize_int8(copy.deepcopy(fp32))
+    ids = ids_for(12, B=3)
+    torch._dynamo.reset()
+    steps = {"eager": generate.decode_one_token, "compiled": torch.compile(generate.decode_one_token, fullgraph=True)}
+    out = {}
+    for name, step in steps.items():
+        cache = phi.KVCache(cfg, 3, 12)
+        generate.prefill(q, ids[:, :8], None, cache)
+        out[name] = torch.stack([step(q, ids[:, t], cache) for t in range(8, 12)], 1)
+    with torch.no_grad():
+        want = fp32(ids)[:, 8:]
+    assert record("compiled vs eager int8 decode, 3 rows", err(out["compiled"], out["eager"])) <= 1e-2 * want.abs().max()
+    assert ((out["compiled"] - want).norm() / want.norm()).item() <= 0.02
 
 
 @pytest.mark.parametrize("name", ["phi-2", "phi3-4k", "phi4-mini"])
