@@ -339,8 +339,8 @@ ACTIVATIONS = {"gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh, "gelu_fast
 _flash = None   # flash_attn.flash_attn_func once imported (see Phi.set_attention)
 
 
-def one_row_compiled(x) -> bool:     # a single row (batch-1 decoding) on the CPU inside torch.compile: see matvec
-    return x.device.type == "cpu" and x.numel() == x.shape[-1] and torch.compiler.is_compiling()
+def one_row_compiled(x) -> bool:     # one row (batch-1 decoding) on the CPU inside torch.compile: see matvec
+    return torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.shape[-1]  # eager: 1 test
 
 
 def matvec(x, weight, scale=None):
