@@ -345,8 +345,8 @@ def one_row_compiled(x) -> bool:     # one row (batch-1 decoding) on the CPU ins
 
 def matvec(x, weight, scale=None):
     """x (..., in), one row, times weight (out, in).T as multiply-and-sum in fp32 (scale: int8's per-channel (out,)).
-    Inductor compiles it into one pass over the weight at ~95% of the memory bandwidth; CPU GEMM with one row reaches
-    about half: this bounds batch-1 decoding. Rows > 4096 are cut in equal chunks (inductor sums longer ones slower)."""
+    Inductor compiles it into one pass over the weight: ~90% of the memory bandwidth in fp32, ~80% in bf16 (widening
+    costs); CPU GEMM with one row reaches about half. Rows > 4096 are cut in equal chunks (inductor sums them faster)."""
     N, K = weight.shape
     n = next((n for n in range(1, K + 1) if K % n == 0 and K // n <= 4096), 1)
     y = (weight.float().view(N, n, K // n) * x.float().view(n, K // n)).sum(-1).sum(-1)   # (out,)
