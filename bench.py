@@ -203,7 +203,7 @@ def measure_row(size, dtype_name, impl, ckpt, device):
             if "int8" in impl:
                 phi.quantize_int8(model)
             if "compile" in impl:
-                generate.decode_one_token = torch.compile(generate.decode_one_token, fullgraph=True)
+                generate.decode_one_token = generate.compile_decode(device)
 
             def prefill():
                 generate.prefill(model, ids512, None, phi.KVCache(cfg, 1, 512, dtype=dtype, device=device))

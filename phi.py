@@ -275,6 +275,9 @@ class KVCache:
         self.ids = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.slot = torch.zeros((), dtype=torch.long, device=device)   # slots filled so far
         self.slots = torch.arange(max_len, device=device)              # (S,) slot indices, for the decode mask
+        if self.slot.is_cuda:    # fixed addresses: a decode step captured as a CUDA graph writes them in place
+            for t in self.k + self.v + [self.valid, self.pos, self.ids, self.slot, self.slots]:
+                torch._dynamo.mark_static_address(t, guard=False)    # guard=False: a new cache is no recompile
         self.padded = False      # some slot holds padding: attention needs an explicit mask
         self.long = False        # keys were rotated with LongRoPE's long factors
 
@@ -714,8 +717,7 @@ HF_LAYOUTS = {
         "layers.{i}.attn.q_norm": "model.layers.{i}.self_attn.q_layernorm",
         "layers.{i}.attn.k_norm": "model.layers.{i}.self_attn.k_layernorm",
         "layers.{i}.attn.out": "model.layers.{i}.self_attn.dense",
-        "layers.{i}.mlp.fc1": "model.layers.{i}.mlp.fc1",
-        "layers.{i}.mlp.fc2": "model.layers.{i}.mlp.fc2",
+        "layers.{i}.mlp.fc1": "model.layers.{i}.mlp.fc1", "layers.{i}.mlp.fc2": "model.layers.{i}.mlp.fc2",
         "norm": "model.final_layernorm",
     },
     "phi3": {                                  # Phi3ForCausalLM: Phi-3, Phi-3.5, Phi-4, Phi-4-mini
@@ -733,8 +735,7 @@ HF_LAYOUTS = {
         "layers.{i}.norm1": "transformer.h.{i}.ln",
         "layers.{i}.attn.qkv": "transformer.h.{i}.mixer.Wqkv",      # already [q; k; v]
         "layers.{i}.attn.out": "transformer.h.{i}.mixer.out_proj",
-        "layers.{i}.mlp.fc1": "transformer.h.{i}.mlp.fc1",
-        "layers.{i}.mlp.fc2": "transformer.h.{i}.mlp.fc2",
+        "layers.{i}.mlp.fc1": "transformer.h.{i}.mlp.fc1", "layers.{i}.mlp.fc2": "transformer.h.{i}.mlp.fc2",
         "norm": "lm_head.ln",
         "lm_head": "lm_head.linear",
     },
@@ -743,8 +744,7 @@ HF_LAYOUTS = {
         "layers.{i}.norm1": "layers.{j}.ln",
         "layers.{i}.attn.qkv": "layers.{j}.mixer.Wqkv",
         "layers.{i}.attn.out": "layers.{j}.mixer.out_proj",
-        "layers.{i}.mlp.fc1": "layers.{j}.mlp.fc1",
-        "layers.{i}.mlp.fc2": "layers.{j}.mlp.fc2",
+        "layers.{i}.mlp.fc1": "layers.{j}.mlp.fc1", "layers.{i}.mlp.fc2": "layers.{j}.mlp.fc2",
         "norm": "layers.{last}.ln",
         "lm_head": "layers.{last}.linear",
     },

@@ -1314,6 +1314,58 @@ def test_compiled_int8_decode_of_several_rows_matches_eager():
     assert ((out["compiled"] - want).norm() / want.norm()).item() <= 0.02
 
 
+def test_compiled_speed_report_leaves_out_the_first_step(monkeypatch, capsys):
+    """With --compile the tokens/s printed leave out the first decode step, where torch.compile compiles: here a
+    step that takes 1 s once, in a 2-row batch (whose first two steps produce 4 tokens)."""
+    import time
+    cfg = phi.PhiConfig(model_type="phi", vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=2, head_dim=16)
+    model, eager, calls = phi.Phi.from_config(cfg).eval(), generate.decode_one_token, []
+
+    def slow_first(*args):
+        calls.append(time.sleep(1.0) if not calls else None)
+        return eager(*args)
+    monkeypatch.setattr(generate, "decode_one_token", slow_first)
+    stats = {}
+    list(generate.generate_batch(model, [[5, 6, 7], [8]], 12, eos_ids=set(), stats=stats))
+    generate.report(stats, compiled=True)
+    m = re.search(r"generation: 24 tokens, ([\d.]+) tokens/s after the first step \(which compiles: (\d\.\d) s\)",
+                  capsys.readouterr().err)
+    assert m and float(m[2]) >= 1.0 and stats["first_tokens"] == 4
+    assert float(m[1]) > 10 * 24 / stats["decode_s"]     # without the first step: far above the naive rate
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run it where one is lent)")
+def test_cuda_forward_and_graph_decode_match(tmp_path):
+    """On CUDA: the fp32 forward equals the CPU one, and generate.compile_decode's step (torch.compile with CUDA
+    graphs) is captured (no cudagraph skip: the cache's tensors have fixed addresses), is not traced again for a
+    new cache, and equals the full forward pass (sliding window and GQA included)."""
+    from torch._dynamo.utils import counters
+    path = saved(hf_model("phi3-gqa-window"), tmp_path)
+    model, ids = phi.Phi.from_pretrained(path, device="cuda"), ids_for(24)
+    with torch.no_grad():
+        full = phi.Phi.from_pretrained(path)(ids)
+        assert record("cuda vs cpu forward", err(model(ids.cuda()).cpu(), full)) <= TOL
+    torch._dynamo.reset()
+    counters.clear()
+    step = generate.compile_decode("cuda")
+    for _ in range(2):
+        cache = phi.KVCache(model.config, 2, 24, device="cuda")
+        generate.prefill(model, ids[:, :8].cuda(), None, cache)
+        # .clone(): a graph's output is overwritten by its next replay
+        got = torch.stack([step(model, ids[:, t].cuda(), cache).clone() for t in range(8, 24)], 1)
+        assert record("cuda graph decode vs full forward", err(got.cpu(), full[:, 8:])) <= TOL
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["inductor"]["cudagraph_skips"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run it where one is lent)")
+def test_train_device_cuda_means_this_process_gpu(monkeypatch):
+    """`train.py --device cuda` (no index) trains on this process's GPU: torchrun's LOCAL_RANK, else cuda:0."""
+    import argparse
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert train.setup_distributed(argparse.Namespace(device="cuda"))[2] == torch.device("cuda", 0)
+
+
 @pytest.mark.parametrize("name", ["phi-2", "phi3-4k", "phi4-mini"])
 def test_int8_logits_close_to_fp32(name, tmp_path):
     """Weight-only int8 (per-channel symmetric) on transformers' own random init: logits within 2% of fp32

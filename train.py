@@ -316,7 +316,9 @@ def main(argv=None):
 def setup_distributed(args):
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:       # "cuda": this process's GPU (torchrun's LOCAL_RANK)
+        device = torch.device("cuda", local)
     if world > 1:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
