@@ -502,6 +502,9 @@ def decode_one_token(model, token, cache):
     return model(token[:, None], cache=cache)[:, -1]
 
 
+eager_decode_one_token = decode_one_token     # the plain step, kept when --compile rebinds decode_one_token
+
+
 def compile_decode(device):
     """decode_one_token under torch.compile: static shapes, so it is traced once for a whole generation (gpt-fast).
     On CUDA it is also captured as a CUDA graph (mode "reduce-overhead"): a token is one graph replay instead of
@@ -509,7 +512,7 @@ def compile_decode(device):
     tensors keep fixed addresses for it, see phi.KVCache). Measured on an H100, 1.4b bf16 batch 1: 204 tok/s
     compiled without graphs, 433 with them."""
     cuda = torch.device(device).type == "cuda"
-    return torch.compile(decode_one_token, fullgraph=True, mode="reduce-overhead" if cuda else None)
+    return torch.compile(eager_decode_one_token, fullgraph=True, mode="reduce-overhead" if cuda else None)
 
 
 def stop_ids(model, eos_ids=None) -> set:
@@ -557,7 +560,10 @@ def generate_batch(model, prompts, max_new_tokens=128, temperature=0.0, top_k=0,
                 break
             if repetition_penalty != 1.0:
                 seen = torch.cat((seen, token.clamp(min=0)[:, None]), 1)
-            logits = decode_one_token(model, token.clamp(min=0), cache)
+            # the compiled step traces phi's fixed-shape decode_step only: flash-attn, and a LongRoPE model that can
+            # still cross its original context in this cache, take the plain step (phi.PhiModel.can_decode_step)
+            step_fn = decode_one_token if model.can_decode_step(cache) else eager_decode_one_token
+            logits = step_fn(model, token.clamp(min=0), cache)
             if step == 0:                                # with --compile this first step also compiles
                 stats["first_step_s"] = time.perf_counter() - t0
             elif step == 1:                              # tokens the steps after it produce: new_tokens - this

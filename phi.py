@@ -374,8 +374,7 @@ class Attention(nn.Module):
         self.qkv = Linear(cfg.hidden_size, sum(self.sizes), bias=cfg.bias)    # q, k, v in one matmul
         self.out = Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=cfg.bias)
         if cfg.qk_layernorm:
-            self.q_norm = nn.LayerNorm(self.head_dim, eps=cfg.norm_eps)
-            self.k_norm = nn.LayerNorm(self.head_dim, eps=cfg.norm_eps)
+            self.q_norm, self.k_norm = [nn.LayerNorm(self.head_dim, eps=cfg.norm_eps) for _ in range(2)]
         self.qk_layernorm, self.window, self.dropout = cfg.qk_layernorm, cfg.sliding_window, cfg.attention_dropout
 
     def forward(self, x, cos, sin, mask, layer, cache=None, flash=False, at=0):
@@ -440,9 +439,7 @@ class Block(nn.Module):
 
     def __init__(self, cfg: PhiConfig):
         super().__init__()
-        self.norm1 = make_norm(cfg, cfg.hidden_size)
-        self.attn = Attention(cfg)
-        self.mlp = MLP(cfg)
+        self.norm1, self.attn, self.mlp = make_norm(cfg, cfg.hidden_size), Attention(cfg), MLP(cfg)
         self.parallel = cfg.parallel_block
         if not self.parallel:
             self.norm2 = make_norm(cfg, cfg.hidden_size)
@@ -513,8 +510,7 @@ class PhiModel(nn.Module):
         transformers forward would count the pads). With a KVCache, the tokens are appended to it.
         """
         B, T = input_ids.shape
-        if (cache is not None and T == 1 and attention_mask is None and position_ids is None
-                and self.attn_impl == "sdpa" and (self.rotary.inv_freq_long is None or cache.long)):
+        if cache is not None and T == 1 and attention_mask is None and position_ids is None and self.can_decode_step(cache):
             return self.decode_step(input_ids, cache)
         dev = input_ids.device
         valid = torch.ones(B, T, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
@@ -556,6 +552,12 @@ class PhiModel(nn.Module):
             mask = (allowed | (k_idx == q_idx))[:, None]   # a pad query sees itself: no empty softmax row (NaN)
         cos, sin = self.rotary(position_ids, self.embed.weight.dtype, long)
         return self.blocks(self.drop(self.embed(input_ids)), cos, sin, mask, cache, flash, start)
+
+    def can_decode_step(self, cache: KVCache) -> bool:
+        """Can a one-token decode on this cache take decode_step (what torch.compile traces)? Not with flash-attn, nor
+        while a LongRoPE model may cross its original context in it (no cache that short can: positions <= slots)."""
+        return self.attn_impl == "sdpa" and (self.rotary.inv_freq_long is None or cache.long
+                                             or cache.ids.shape[1] <= self.rotary.original)
 
     def decode_step(self, input_ids, cache: KVCache):
         """One new token per row, (B, 1) -> hidden states (B, 1, C), with shapes that do not depend on how full the
@@ -736,8 +738,7 @@ HF_LAYOUTS = {
         "layers.{i}.attn.qkv": "transformer.h.{i}.mixer.Wqkv",      # already [q; k; v]
         "layers.{i}.attn.out": "transformer.h.{i}.mixer.out_proj",
         "layers.{i}.mlp.fc1": "transformer.h.{i}.mlp.fc1", "layers.{i}.mlp.fc2": "transformer.h.{i}.mlp.fc2",
-        "norm": "lm_head.ln",
-        "lm_head": "lm_head.linear",
+        "norm": "lm_head.ln", "lm_head": "lm_head.linear",
     },
     "mixformer-sequential": {                  # Microsoft's remote code, 2023 (phi-1, first phi-1.5 and phi-2)
         "embed": "layers.0.wte",
@@ -745,8 +746,7 @@ HF_LAYOUTS = {
         "layers.{i}.attn.qkv": "layers.{j}.mixer.Wqkv",
         "layers.{i}.attn.out": "layers.{j}.mixer.out_proj",
         "layers.{i}.mlp.fc1": "layers.{j}.mlp.fc1", "layers.{i}.mlp.fc2": "layers.{j}.mlp.fc2",
-        "norm": "layers.{last}.ln",
-        "lm_head": "layers.{last}.linear",
+        "norm": "layers.{last}.ln", "lm_head": "layers.{last}.linear",
     },
 }
 LAYOUT_PROBES = {"phi-msft": "transformer.embd.wte.weight", "mixformer-sequential": "layers.0.wte.weight"}

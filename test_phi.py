@@ -1314,6 +1314,28 @@ def test_compiled_int8_decode_of_several_rows_matches_eager():
     assert ((out["compiled"] - want).norm() / want.norm()).item() <= 0.02
 
 
+@pytest.mark.parametrize("new_tokens", [20, 36])
+def test_compiled_generation_of_a_longrope_model(tmp_path, monkeypatch, new_tokens):
+    """`--compile` on a LongRoPE model (original context 32 here): a generation whose cache fits in the original
+    context (8 + 20 slots) runs the compiled step for every token; one that crosses it (8 + 36) runs the plain step
+    up to the crossing (which re-runs the cache with the long factors), the compiled one after it. Greedy tokens
+    equal eager generation's either way (this used to fail to compile)."""
+    import torch._dynamo.testing
+    model = phi.Phi.from_pretrained(saved(hf_model("phi4-mini"), tmp_path))
+    prompts = ids_for(8).tolist()
+    want = torch.stack(list(generate.generate_batch(model, prompts, new_tokens, eos_ids=set())))
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(generate.eager_decode_one_token, backend=counter, fullgraph=True)
+    calls = []
+    monkeypatch.setattr(generate, "decode_one_token", lambda *a: calls.append(1) or compiled(*a))
+    got = torch.stack(list(generate.generate_batch(model, prompts, new_tokens, eos_ids=set())))
+    assert torch.equal(got, want)
+    assert counter.frame_count == 1
+    # new_tokens - 1 decode calls; the one at step k feeds position 8 + k: steps up to 24 (position 32) are plain
+    assert len(calls) == (new_tokens - 1 if new_tokens == 20 else new_tokens - 1 - 25)
+
+
 def test_compiled_speed_report_leaves_out_the_first_step(monkeypatch, capsys):
     """With --compile the tokens/s printed leave out the first decode step, where torch.compile compiles: here a
     step that takes 1 s once, in a 2-row batch (whose first two steps produce 4 tokens)."""
