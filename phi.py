@@ -555,7 +555,7 @@ class PhiModel(nn.Module):
 
     def can_decode_step(self, cache: KVCache) -> bool:
         """Can a one-token decode on this cache take decode_step (what torch.compile traces)? Not with flash-attn, nor
-        while a LongRoPE model may cross its original context in it (no cache that short can: positions <= slots)."""
+        while a LongRoPE model can still cross its original context (a cache no longer than that never does)."""
         return self.attn_impl == "sdpa" and (self.rotary.inv_freq_long is None or cache.long
                                              or cache.ids.shape[1] <= self.rotary.original)
 
