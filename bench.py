@@ -201,7 +201,7 @@ def measure_row(size, dtype_name, impl, ckpt, device):
         if impl.startswith("ours"):
             model = phi.Phi.from_pretrained(ckpt, dtype=dtype, device=device)
             if "int8" in impl:
-                phi.quantize_int8(model)
+                generate.quantize_int8(model)
             if "compile" in impl:
                 generate.decode_one_token = generate.compile_decode(device)
 
@@ -296,10 +296,8 @@ def bench_int8_agreement(args):
     """Share of prompts whose greedy continuation with int8 weights equals the fp32 one, on a trained model
     (default out/model, what `python train.py` writes): prompts are line starts of the stdlib sources."""
     import torch
-
-    import phi
     model, tok = generate.load(args.model, dtype="float32")
-    q = phi.quantize_int8(generate.load(args.model, dtype="float32")[0])
+    q = generate.quantize_int8(generate.load(args.model, dtype="float32")[0])
     lines = [line for line in mixed_text(200_000).splitlines() if len(line.strip()) > 12][::37][:args.prompts]
     same = 0
     with torch.no_grad():

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import tiktoken
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import phi
 
@@ -421,7 +423,7 @@ def load(name_or_dir, dtype="auto", device=None, revision=None, attn="sdpa", qua
     dtype = resolve_dtype(dtype, phi.PhiConfig.from_hf(phi._read_json(d / "config.json")).torch_dtype, device)
     model = phi.Phi.from_pretrained(d, dtype=dtype, device=device, attn=attn)
     if quantize == "int8":
-        phi.quantize_int8(model)
+        quantize_int8(model)
     elif quantize is not None:
         raise ValueError(f"quantize '{quantize}' is unknown (int8 or none)")
     tok = load_tokenizer(d)
@@ -454,6 +456,47 @@ def eos_ids(d: Path, cfg, tok) -> set:
     for value in (gen.get("eos_token_id"), None if "eos_token_id" in gen else cfg.eos_token_id, tok.eos_id):
         ids.update(value if isinstance(value, list) else [] if value is None else [value])
     return ids
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Weight-only int8 (--quantize int8)
+
+
+class Int8Linear(nn.Module):
+    """A Linear whose weight is stored as int8 with one scale per output channel (symmetric: w ≈ q * scale, q in
+    -127..127): decoding reads 1 byte per weight instead of 2 (bf16) or 4 (fp32). Activations keep their dtype."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.register_buffer("weight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(linear.weight.dtype))
+        self.bias = linear.bias
+
+    def forward(self, x):
+        rows = x.numel() // x.shape[-1]
+        if phi.one_row_compiled(x):
+            y = phi.matvec(x, self.weight, self.scale)
+        elif x.device.type == "cpu" and rows <= 8 and x.shape[-1] % 16 == 0:
+            # decoding: PyTorch's CPU kernel multiplies bf16 activations by the int8 weights without expanding them
+            # (it crashes unless in_features % 16 == 0, true of every Phi). Compiled (where it fails to lower): the
+            # same bf16 product with the weights expanded; expanding them to fp32 would move twice the bytes.
+            xb, s = x.reshape(rows, -1).to(torch.bfloat16), self.scale.to(torch.bfloat16)
+            y = (F.linear(xb, self.weight.to(torch.bfloat16)) * s if torch.compiler.is_compiling()
+                 else torch._weight_int8pack_mm(xb, self.weight, s)).view(*x.shape[:-1], -1).to(x.dtype)
+        else:   # a prompt, or another device
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+def quantize_int8(model: nn.Module):
+    """Replace every Linear of the blocks and the lm_head by an Int8Linear, in place (for inference)."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.Linear) and name != "score":
+                setattr(module, name, Int8Linear(child))
+    return model
 
 
 # -----------------------------------------------------------------------------------------------------------------

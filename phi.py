@@ -356,14 +356,39 @@ def matvec(x, weight, scale=None):
     return (y if scale is None else y * scale.float()).to(x.dtype).view(*x.shape[:-1], -1)
 
 
+# fp32 matmuls on the CPU go to oneDNN (the library PyTorch already uses for bf16) instead of MKL, nn.Linear's: on
+# this AMD EPYC, MKL is 1.2x slower at 512 rows (a prompt), 1.5-2.7x at 1-8 rows (decoding). A custom op, so that
+# autograd and torch.compile see one opaque matmul; it costs ~20 us more per call, more than it saves below ~1M weights.
+@torch.library.custom_op("phi::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")     # x @ weight.T + bias
+
+
+def _onednn_linear_backward(ctx, dy):                               # dy (..., out)
+    x, weight = ctx.saved_tensors
+    dx = onednn_linear(dy, weight.t(), None) if ctx.needs_input_grad[0] else None
+    dy, x = dy.flatten(0, -2), x.flatten(0, -2)                     # the weight's gradient: MKL is as fast at it
+    return dx, dy.t() @ x if ctx.needs_input_grad[1] else None, dy.sum(0) if ctx.needs_input_grad[2] else None
+
+
+onednn_linear.register_fake(lambda x, weight, bias: x.new_empty(*x.shape[:-1], weight.shape[0]))
+onednn_linear.register_autograd(_onednn_linear_backward, setup_context=lambda ctx, inputs, output:
+                                ctx.save_for_backward(*inputs[:2]))
+ONEDNN_MIN_WEIGHTS = 2**20 if torch.backends.mkldnn.is_available() else math.inf   # math.inf: MKL always
+
+
 class Linear(nn.Linear):
-    """nn.Linear, with matvec for one row under torch.compile on the CPU (the compiled decode step)."""
+    """nn.Linear, with matvec for one row under torch.compile on the CPU (the compiled decode step), and oneDNN for
+    other fp32 products on the CPU."""
 
     def forward(self, x):
-        if not one_row_compiled(x):
-            return F.linear(x, self.weight, self.bias)
-        y = matvec(x, self.weight)
-        return y if self.bias is None else y + self.bias
+        if one_row_compiled(x):
+            y = matvec(x, self.weight)
+            return y if self.bias is None else y + self.bias
+        if (x.dtype == torch.float32 and x.device.type == "cpu" and self.weight.numel() >= ONEDNN_MIN_WEIGHTS
+                and not torch.is_autocast_enabled("cpu")):             # autocast: F.linear, which it runs in bf16
+            return onednn_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 class Attention(nn.Module):
@@ -669,7 +694,7 @@ class PhiModel(nn.Module):
         """Write config.json + model.safetensors (or model-0000i-of-0000n.safetensors + index above
         max_shard_size bytes) in the current Hugging Face layout, which transformers' from_pretrained loads."""
         from safetensors.torch import save_file
-        if any(isinstance(m, Int8Linear) for m in self.modules()):
+        if any(t.dtype == torch.int8 for t in self.state_dict().values()):   # generate.quantize_int8's
             raise ValueError("an int8-quantized model is not saved: save the original, quantize after loading")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -824,47 +849,6 @@ class CheckpointFile:
                 f.readinto(memoryview(buf)[:k])
                 chunk = torch.frombuffer(buf, dtype=dtype, count=k // dtype.itemsize)
                 dest.view(-1, *shape[1:])[r:r + k // row_bytes].copy_(chunk.view(-1, *shape[1:]))
-
-
-# -----------------------------------------------------------------------------------------------------------------
-# Weight-only int8
-
-
-class Int8Linear(nn.Module):
-    """A Linear whose weight is stored as int8 with one scale per output channel (symmetric: w ≈ q * scale, q in
-    -127..127): decoding reads 1 byte per weight instead of 2 (bf16) or 4 (fp32). Activations keep their dtype."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-        self.register_buffer("weight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale.to(linear.weight.dtype))
-        self.bias = linear.bias
-
-    def forward(self, x):
-        rows = x.numel() // x.shape[-1]
-        if one_row_compiled(x):
-            y = matvec(x, self.weight, self.scale)
-        elif x.device.type == "cpu" and rows <= 8 and x.shape[-1] % 16 == 0:
-            # decoding: PyTorch's CPU kernel multiplies bf16 activations by the int8 weights without expanding them
-            # (it crashes unless in_features % 16 == 0, true of every Phi). Compiled (where it fails to lower): the
-            # same bf16 product with the weights expanded; expanding them to fp32 would move twice the bytes.
-            xb, s = x.reshape(rows, -1).to(torch.bfloat16), self.scale.to(torch.bfloat16)
-            y = (F.linear(xb, self.weight.to(torch.bfloat16)) * s if torch.compiler.is_compiling()
-                 else torch._weight_int8pack_mm(xb, self.weight, s)).view(*x.shape[:-1], -1).to(x.dtype)
-        else:   # a prompt, or another device
-            y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
-        return y if self.bias is None else y + self.bias
-
-
-def quantize_int8(model: nn.Module):
-    """Replace every Linear of the blocks and the lm_head by an Int8Linear, in place (for inference)."""
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, nn.Linear) and name != "score":
-                setattr(module, name, Int8Linear(child))
-    return model
 
 
 # -----------------------------------------------------------------------------------------------------------------

@@ -1279,7 +1279,7 @@ def test_compiled_batch1_decode_streams_weights_and_matches(monkeypatch):
     torch.manual_seed(0)
     model = phi.Phi.from_config(cfg).eval()
     ids = ids_for(16, B=1)
-    for m in (model, phi.quantize_int8(phi.Phi.from_config(cfg).eval())):
+    for m in (model, generate.quantize_int8(phi.Phi.from_config(cfg).eval())):
         torch._dynamo.reset()
         step = torch.compile(generate.decode_one_token, fullgraph=True)
         with torch.no_grad():
@@ -1299,7 +1299,7 @@ def test_compiled_int8_decode_of_several_rows_matches_eager():
                         num_attention_heads=4, num_key_value_heads=4, head_dim=16, initializer_range=0.1)
     torch.manual_seed(0)
     fp32 = phi.Phi.from_config(cfg).eval()
-    q = phi.quantize_int8(copy.deepcopy(fp32))
+    q = generate.quantize_int8(copy.deepcopy(fp32))
     ids = ids_for(12, B=3)
     torch._dynamo.reset()
     steps = {"eager": generate.decode_one_token, "compiled": torch.compile(generate.decode_one_token, fullgraph=True)}
@@ -1400,17 +1400,17 @@ def test_int8_logits_close_to_fp32(name, tmp_path):
     ids = ids_for(48)
     with torch.no_grad():
         want = phi.Phi.from_pretrained(path)(ids)
-        q = phi.quantize_int8(phi.Phi.from_pretrained(path))
+        q = generate.quantize_int8(phi.Phi.from_pretrained(path))
         assert q.layers[0].attn.qkv.weight.dtype == torch.int8
         rel = ((q(ids) - want).norm() / want.norm()).item()
-        qb = phi.quantize_int8(phi.Phi.from_pretrained(path, dtype=torch.bfloat16))
+        qb = generate.quantize_int8(phi.Phi.from_pretrained(path, dtype=torch.bfloat16))
         rel_bf16 = ((qb(ids).float() - want).norm() / want.norm()).item()
     assert record(f"int8 logits relative error {name}", rel) < 0.02
     assert record(f"int8 (bf16) logits relative error {name}", rel_bf16) < 0.02
 
 
 def test_int8_cannot_be_saved_and_cli_runs(tmp_path, hub):
-    q = phi.quantize_int8(phi.Phi.from_pretrained(saved(hf_model("phi-1.5"), tmp_path)))
+    q = generate.quantize_int8(phi.Phi.from_pretrained(saved(hf_model("phi-1.5"), tmp_path)))
     with pytest.raises(ValueError, match="an int8-quantized model is not saved"):
         q.save_pretrained(tmp_path / "no")
     home, _ = hub
@@ -1426,3 +1426,46 @@ def test_train_stops_on_a_non_finite_loss(tmp_path):
     assert re.fullmatch(r"train.py: error: the loss is (nan|inf) at step \d+: stopping \(try a lower --lr, or bfloat16 "
                         r"instead of float16\); the last good checkpoint is kept", r.stderr.strip().splitlines()[-1])
     assert not (tmp_path / "out" / "model").exists()
+
+
+@pytest.mark.parametrize("name", ["phi-2", "phi4-mini"])
+def test_onednn_linears_match_transformers_in_forward_backward_and_compiled_decode(name, tmp_path, monkeypatch):
+    """fp32 Linears on the CPU from phi.ONEDNN_MIN_WEIGHTS weights on are oneDNN matmuls (a custom op with its own
+    backward). With that threshold at 0, every one is: logits, loss and every parameter's gradient equal
+    transformers' (phi4-mini: lm_head tied to the embedding), the compiled 3-row decode step equals the full forward,
+    and under bf16 autocast the Linears are left to autocast (bf16 out)."""
+    calls = []
+    op = phi.onednn_linear
+    monkeypatch.setattr(phi, "ONEDNN_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(phi, "onednn_linear", lambda *a: calls.append(a[1].shape) or op(*a))
+    ref = hf_model(name).train()
+    ours = phi.Phi.from_pretrained(saved(ref, tmp_path)).train()
+    ids = ids_for(12)
+    logits, loss = ours(ids, labels=ids)
+    n = 4 * ours.config.num_hidden_layers + 1                        # qkv, out, fc1, fc2 per layer, lm_head
+    assert len(calls) == n
+    loss.backward()                                                   # + each input's gradient
+    assert len(calls) == 2 * n
+    out = ref(ids, labels=ids)
+    out.loss.backward()
+    assert record(f"oneDNN logits {name}", err(logits, out.logits)) <= TOL
+    assert record(f"oneDNN loss {name}", abs(loss.item() - out.loss.item())) <= TOL
+    hf_params = dict(ref.named_parameters())
+    for our, srcs in ours.hf_names(ours.config.model_type).items():
+        want = torch.cat([hf_params[s].grad for s in srcs])
+        got = ours.get_parameter(our).grad
+        assert record(f"oneDNN gradients {name}", err(got, want)) <= TOL * max(1.0, want.abs().max().item()), our
+
+    ours.eval()
+    calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ours(ids).dtype == torch.bfloat16 and not calls
+    ids3 = ids_for(12, B=3)
+    torch._dynamo.reset()
+    step = torch.compile(generate.decode_one_token, fullgraph=True)
+    cache = phi.KVCache(ours.config, 3, 12)
+    generate.prefill(ours, ids3[:, :8], None, cache)
+    got = torch.stack([step(ours, ids3[:, t], cache) for t in range(8, 12)], 1)
+    with torch.no_grad():
+        assert record(f"oneDNN compiled 3-row decode {name}", err(got, ours(ids3)[:, 8:])) <= TOL
+    assert calls
