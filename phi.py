@@ -694,7 +694,7 @@ class PhiModel(nn.Module):
         """Write config.json + model.safetensors (or model-0000i-of-0000n.safetensors + index above
         max_shard_size bytes) in the current Hugging Face layout, which transformers' from_pretrained loads."""
         from safetensors.torch import save_file
-        if any(t.dtype == torch.int8 for t in self.state_dict().values()):   # generate.quantize_int8's
+        if any(t.dtype == torch.int8 for t in self.state_dict().values()):   # generate.quantize_int8 ran
             raise ValueError("an int8-quantized model is not saved: save the original, quantize after loading")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
