@@ -694,14 +694,14 @@ class PhiModel(nn.Module):
         """Write config.json + model.safetensors (or model-0000i-of-0000n.safetensors + index above
         max_shard_size bytes) in the current Hugging Face layout, which transformers' from_pretrained loads."""
         from safetensors.torch import save_file
-        if any(t.dtype == torch.int8 for t in self.state_dict().values()):   # generate.quantize_int8 ran
+        ours = self.state_dict()
+        if any(t.dtype == torch.int8 for t in ours.values()):          # generate.quantize_int8 ran
             raise ValueError("an int8-quantized model is not saved: save the original, quantize after loading")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         cfg = self.config.to_hf()
         cfg["architectures"] = [("Phi3" if self.config.model_type == "phi3" else "Phi") + type(self).hf_suffix]
         cfg["torch_dtype"] = str(self.embed.weight.dtype).removeprefix("torch.")
-        ours = self.state_dict()
         tensors = {}
         for our, srcs in self.hf_names(self.config.model_type).items():
             t = ours[our].detach().cpu()
