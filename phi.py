@@ -346,13 +346,27 @@ def one_row_compiled(x) -> bool:     # one row (batch-1 decoding) on the CPU ins
     return torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.shape[-1]  # eager: 1 test
 
 
+def bf16_halves(t):
+    """bf16 (..., 2m) -> its even and odd columns (..., m) as fp32. A bf16 is the top half of an fp32, so read as int32
+    pairs, one is the low half shifted up, the other the high half masked: one op per two numbers (.float(): two each).
+    Which is "even" depends on the byte order, but x and the weight agree, which is all matvec needs."""
+    i = t.view(torch.int32)
+    return (i << 16).view(torch.float32), (i & -65536).view(torch.float32)
+
+
 def matvec(x, weight, scale=None):
     """x (..., in), one row, times weight (out, in).T as multiply-and-sum in fp32 (scale: int8's per-channel (out,)).
-    Inductor compiles it into one pass over the weight: ~90% of the memory bandwidth in fp32, ~80% in bf16 (widening
-    costs); CPU GEMM with one row reaches about half. Rows > 4096 are cut in equal chunks (inductor sums them faster)."""
+    Inductor compiles it into one pass over the weight, at ~90% of the memory bandwidth; CPU GEMM with one row reaches
+    about half. Rows > 4096 are cut in equal chunks (inductor sums them faster). bf16 widens in int32 pairs (above):
+    widening one by one, the cores ran out of compute at ~35 GB/s of weights."""
     N, K = weight.shape
     n = next((n for n in range(1, K + 1) if K % n == 0 and K // n <= 4096), 1)
-    y = (weight.float().view(N, n, K // n) * x.float().view(n, K // n)).sum(-1).sum(-1)   # (out,)
+    w, xs = weight.view(N, n, K // n), x.reshape(n, K // n)
+    if weight.dtype == x.dtype == torch.bfloat16 and K % (2 * n) == 0:
+        (w0, w1), (x0, x1) = bf16_halves(w), bf16_halves(xs)
+        y = (w0 * x0 + w1 * x1).sum(-1).sum(-1)                      # (out,)
+    else:
+        y = (w.float() * xs.float()).sum(-1).sum(-1)
     return (y if scale is None else y * scale.float()).to(x.dtype).view(*x.shape[:-1], -1)
 
 

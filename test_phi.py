@@ -1292,6 +1292,54 @@ def test_compiled_batch1_decode_streams_weights_and_matches(monkeypatch):
         assert record(f"compiled batch-1 decode vs full forward ({type(m.lm_head).__name__})", err(got, full[:, 10:])) <= TOL
 
 
+def test_bf16_matvec_widens_in_int32_pairs_exactly(monkeypatch):
+    """bf16 weights and input: matvec widens them two at a time (phi.bf16_halves, bit operations on int32 pairs), eager
+    and compiled. Against fp32 products of the same bf16 numbers, the result is off by the final bf16 rounding only;
+    rows whose chunks have an odd length (4097 = 17 x 241, and 63) take the plain widening, with the same result."""
+    halves = []
+    bf16_halves = phi.bf16_halves
+    monkeypatch.setattr(phi, "bf16_halves", lambda t: halves.append(t.shape) or bf16_halves(t))
+    torch._dynamo.reset()
+    compiled = torch.compile(phi.matvec, fullgraph=True, dynamic=False)
+    g = torch.Generator().manual_seed(0)
+    for K, pairs in [(64, True), (8200, True), (4097, False), (63, False)]:
+        x, w = torch.randn(1, K, generator=g).bfloat16(), torch.randn(40, K, generator=g).bfloat16()
+        want = x.float() @ w.float().T                              # exact products of the bf16 numbers, fp32 sums
+        bound = (want.abs() * 2**-8 + 1e-5 * (x.float().abs() @ w.float().abs().T)).max().item()  # rounding; sums
+        for name, f in [("eager", phi.matvec), ("compiled", compiled)]:
+            halves.clear()
+            got = f(x, w)
+            assert got.dtype == torch.bfloat16 and got.shape == (1, 40)
+            assert record(f"bf16 matvec {name}, K={K} (max err / bf16 rounding bound)", err(got, want) / bound) <= 1
+            assert len(halves) == (2 if pairs else 0)      # compiled: traced anew for each shape (dynamic=False)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("model_type", ["phi", "phi3"])
+def test_compiled_batch1_decode_of_a_bf16_model_matches_eager(model_type):
+    """A bf16 model (parallel block with biases; Phi-3 block with GQA): the compiled batch-1 step, whose products go
+    through the int32-pair widening, gives the eager step's logits up to bf16 rounding (the eager step rounds every
+    op's output to bf16, inductor only what it stores). An error in the widening would be of the logits' own size."""
+    cfg = phi.PhiConfig(model_type=model_type, vocab_size=96, hidden_size=64, intermediate_size=192,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                        initializer_range=0.1, max_position_embeddings=64, original_max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = phi.Phi.from_config(cfg).eval().bfloat16()
+    ids = ids_for(14, B=1)
+    torch._dynamo.reset()
+    out = {}
+    for name, step in [("eager", generate.decode_one_token),
+                       ("compiled", torch.compile(generate.decode_one_token, fullgraph=True))]:
+        cache = phi.KVCache(cfg, 1, 14, dtype=torch.bfloat16)
+        with torch.no_grad():
+            generate.prefill(model, ids[:, :6], None, cache)
+            out[name] = torch.stack([step(model, ids[:, t], cache) for t in range(6, 14)], 1).float()
+    scale = out["eager"].abs().max().item()
+    assert record(f"compiled bf16 batch-1 decode vs eager ({model_type}), / max |logit|",
+                  err(out["compiled"], out["eager"]) / scale) <= 0.03
+    torch._dynamo.reset()
+
+
 def test_compiled_int8_decode_of_several_rows_matches_eager():
     """int8 weights, compiled decode step with 3 rows (bf16 product with the weights expanded, where the eager step
     calls PyTorch's int8 kernel): the same tokens' logits as the eager step, and within 2% of the fp32 model."""
