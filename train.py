@@ -521,6 +521,7 @@ def train(args):
                                     eos_ids={tok.eos_id})
             print("sample:\n" + tok.decode(prompt + list(ids)))
     if world > 1:
+        torch.distributed.barrier()        # the others wait for rank 0's save: one that tore down first once aborted
         torch.distributed.destroy_process_group()
 
 
