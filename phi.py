@@ -347,22 +347,24 @@ def one_row_compiled(x) -> bool:     # one row (batch-1 decoding) on the CPU ins
 
 
 def bf16_halves(t):
-    """bf16 (..., 2m) -> its even and odd columns (..., m) as fp32. A bf16 is the top half of an fp32, so read as int32
-    pairs, one is the low half shifted up, the other the high half masked: one op per two numbers (.float(): two each).
-    Which is "even" depends on the byte order, but x and the weight agree, which is all matvec needs."""
+    """bf16 (..., 2m) -> two fp32 (..., m) of alternate columns: a bf16 is an fp32's top half, so of an int32 pair one is
+    the low half shifted up, one the high half masked (one op per two numbers; .float() takes two each)."""
     i = t.view(torch.int32)
     return (i << 16).view(torch.float32), (i & -65536).view(torch.float32)
 
 
+PAIRS_MIN_WEIGHTS = 2**20     # matvec widens bf16 in pairs from this many weights on
+
+
 def matvec(x, weight, scale=None):
     """x (..., in), one row, times weight (out, in).T as multiply-and-sum in fp32 (scale: int8's per-channel (out,)).
-    Inductor compiles it into one pass over the weight, at ~90% of the memory bandwidth; CPU GEMM with one row reaches
-    about half. Rows > 4096 are cut in equal chunks (inductor sums them faster). bf16 widens in int32 pairs (above):
-    widening one by one, the cores ran out of compute at ~35 GB/s of weights."""
+    Inductor compiles it into one pass over the weight (CPU GEMM with one row reads at half the bandwidth); rows > 4096
+    in equal chunks (summed faster). bf16 from 1M weights widens in int32 pairs (one by one, 1.4b ran out of compute at
+    ~35 GB/s of weights); below, the pairs' two views, Python calls in inductor's wrapper, cost more than they save."""
     N, K = weight.shape
     n = next((n for n in range(1, K + 1) if K % n == 0 and K // n <= 4096), 1)
     w, xs = weight.view(N, n, K // n), x.reshape(n, K // n)
-    if weight.dtype == x.dtype == torch.bfloat16 and K % (2 * n) == 0:
+    if weight.dtype == x.dtype == torch.bfloat16 and K % (2 * n) == 0 and N * K >= PAIRS_MIN_WEIGHTS:
         (w0, w1), (x0, x1) = bf16_halves(w), bf16_halves(xs)
         y = (w0 * x0 + w1 * x1).sum(-1).sum(-1)                      # (out,)
     else:

@@ -1294,32 +1294,34 @@ def test_compiled_batch1_decode_streams_weights_and_matches(monkeypatch):
 
 def test_bf16_matvec_widens_in_int32_pairs_exactly(monkeypatch):
     """bf16 weights and input: matvec widens them two at a time (phi.bf16_halves, bit operations on int32 pairs), eager
-    and compiled. Against fp32 products of the same bf16 numbers, the result is off by the final bf16 rounding only;
-    rows whose chunks have an odd length (4097 = 17 x 241, and 63) take the plain widening, with the same result."""
+    and compiled, from phi.PAIRS_MIN_WEIGHTS weights on. Against fp32 products of the same bf16 numbers, the result is
+    off by the final bf16 rounding only; rows whose chunks have an odd length (4097 = 17 x 241, and 63) and smaller
+    weights take the plain widening, with the same result."""
     halves = []
     bf16_halves = phi.bf16_halves
     monkeypatch.setattr(phi, "bf16_halves", lambda t: halves.append(t.shape) or bf16_halves(t))
     torch._dynamo.reset()
     compiled = torch.compile(phi.matvec, fullgraph=True, dynamic=False)
     g = torch.Generator().manual_seed(0)
-    for K, pairs in [(64, True), (8200, True), (4097, False), (63, False)]:
-        x, w = torch.randn(1, K, generator=g).bfloat16(), torch.randn(40, K, generator=g).bfloat16()
+    for N, K, pairs in [(2**14, 64, True), (128, 8200, True), (40, 8200, False), (256, 4097, False), (40, 63, False)]:
+        x, w = torch.randn(1, K, generator=g).bfloat16(), torch.randn(N, K, generator=g).bfloat16()
         want = x.float() @ w.float().T                              # exact products of the bf16 numbers, fp32 sums
         bound = (want.abs() * 2**-8 + 1e-5 * (x.float().abs() @ w.float().abs().T)).max().item()  # rounding; sums
         for name, f in [("eager", phi.matvec), ("compiled", compiled)]:
             halves.clear()
             got = f(x, w)
-            assert got.dtype == torch.bfloat16 and got.shape == (1, 40)
-            assert record(f"bf16 matvec {name}, K={K} (max err / bf16 rounding bound)", err(got, want) / bound) <= 1
+            assert got.dtype == torch.bfloat16 and got.shape == (1, N)
+            assert record(f"bf16 matvec {name}, {N}x{K} (max err / bf16 rounding bound)", err(got, want) / bound) <= 1
             assert len(halves) == (2 if pairs else 0)      # compiled: traced anew for each shape (dynamic=False)
     torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("model_type", ["phi", "phi3"])
-def test_compiled_batch1_decode_of_a_bf16_model_matches_eager(model_type):
+def test_compiled_batch1_decode_of_a_bf16_model_matches_eager(model_type, monkeypatch):
     """A bf16 model (parallel block with biases; Phi-3 block with GQA): the compiled batch-1 step, whose products go
-    through the int32-pair widening, gives the eager step's logits up to bf16 rounding (the eager step rounds every
-    op's output to bf16, inductor only what it stores). An error in the widening would be of the logits' own size."""
+    through the int32-pair widening (threshold at 0 here), gives the eager step's logits up to bf16 rounding (the eager
+    step rounds every op's output to bf16, inductor only what it stores). A wrong widening would be of their size."""
+    monkeypatch.setattr(phi, "PAIRS_MIN_WEIGHTS", 0)
     cfg = phi.PhiConfig(model_type=model_type, vocab_size=96, hidden_size=64, intermediate_size=192,
                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                         initializer_range=0.1, max_position_embeddings=64, original_max_position_embeddings=64)
