@@ -1186,6 +1186,7 @@ def test_finetune_from_hub_format_checkpoint_and_classification_heads(tmp_path):
     """A random checkpoint written by transformers (+ the byte tokenizer) fine-tunes as a causal LM, and as a
     sequence classifier (>= 90% accuracy on a separable toy set) and a token classifier (loss goes down)."""
     ckpt = tmp_path / "hub-format"
+    torch.manual_seed(0)                             # the same checkpoint whichever tests ran before (CI saw one stall)
     ref = transformers.PhiForCausalLM(transformers.PhiConfig(**{k: v for k, v in TINY.items() if k != "model_type"},
                                                              pad_token_id=256, eos_token_id=256, bos_token_id=256))
     ref.save_pretrained(ckpt)
@@ -1206,7 +1207,7 @@ def test_finetune_from_hub_format_checkpoint_and_classification_heads(tmp_path):
                     tmp_path / "tag", "--max-steps", 40, "--eval-every", 20, "--eval-steps", 4, "--lr", "3e-3")
     assert tag.returncode == 0, tag.stderr
     val = [float(x) for x in re.findall(r"validation loss ([\d.]+)", tag.stderr)]
-    assert val[1] < val[0]
+    assert record("token-cls toy validation loss, step 40 / step 20", val[1] / val[0]) < 1, tag.stderr
 
 
 def test_train_bad_input_one_clear_error_nothing_overwritten(tmp_path):
@@ -1312,7 +1313,7 @@ def test_bf16_matvec_widens_in_int32_pairs_exactly(monkeypatch):
             got = f(x, w)
             assert got.dtype == torch.bfloat16 and got.shape == (1, N)
             assert record(f"bf16 matvec {name}, {N}x{K} (max err / bf16 rounding bound)", err(got, want) / bound) <= 1
-            assert len(halves) == (2 if pairs else 0)      # compiled: traced anew for each shape (dynamic=False)
+            assert len(halves) == (2 if pairs else 0)      # x and the weight; the compiled call counts too
     torch._dynamo.reset()
 
 
