@@ -101,6 +101,13 @@ def ids_for(T, B=2, vocab=96, seed=0):
     return torch.randint(3, vocab, (B, T), generator=g)
 
 
+def stepped_logits(model, step, ids, k, cache):
+    """Prefill ids[:, :k] into cache, then one decode step per later token: their logits (B, T - k, V). (.clone():
+    a CUDA graph's output is overwritten by its next replay.)"""
+    generate.prefill(model, ids[:, :k], None, cache)
+    return torch.stack([step(model, ids[:, t], cache).clone() for t in range(k, ids.shape[1])], 1)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Logit parity, KV cache, padding
 
@@ -1257,8 +1264,7 @@ def test_compiled_decode_step_compiles_once_and_matches(tmp_path):
     with torch.no_grad():
         full = model(ids)
         cache = phi.KVCache(model.config, 2, 24)
-        generate.prefill(model, ids[:, :8], None, cache)
-        got = torch.stack([step(model, ids[:, t], cache) for t in range(8, 24)], 1)
+        got = stepped_logits(model, step, ids, 8, cache)
     assert counter.frame_count == 1
     assert err(got, full[:, 8:]) <= TOL
 
@@ -1286,8 +1292,7 @@ def test_compiled_batch1_decode_streams_weights_and_matches(monkeypatch):
         with torch.no_grad():
             full = m(ids)
         cache = phi.KVCache(cfg, 1, 16)
-        generate.prefill(m, ids[:, :10], None, cache)   # > 8 rows: int8 prefill in fp32, like the full forward
-        got = torch.stack([step(m, ids[:, t], cache) for t in range(10, 16)], 1)
+        got = stepped_logits(m, step, ids, 10, cache)   # > 8 rows: int8 prefill in fp32, like the full forward
         assert (64, 8200) in calls                     # fc2: the chunked long row went through matvec
         calls.clear()
         assert record(f"compiled batch-1 decode vs full forward ({type(m.lm_head).__name__})", err(got, full[:, 10:])) <= TOL
@@ -1335,8 +1340,7 @@ def test_compiled_batch1_decode_of_a_bf16_model_matches_eager(model_type, monkey
                        ("compiled", torch.compile(generate.decode_one_token, fullgraph=True))]:
         cache = phi.KVCache(cfg, 1, 14, dtype=torch.bfloat16)
         with torch.no_grad():
-            generate.prefill(model, ids[:, :6], None, cache)
-            out[name] = torch.stack([step(model, ids[:, t], cache) for t in range(6, 14)], 1).float()
+            out[name] = stepped_logits(model, step, ids, 6, cache).float()
     scale = out["eager"].abs().max().item()
     assert record(f"compiled bf16 batch-1 decode vs eager ({model_type}), / max |logit|",
                   err(out["compiled"], out["eager"]) / scale) <= 0.03
@@ -1357,8 +1361,7 @@ def test_compiled_int8_decode_of_several_rows_matches_eager():
     out = {}
     for name, step in steps.items():
         cache = phi.KVCache(cfg, 3, 12)
-        generate.prefill(q, ids[:, :8], None, cache)
-        out[name] = torch.stack([step(q, ids[:, t], cache) for t in range(8, 12)], 1)
+        out[name] = stepped_logits(q, step, ids, 8, cache)
     with torch.no_grad():
         want = fp32(ids)[:, 8:]
     assert record("compiled vs eager int8 decode, 3 rows", err(out["compiled"], out["eager"])) <= 1e-2 * want.abs().max()
@@ -1425,9 +1428,7 @@ def test_cuda_forward_and_graph_decode_match(tmp_path):
     step = generate.compile_decode("cuda")
     for _ in range(2):
         cache = phi.KVCache(model.config, 2, 24, device="cuda")
-        generate.prefill(model, ids[:, :8].cuda(), None, cache)
-        # .clone(): a graph's output is overwritten by its next replay
-        got = torch.stack([step(model, ids[:, t].cuda(), cache).clone() for t in range(8, 24)], 1)
+        got = stepped_logits(model, step, ids.cuda(), 8, cache)
         assert record("cuda graph decode vs full forward", err(got.cpu(), full[:, 8:])) <= TOL
     assert counters["stats"]["unique_graphs"] == 1 and not counters["inductor"]["cudagraph_skips"]
 
@@ -1515,8 +1516,7 @@ def test_onednn_linears_match_transformers_in_forward_backward_and_compiled_deco
     torch._dynamo.reset()
     step = torch.compile(generate.decode_one_token, fullgraph=True)
     cache = phi.KVCache(ours.config, 3, 12)
-    generate.prefill(ours, ids3[:, :8], None, cache)
-    got = torch.stack([step(ours, ids3[:, t], cache) for t in range(8, 12)], 1)
+    got = stepped_logits(ours, step, ids3, 8, cache)
     with torch.no_grad():
         assert record(f"oneDNN compiled 3-row decode {name}", err(got, ours(ids3)[:, 8:])) <= TOL
     assert calls
