@@ -148,7 +148,8 @@ def token_files(files, tok, cache_dir: Path, block_size):
 
 def labelled_examples(files, tok, task, block_size, label_map):
     """seq-cls: {"text", "label"}; token-cls: {"tokens": [words], "labels": [one per word]} -> (ids, labels).
-    Token labels go to each word's first token (-100 on the rest, as transformers' examples do)."""
+    Token labels go to each word's first token (-100 on the rest, as transformers' examples do), skipping tokens that
+    are only the separating space: a causal model at a lone " " has not seen the word yet (byte tokenizers)."""
     out = []
     for f in files:
         for n, line in enumerate(open(f, encoding="utf-8"), 1):
@@ -166,8 +167,9 @@ def labelled_examples(files, tok, task, block_size, label_map):
                     for i, (word, lab) in enumerate(zip(ex["tokens"], ex["labels"])):
                         piece = tok.encode(("" if i == 0 else " ") + word, allowed_special=set())
                         lab = label_map.setdefault(lab, len(label_map)) if not isinstance(lab, int) else lab
-                        ids += piece
-                        labels += [lab] + [-100] * (len(piece) - 1)
+                        first = next((j for j, t in enumerate(piece) if tok.decode([t]).strip()), len(piece) - 1)
+                        ids += piece                     # (no text: the last token; an empty first word: none)
+                        labels += [-100] * first + [lab] * bool(piece) + [-100] * (len(piece) - first - 1)
                     ids, labels = ids[:block_size], labels[:block_size]
             except (json.JSONDecodeError, KeyError, TypeError):
                 fields = '"text" and "label"' if task == "seq-cls" else '"tokens" and "labels" of equal length'
