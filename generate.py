@@ -485,8 +485,8 @@ class Int8Linear(nn.Module):
             xb, s = x.reshape(rows, -1).to(torch.bfloat16), self.scale.to(torch.bfloat16)
             y = (F.linear(xb, self.weight.to(torch.bfloat16)) * s if torch.compiler.is_compiling()
                  else torch._weight_int8pack_mm(xb, self.weight, s)).view(*x.shape[:-1], -1).to(x.dtype)
-        else:   # a prompt, or another device
-            y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        else:   # a prompt, or another device: the weights expanded, multiplied as phi.Linear does (fp32: oneDNN)
+            y = phi.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
         return y if self.bias is None else y + self.bias
 
 

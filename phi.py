@@ -322,8 +322,7 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim, eps):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
 
     def forward(self, x):
         y = x.float()
@@ -393,18 +392,19 @@ onednn_linear.register_autograd(_onednn_linear_backward, setup_context=lambda ct
 ONEDNN_MIN_WEIGHTS = 2**20 if torch.backends.mkldnn.is_available() else math.inf   # math.inf: MKL always
 
 
+def linear(x, weight, bias=None):     # x @ weight.T + bias: oneDNN for fp32 on the CPU (autocast runs F.linear in bf16)
+    onednn = x.dtype == torch.float32 and x.device.type == "cpu" and weight.numel() >= ONEDNN_MIN_WEIGHTS
+    return (onednn_linear if onednn and not torch.is_autocast_enabled("cpu") else F.linear)(x, weight, bias)
+
+
 class Linear(nn.Linear):
-    """nn.Linear, with matvec for one row under torch.compile on the CPU (the compiled decode step), and oneDNN for
-    other fp32 products on the CPU."""
+    """nn.Linear, with matvec for one row in the compiled CPU decode step, and oneDNN for other fp32 CPU products."""
 
     def forward(self, x):
         if one_row_compiled(x):
             y = matvec(x, self.weight)
             return y if self.bias is None else y + self.bias
-        if (x.dtype == torch.float32 and x.device.type == "cpu" and self.weight.numel() >= ONEDNN_MIN_WEIGHTS
-                and not torch.is_autocast_enabled("cpu")):             # autocast: F.linear, which it runs in bf16
-            return onednn_linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class Attention(nn.Module):

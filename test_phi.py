@@ -1481,6 +1481,21 @@ def test_int8_logits_close_to_fp32(name, tmp_path):
     assert record(f"int8 (bf16) logits relative error {name}", rel_bf16) < 0.02
 
 
+def test_int8_prompt_multiplies_the_expanded_weights_as_phi_linear_does(tmp_path, monkeypatch):
+    """With fp32 activations on the CPU an int8 model's prompt expands each weight and takes phi.Linear's matmul:
+    oneDNN from phi.ONEDNN_MIN_WEIGHTS on (F.linear, MKL, is 1.2-1.4x slower at 512 rows), the same logits."""
+    q = generate.quantize_int8(phi.Phi.from_pretrained(saved(hf_model("phi-2"), tmp_path)))
+    ids, calls, op = ids_for(12), [], phi.onednn_linear
+    monkeypatch.setattr(phi, "onednn_linear", lambda *a: calls.append(a[1].dtype) or op(*a))
+    with torch.no_grad():
+        want = q(ids)                                                 # the tiny weights: all F.linear
+        assert not calls
+        monkeypatch.setattr(phi, "ONEDNN_MIN_WEIGHTS", 0)
+        got = q(ids)
+    assert calls == [torch.float32] * (4 * q.config.num_hidden_layers + 1)
+    assert record("int8 prompt, oneDNN vs F.linear logits", err(got, want)) <= TOL
+
+
 def test_int8_cannot_be_saved_and_cli_runs(tmp_path, hub):
     q = generate.quantize_int8(phi.Phi.from_pretrained(saved(hf_model("phi-1.5"), tmp_path)))
     with pytest.raises(ValueError, match="an int8-quantized model is not saved"):
