@@ -392,7 +392,7 @@ onednn_linear.register_autograd(_onednn_linear_backward, setup_context=lambda ct
 ONEDNN_MIN_WEIGHTS = 2**20 if torch.backends.mkldnn.is_available() else math.inf   # math.inf: MKL always
 
 
-def linear(x, weight, bias=None):     # x @ weight.T + bias: oneDNN for fp32 on the CPU (autocast runs F.linear in bf16)
+def linear(x, weight, bias=None):     # x @ weight.T + bias; oneDNN: fp32 on the CPU, not autocast (F.linear's bf16)
     onednn = x.dtype == torch.float32 and x.device.type == "cpu" and weight.numel() >= ONEDNN_MIN_WEIGHTS
     return (onednn_linear if onednn and not torch.is_autocast_enabled("cpu") else F.linear)(x, weight, bias)
 

@@ -149,7 +149,8 @@ def token_files(files, tok, cache_dir: Path, block_size):
 def labelled_examples(files, tok, task, block_size, label_map):
     """seq-cls: {"text", "label"}; token-cls: {"tokens": [words], "labels": [one per word]} -> (ids, labels).
     Token labels go to each word's first token (-100 on the rest, as transformers' examples do), skipping tokens that
-    are only the separating space: a causal model at a lone " " has not seen the word yet (byte tokenizers)."""
+    are only the separating space: a causal model at a lone " " has not seen the word yet (Phi-3's and Phi-4's
+    tokenizers split " 417" into " " + digits; a byte tokenizer splits every word)."""
     out = []
     for f in files:
         for n, line in enumerate(open(f, encoding="utf-8"), 1):
