@@ -1193,7 +1193,7 @@ def test_finetune_from_hub_format_checkpoint_and_classification_heads(tmp_path):
     """A random checkpoint written by transformers (+ the byte tokenizer) fine-tunes as a causal LM, and as a
     sequence classifier and a token classifier (each >= 90% accuracy on a separable toy set)."""
     ckpt = tmp_path / "hub-format"
-    torch.manual_seed(0)                             # the same checkpoint whichever tests ran before (CI saw one stall)
+    torch.manual_seed(0)                             # the same checkpoint whichever tests ran before
     ref = transformers.PhiForCausalLM(transformers.PhiConfig(**{k: v for k, v in TINY.items() if k != "model_type"},
                                                              pad_token_id=256, eos_token_id=256, bos_token_id=256))
     ref.save_pretrained(ckpt)

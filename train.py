@@ -168,9 +168,11 @@ def labelled_examples(files, tok, task, block_size, label_map):
                     for i, (word, lab) in enumerate(zip(ex["tokens"], ex["labels"])):
                         piece = tok.encode(("" if i == 0 else " ") + word, allowed_special=set())
                         lab = label_map.setdefault(lab, len(label_map)) if not isinstance(lab, int) else lab
-                        first = next((j for j, t in enumerate(piece) if tok.decode([t]).strip()), len(piece) - 1)
-                        ids += piece                     # (no text: the last token; an empty first word: none)
-                        labels += [-100] * first + [lab] * bool(piece) + [-100] * (len(piece) - first - 1)
+                        tags = [-100] * len(piece)
+                        if piece:                        # the first token with text, else the last one
+                            tags[next((j for j, t in enumerate(piece) if tok.decode([t]).strip()), -1)] = lab
+                        ids += piece
+                        labels += tags
                     ids, labels = ids[:block_size], labels[:block_size]
             except (json.JSONDecodeError, KeyError, TypeError):
                 fields = '"text" and "label"' if task == "seq-cls" else '"tokens" and "labels" of equal length'
