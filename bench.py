@@ -34,8 +34,10 @@ def mixed_text(n_bytes=1_000_000):
     """Code (the standard library's own sources) and prose in many scripts, with emoji and whitespace runs."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     code = "".join(p.read_text(errors="ignore") for p in sorted(stdlib.glob("*.py"))[:80])
-    prose = ("The quick brown fox jumps over the lazy dog. Привет, мир! Γειά σου κόσμε. 生活的真谛是什么？"
-             " 日本語のテキスト。 한국어 텍스트. مرحبا بالعالم. नमस्ते दुनिया। 🤗👍🏽 naïve café\n\n\t\t")
+    prose = (
+        "The quick brown fox jumps over the lazy dog. Привет, мир! Γειά σου κόσμε. 生活的真谛是什么？"
+        " 日本語のテキスト。 한국어 텍스트. مرحبا بالعالم. नमस्ते दुनिया। 🤗👍🏽 naïve café\n\n\t\t"
+    )
     text = code[: int(n_bytes * 0.7)] + prose * (n_bytes // len(prose.encode()))
     return text.encode()[:n_bytes].decode(errors="ignore")
 
@@ -51,11 +53,14 @@ def best_of(fn, repeat=3):
 
 def bench_tokenizers(args):
     import tokenizers
+
     text = mixed_text()
     mb = len(text.encode()) / 1e6
     rows = []
-    print(f"encode throughput on {mb:.2f} MB of mixed text (best of 3), {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores")
+    print(
+        f"encode throughput on {mb:.2f} MB of mixed text (best of 3), {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores"
+    )
     print(f"{'family':10} {'ours MB/s':>10} {'tokenizers MB/s':>16} {'speed-up':>9} {'tokens':>9}  same ids")
     for family in ("codegen", "phi3", "phi4", "phi4mini"):
         d = REF / "tokenizers" / family
@@ -63,11 +68,20 @@ def bench_tokenizers(args):
         ref = tokenizers.Tokenizer.from_file(str(d / "tokenizer.json"))
         t_ours, ids = best_of(lambda: ours.encode(text))
         t_ref, enc = best_of(lambda: ref.encode(text, add_special_tokens=False))
-        rows.append(dict(family=family, ours_mb_s=mb / t_ours, tokenizers_mb_s=mb / t_ref, tokens=len(ids),
-                         same_ids=ids == enc.ids))
+        rows.append(
+            dict(
+                family=family,
+                ours_mb_s=mb / t_ours,
+                tokenizers_mb_s=mb / t_ref,
+                tokens=len(ids),
+                same_ids=ids == enc.ids,
+            )
+        )
         r = rows[-1]
-        print(f"{family:10} {r['ours_mb_s']:10.2f} {r['tokenizers_mb_s']:16.2f} {t_ref / t_ours:8.1f}x "
-              f"{r['tokens']:9d}  {r['same_ids']}")
+        print(
+            f"{family:10} {r['ours_mb_s']:10.2f} {r['tokenizers_mb_s']:16.2f} {t_ref / t_ours:8.1f}x "
+            f"{r['tokens']:9d}  {r['same_ids']}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(dict(bench="tokenizers", mb=mb, rows=rows), indent=2))
 
@@ -75,10 +89,14 @@ def bench_tokenizers(args):
 # -----------------------------------------------------------------------------------------------------------------
 # Models
 
-SIZES = {   # phi-style (parallel block, partial rotary); 1.4b is phi-1.5's shape
+SIZES = {  # phi-style (parallel block, partial rotary); 1.4b is phi-1.5's shape
     "tiny": dict(vocab_size=1024, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8),
-    "160m": dict(vocab_size=51200, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
-    "1.4b": dict(vocab_size=51200, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32),
+    "160m": dict(
+        vocab_size=51200, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12
+    ),
+    "1.4b": dict(
+        vocab_size=51200, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32
+    ),
 }
 NEW_TOKENS = {"tiny": 200, "160m": 64, "1.4b": 16}
 
@@ -103,6 +121,7 @@ class Bandwidth:
 
     def __init__(self):
         import torch
+
         self.a = torch.ones(2**28)
 
     def __call__(self):
@@ -111,15 +130,36 @@ class Bandwidth:
 
 def decode_bytes(model):
     """Bytes read per decoded token: every weight but the embedding table (one row of it)."""
-    return sum(t.numel() * t.element_size() for n, t in list(model.named_parameters()) + list(model.named_buffers())
-               if not n.startswith(("embed.", "model.embed_tokens.")))
+    return sum(
+        t.numel() * t.element_size()
+        for n, t in list(model.named_parameters()) + list(model.named_buffers())
+        if not n.startswith(("embed.", "model.embed_tokens."))
+    )
 
 
 def model_config(size):
     import phi
+
     s = SIZES[size]
-    return phi.PhiConfig(model_type="phi", num_key_value_heads=s["num_attention_heads"], partial_rotary_factor=0.5,
-                         head_dim=s["hidden_size"] // s["num_attention_heads"], max_position_embeddings=2048, **s)
+    return phi.PhiConfig(
+        model_type="phi",
+        num_key_value_heads=s["num_attention_heads"],
+        partial_rotary_factor=0.5,
+        head_dim=s["hidden_size"] // s["num_attention_heads"],
+        max_position_embeddings=2048,
+        **s,
+    )
+
+
+def cpu_model() -> str:
+    """The CPU's model name, as lscpu shows it (every speed figure is stated beside it)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(
+                (line.split(":")[1].strip() for line in f if line.startswith("model name")), platform.processor()
+            )
+    except OSError:
+        return platform.processor()
 
 
 def bench_models(args):
@@ -130,55 +170,88 @@ def bench_models(args):
     import transformers
 
     import phi
+
     torch.manual_seed(0)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"transformers {transformers.__version__}, device {device}"
-          + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else f"; read bandwidth now {Bandwidth()():.1f} GB/s"))
-    head = (f"{'size':5} {'dtype':8} {'impl':17} {'prefill':>9} {'decode b1':>9} {'decode b8':>9} {'train':>8} "
-            f"{'peak MB':>8} {'b1 % bw':>7}")
+    print(
+        f"{cpu_model()} ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, transformers {transformers.__version__}, device {device}, "
+        f"CPU kernels {'on' if generate.CPU_KERNELS else 'off'} (generate.CPU_KERNELS)"
+        + (
+            f" ({torch.cuda.get_device_name()})"
+            if device == "cuda"
+            else f"; read bandwidth now {Bandwidth()():.1f} GB/s"
+        )
+    )
+    head = (
+        f"{'size':5} {'dtype':8} {'impl':17} {'prefill':>9} {'decode b1':>9} {'decode b8':>9} {'train':>8} "
+        f"{'peak MB':>8} {'b1 % bw':>7}"
+    )
     rows = []
     for size in args.sizes.split(","):
         cfg = model_config(size)
         ckpt = Path(tempfile.mkdtemp(prefix=f"phi-bench-{size}-"))
-        phi.Phi.from_config(cfg).save_pretrained(ckpt)                    # one set of random weights for all
-        print(f"\n{size}: {sum(p.numel() for p in phi.Phi.from_pretrained(ckpt).parameters()) / 1e6:.0f}M parameters; "
-              f"tokens/s; train: forward+backward+AdamW; b1 % bw: batch-1 decode x bytes read per token / read "
-              f"bandwidth measured beside it; peak MB: the row's process, over its RSS before loading")
+        phi.Phi.from_config(cfg).save_pretrained(ckpt)  # one set of random weights for all
+        print(
+            f"\n{size}: {sum(p.numel() for p in phi.Phi.from_pretrained(ckpt).parameters()) / 1e6:.0f}M parameters; "
+            f"tokens/s; train: forward+backward+AdamW; b1 % bw: batch-1 decode x bytes read per token / read "
+            f"bandwidth measured beside it; peak MB: the row's process, over its RSS before loading"
+        )
         print(head)
         for dtype_name in args.dtypes.split(","):
             for impl in args.impls.split(","):
                 if device != "cpu" and "int8" in impl:
-                    continue                                 # the int8 kernels here are CPU ones
+                    continue  # the int8 kernels here are CPU ones
                 # one process per row: its own peak memory, no compiled code or allocator state left by the last
-                r = subprocess.run([sys.executable, __file__, "_row", size, dtype_name, impl, str(ckpt), device],
-                                   capture_output=True, text=True)
+                r = subprocess.run(
+                    [sys.executable, __file__, "_row", size, dtype_name, impl, str(ckpt), device],
+                    capture_output=True,
+                    text=True,
+                )
                 if r.returncode != 0:
                     print(f"{size:5} {dtype_name:8} {impl:17} failed: {r.stderr.strip().splitlines()[-1:]}")
                     continue
                 row = dict(size=size, dtype=dtype_name, impl=impl, **json.loads(r.stdout.strip().splitlines()[-1]))
                 rows.append(row)
                 share = row["decode_b1_bandwidth_share"]
-                print(f"{size:5} {dtype_name:8} {impl:17} {row['prefill']:9.1f} {row['decode_b1']:9.1f} "
-                      f"{row['decode_b8']:9.1f} {row['train'] or float('nan'):8.0f} {row['peak_mb']:8.0f} "
-                      f"{'' if share is None else f'{share:7.0%}'}", flush=True)
+                print(
+                    f"{size:5} {dtype_name:8} {impl:17} {row['prefill']:9.1f} {row['decode_b1']:9.1f} "
+                    f"{row['decode_b8']:9.1f} {row['train'] or float('nan'):8.0f} {row['peak_mb']:8.0f} "
+                    f"{'' if share is None else f'{share:7.0%}'}",
+                    flush=True,
+                )
             ratios(rows, size, dtype_name)
         if size == "1.4b" and device == "cpu":
             rows.append(dict(size=size, load_peak_over_size=load_peak(ckpt)))
             print(f"loading the 1.4b checkpoint as bf16 peaks at {rows[-1]['load_peak_over_size']:.2f}x its size")
         shutil.rmtree(ckpt)
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(bench="models", machine=platform.machine(), device=device,
-                                                   cores=os.cpu_count(), rows=rows), indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                dict(
+                    bench="models",
+                    machine=platform.machine(),
+                    cpu=cpu_model(),
+                    device=device,
+                    cores=os.cpu_count(),
+                    rows=rows,
+                ),
+                indent=2,
+            )
+        )
 
 
 def ratios(rows, size, dtype):
     by = {r["impl"]: r for r in rows if r.get("size") == size and r.get("dtype") == dtype}
-    hf = {k: max(((by[i][k] or 0) for i in ("hf-eager", "hf-sdpa") if i in by), default=0)
-          for k in ("prefill", "decode_b1", "decode_b8", "train")}
+    hf = {
+        k: max(((by[i][k] or 0) for i in ("hf-eager", "hf-sdpa") if i in by), default=0)
+        for k in ("prefill", "decode_b1", "decode_b8", "train")
+    }
     for impl in (i for i in IMPLS if i.startswith("ours") and i in by):
-        print(f"      {impl} / best transformers: " + ", ".join(
-            f"{k} {by[impl][k] / hf[k]:.2f}x" for k in hf if by[impl][k] and hf[k]))
+        print(
+            f"      {impl} / best transformers: "
+            + ", ".join(f"{k} {by[impl][k] / hf[k]:.2f}x" for k in hf if by[impl][k] and hf[k])
+        )
 
 
 def measure_row(size, dtype_name, impl, ckpt, device):
@@ -188,6 +261,7 @@ def measure_row(size, dtype_name, impl, ckpt, device):
     import transformers
 
     import phi
+
     cfg, dtype = model_config(size), getattr(torch, dtype_name)
     bandwidth = Bandwidth() if device == "cpu" else None
     torch.manual_seed(0)
@@ -199,7 +273,7 @@ def measure_row(size, dtype_name, impl, ckpt, device):
     out = {}
     with torch.no_grad():
         if impl.startswith("ours"):
-            model = phi.Phi.from_pretrained(ckpt, dtype=dtype, device=device)
+            model = generate.speed_up(phi.Phi.from_pretrained(ckpt, dtype=dtype, device=device))  # CPU kernels
             if "int8" in impl:
                 generate.quantize_int8(model)
             if "compile" in impl:
@@ -224,25 +298,34 @@ def measure_row(size, dtype_name, impl, ckpt, device):
                     stamps.append(time.perf_counter())
                     return scores
 
-            def prefill():        # logits of the last position only, as transformers' generate asks for them
+            def prefill():  # logits of the last position only, as transformers' generate asks for them
                 model(ids512, use_cache=True, logits_to_keep=1)
                 sync()
 
             def decode(B, k):
                 stamps.clear()
                 x = torch.tensor([prompt] * B, device=device)
-                model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=k, min_new_tokens=k,
-                               do_sample=False, pad_token_id=0, logits_processor=transformers.LogitsProcessorList([Stamp()]))
+                model.generate(
+                    x,
+                    attention_mask=torch.ones_like(x),
+                    max_new_tokens=k,
+                    min_new_tokens=k,
+                    do_sample=False,
+                    pad_token_id=0,
+                    logits_processor=transformers.LogitsProcessorList([Stamp()]),
+                )
                 return (len(stamps) - 1) * B / (stamps[-1] - stamps[0])
-        for B in (1, 8):                                      # warm-up (and compile) once each
+
+        for B in (1, 8):  # warm-up (and compile) once each
             decode(B, n if "compile" in impl else 4)
         out["prefill"] = 512 / min(timed(prefill) for _ in range(2 if size == "1.4b" else 5))
         before = bandwidth() if bandwidth else None
         out["decode_b1"] = decode(1, n)
         after = bandwidth() if bandwidth else None
         out["decode_b8"] = decode(8, n)
-        out["decode_b1_bandwidth_share"] = (decode_bytes(model) * out["decode_b1"] / (max(before, after) * 1e9)
-                                            if bandwidth else None)
+        out["decode_b1_bandwidth_share"] = (
+            decode_bytes(model) * out["decode_b1"] / (max(before, after) * 1e9) if bandwidth else None
+        )
         out["bandwidth_gbs"] = [before, after]
     out["train"] = None
     if size != "1.4b" and impl in ("ours", "hf-eager", "hf-sdpa"):
@@ -259,6 +342,7 @@ def train_step(model, dtype, cfg, hf, device="cpu"):
     import torch.nn.functional as F
 
     import train
+
     if not hf and device == "cpu":
         train.keep_freed_memory()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -274,6 +358,7 @@ def train_step(model, dtype, cfg, hf, device="cpu"):
         opt.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
+
     step()
     return 4 * 256 / min(timed(step) for _ in range(3))
 
@@ -281,14 +366,21 @@ def train_step(model, dtype, cfg, hf, device="cpu"):
 def load_peak(ckpt):
     """Peak RSS growth of a fresh process loading the checkpoint as bf16, over the size of the bf16 weights."""
     import subprocess
-    script = ("import sys, torch, phi\n"
-              "with torch.device('meta'): phi.Phi(phi.PhiConfig(num_hidden_layers=1))\n"
-              "rss = lambda k: int(next(l for l in open('/proc/self/status') if l.startswith(k)).split()[1]) * 1024\n"
-              "before = rss('VmRSS')\n"
-              "m = phi.Phi.from_pretrained(sys.argv[1], dtype=torch.bfloat16)\n"
-              "print((rss('VmHWM') - before) / sum(p.numel() * p.element_size() for p in m.parameters()))\n")
-    r = subprocess.run([sys.executable, "-c", script, str(ckpt)], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent)})
+
+    script = (
+        "import sys, torch, phi\n"
+        "with torch.device('meta'): phi.Phi(phi.PhiConfig(num_hidden_layers=1))\n"
+        "rss = lambda k: int(next(l for l in open('/proc/self/status') if l.startswith(k)).split()[1]) * 1024\n"
+        "before = rss('VmRSS')\n"
+        "m = phi.Phi.from_pretrained(sys.argv[1], dtype=torch.bfloat16)\n"
+        "print((rss('VmHWM') - before) / sum(p.numel() * p.element_size() for p in m.parameters()))\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", script, str(ckpt)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent)},
+    )
     return float(r.stdout.strip()) if r.returncode == 0 else float("nan")
 
 
@@ -296,22 +388,25 @@ def bench_int8_agreement(args):
     """Share of prompts whose greedy continuation with int8 weights equals the fp32 one, on a trained model
     (default out/model, what `python train.py` writes): prompts are line starts of the stdlib sources."""
     import torch
+
     model, tok = generate.load(args.model, dtype="float32")
     q = generate.quantize_int8(generate.load(args.model, dtype="float32")[0])
-    lines = [line for line in mixed_text(200_000).splitlines() if len(line.strip()) > 12][::37][:args.prompts]
+    lines = [line for line in mixed_text(200_000).splitlines() if len(line.strip()) > 12][::37][: args.prompts]
     same = 0
     with torch.no_grad():
         for line in lines:
-            prompt = tok.encode(line[:len(line) // 2])
+            prompt = tok.encode(line[: len(line) // 2])
             a = list(generate.generate(model, prompt, args.new_tokens, temperature=0, eos_ids=set()))
             b = list(generate.generate(q, prompt, args.new_tokens, temperature=0, eos_ids=set()))
             same += a == b
-    print(f"int8 vs fp32 greedy continuations ({args.new_tokens} tokens) identical on {same} of {len(lines)} prompts "
-          f"({same / len(lines):.0%}), model {args.model}")
+    print(
+        f"int8 vs fp32 greedy continuations ({args.new_tokens} tokens) identical on {same} of {len(lines)} prompts "
+        f"({same / len(lines):.0%}), model {args.model}"
+    )
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["_row"]:                        # bench_models runs each row as: bench.py _row SIZE DTYPE IMPL CKPT DEVICE
+    if sys.argv[1:2] == ["_row"]:  # bench_models runs each row as: bench.py _row SIZE DTYPE IMPL CKPT DEVICE
         sys.exit(measure_row(*sys.argv[2:]))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["models", "tokenizers", "int8-agreement"])

@@ -11,6 +11,8 @@ No `tokenizers`, `sentencepiece` or `transformers` at run time; the tests compar
 
 import argparse
 import json
+import math
+import os
 import re
 import struct
 import sys
@@ -24,15 +26,28 @@ import torch.nn.functional as F
 
 import phi
 
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "tokenizer_module.json", "*.tiktoken"]
+TOKENIZER_FILES = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "tokenizer_module.json",
+    "*.tiktoken",
+]
 
 # Unicode White_Space: what the reference (Rust's char::is_whitespace) strips next to lstrip/rstrip added tokens.
 # (Python's str.isspace also counts \x1c-\x1f, which Rust does not.)
-WHITESPACE = set("\t\n\x0b\x0c\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000") | {chr(c) for c in range(0x2000, 0x200B)}
+WHITESPACE = set("\t\n\x0b\x0c\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000") | {
+    chr(c) for c in range(0x2000, 0x200B)
+}
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-CL100K_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$"""
-                  r"""|\s*[\r\n]|\s+(?!\S)|\s""")
+CL100K_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$"""
+    r"""|\s*[\r\n]|\s+(?!\S)|\s"""
+)
 # SentencePiece pieces never hold "▁" after another character, so a run of "▁" plus the word after it is a unit
 # that no merge crosses: splitting there keeps tiktoken's pieces short without changing the result.
 SP_PATTERN = "\u2581*[^\u2581]+|\u2581+"
@@ -57,11 +72,13 @@ class Tokenizer:
     def __init__(self, ranks, pattern, added, decode_table, table=None, sentencepiece=False, config=None):
         self.enc = tiktoken.Encoding("phi", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
         self.table, self.sentencepiece = table, sentencepiece
-        self.added = added                                  # content -> dict(id, special, lstrip, rstrip)
-        self.decode_table = decode_table                    # id -> bytes
+        self.added = added  # content -> dict(id, special, lstrip, rstrip)
+        self.decode_table = decode_table  # id -> bytes
         self.special_ids = {a["id"] for a in added.values() if a["special"]}
         config = config or {}
-        self.bos_id, self.eos_id, self.pad_id = (self.token_id(config.get(k)) for k in ("bos_token", "eos_token", "pad_token"))
+        self.bos_id, self.eos_id, self.pad_id = (
+            self.token_id(config.get(k)) for k in ("bos_token", "eos_token", "pad_token")
+        )
         self.add_bos = bool(config.get("add_bos_token", False))
         self.chat_template = config.get("chat_template")
         self._splitters = {}
@@ -100,10 +117,10 @@ class Tokenizer:
         m = splitter.search(text) if splitter else None
         while m:
             a, start, end = self.added[m.group()], m.start(), m.end()
-            if a["lstrip"]:                       # the token swallows the whitespace before it...
+            if a["lstrip"]:  # the token swallows the whitespace before it...
                 while start > pos and text[start - 1] in WHITESPACE:
                     start -= 1
-            if a["rstrip"]:                       # ...or after it
+            if a["rstrip"]:  # ...or after it
                 while end < len(text) and text[end] in WHITESPACE:
                     end += 1
             ids += self._encode_text(text[pos:start])
@@ -114,8 +131,10 @@ class Tokenizer:
 
     def decode(self, ids, skip_special=False) -> str:
         """Text of ids (invalid UTF-8, e.g. half a character, becomes U+FFFD)."""
-        n = len(self.decode_table)            # ids past the tokenizer (the model's padded vocab) decode to nothing
-        text = b"".join(self.decode_table[i] if i < n else b"" for i in ids if not (skip_special and i in self.special_ids))
+        n = len(self.decode_table)  # ids past the tokenizer (the model's padded vocab) decode to nothing
+        text = b"".join(
+            self.decode_table[i] if i < n else b"" for i in ids if not (skip_special and i in self.special_ids)
+        )
         text = text.decode("utf-8", errors="replace")
         # SentencePiece: the dummy prefix of the first piece is not text (the reference's Strip decoder)
         return text[1:] if self.sentencepiece and text.startswith(" ") else text
@@ -137,12 +156,12 @@ class StreamDecoder:
 
     def push(self, token_id) -> str:
         self.ids.append(token_id)
-        before = self.tok.decode(self.ids[self.prefix:self.read])
-        now = self.tok.decode(self.ids[self.prefix:])
+        before = self.tok.decode(self.ids[self.prefix : self.read])
+        now = self.tok.decode(self.ids[self.prefix :])
         if len(now) <= len(before) or now.endswith("\ufffd"):
-            return ""                                     # wait: the character is not complete yet
+            return ""  # wait: the character is not complete yet
         self.prefix, self.read = self.read, len(self.ids)
-        return now[len(before):]
+        return now[len(before) :]
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -162,19 +181,27 @@ def _added_tokens(d: Path, tj):
     if tj is not None:
         entries = tj.get("added_tokens", [])
     elif (d / "tokenizer_config.json").exists() and "added_tokens_decoder" in _read_json(d / "tokenizer_config.json"):
-        entries = [dict(v, id=int(k)) for k, v in _read_json(d / "tokenizer_config.json")["added_tokens_decoder"].items()]
+        entries = [
+            dict(v, id=int(k)) for k, v in _read_json(d / "tokenizer_config.json")["added_tokens_decoder"].items()
+        ]
     elif (d / "tokenizer_module.json").exists():
         entries = _read_json(d / "tokenizer_module.json").get("added_tokens", [])
     else:
         specials = set()
         if (d / "special_tokens_map.json").exists():
             for v in _read_json(d / "special_tokens_map.json").values():
-                specials.update(x.get("content") if isinstance(x, dict) else x for x in (v if isinstance(v, list) else [v]))
+                specials.update(
+                    x.get("content") if isinstance(x, dict) else x for x in (v if isinstance(v, list) else [v])
+                )
         added = _read_json(d / "added_tokens.json") if (d / "added_tokens.json").exists() else {}
         entries = [dict(content=c, id=i, special=c in specials) for c, i in added.items()]
         entries += [dict(content=c, id=None, special=True) for c in specials if c not in added]
-    return {e["content"]: dict(id=e["id"], special=bool(e.get("special", True)), lstrip=bool(e.get("lstrip")),
-                               rstrip=bool(e.get("rstrip"))) for e in entries}
+    return {
+        e["content"]: dict(
+            id=e["id"], special=bool(e.get("special", True)), lstrip=bool(e.get("lstrip")), rstrip=bool(e.get("rstrip"))
+        )
+        for e in entries
+    }
 
 
 def _bytelevel(vocab: dict, added, pattern, config):
@@ -188,7 +215,7 @@ def _bytelevel(vocab: dict, added, pattern, config):
             except KeyError:
                 raise ValueError(f"vocabulary token {token!r} (id {i}) is not byte-level BPE") from None
     for content, a in added.items():
-        if a["id"] is None:                               # named only in special_tokens_map: id from the vocab
+        if a["id"] is None:  # named only in special_tokens_map: id from the vocab
             a["id"] = vocab[content]
     decode = _decode_table({i: b for b, i in ranks.items()}, added)
     return Tokenizer(ranks, pattern, added, decode, config=config)
@@ -227,8 +254,10 @@ def _sentencepiece(vocab: dict, merge_order: list, added, config):
             add(cb[:k], [vocab[c]] if k == len(cb) else [fallback[b] for b in cb[:k]])
     for piece in merge_order:
         add(piece.encode(), [vocab[piece]])
-    decode = {i: (bytes([int(p[3:5], 16)]) if re.fullmatch(r"<0x[0-9A-F]{2}>", p) else p.replace("\u2581", " ").encode())
-              for p, i in vocab.items()}
+    decode = {
+        i: (bytes([int(p[3:5], 16)]) if re.fullmatch(r"<0x[0-9A-F]{2}>", p) else p.replace("\u2581", " ").encode())
+        for p, i in vocab.items()
+    }
     return Tokenizer(ranks, SP_PATTERN, added, _decode_table(decode, added), table, sentencepiece=True, config=config)
 
 
@@ -245,12 +274,12 @@ def _read_sentencepiece_model(path: Path):
             if kind == 0:
                 value, pos = _varint(buf, pos)
             elif kind == 1:
-                value, pos = buf[pos:pos + 8], pos + 8
+                value, pos = buf[pos : pos + 8], pos + 8
             elif kind == 2:
                 n, pos = _varint(buf, pos)
-                value, pos = buf[pos:pos + n], pos + n
+                value, pos = buf[pos : pos + n], pos + n
             elif kind == 5:
-                value, pos = buf[pos:pos + 4], pos + 4
+                value, pos = buf[pos : pos + 4], pos + 4
             else:
                 raise ValueError(f"{path}: not a SentencePiece model (protobuf wire type {kind})")
             yield key >> 3, value
@@ -262,9 +291,11 @@ def _read_sentencepiece_model(path: Path):
             pieces.append((p[1].decode(), struct.unpack("<f", p.get(2, b"\0\0\0\0"))[0], p.get(3, 1)))
         elif field == 3:
             spec = dict(fields(value))
-            if spec.get(4, 1) or spec.get(1, b"identity") not in (b"identity",):   # remove_extra_whitespaces, name
-                raise ValueError(f"{path}: SentencePiece normalizer {spec.get(1)} / remove_extra_whitespaces is not "
-                                 f"supported (only the identity normalizer Llama and Phi-3 use)")
+            if spec.get(4, 1) or spec.get(1, b"identity") not in (b"identity",):  # remove_extra_whitespaces, name
+                raise ValueError(
+                    f"{path}: SentencePiece normalizer {spec.get(1)} / remove_extra_whitespaces is not "
+                    f"supported (only the identity normalizer Llama and Phi-3 use)"
+                )
     return pieces
 
 
@@ -294,11 +325,11 @@ def load_tokenizer(name_or_dir, revision=None) -> Tokenizer:
         model = tj.get("model", {})
         if model.get("type") != "BPE":
             raise ValueError(f"{d / 'tokenizer.json'}: model type {model.get('type')!r} is not supported (BPE only)")
-        if model.get("byte_fallback"):                   # SentencePiece converted to BPE (Phi-3)
+        if model.get("byte_fallback"):  # SentencePiece converted to BPE (Phi-3)
             order = {}
             for m in model["merges"]:
                 a, b = m.split(" ", 1) if isinstance(m, str) else m
-                order.setdefault(a + b, len(order))       # priority = first merge that makes the piece
+                order.setdefault(a + b, len(order))  # priority = first merge that makes the piece
             return _sentencepiece(model["vocab"], list(order), added, config)
         return _bytelevel(model["vocab"], added, _split_pattern(tj, d), config)
     if (d / "vocab.json").exists() and (d / "merges.txt").exists():
@@ -308,19 +339,23 @@ def load_tokenizer(name_or_dir, revision=None) -> Tokenizer:
         vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
         # SentencePiece merges by score: the higher a piece's score, the earlier it forms (NORMAL pieces, type 1);
         # ties (all the "▁▁…" whitespace pieces score -1e9) go by id, as in the merges of the converted tokenizer.json
-        order = [pieces[i][0] for _, i in sorted((-s, i) for i, (p, s, t) in enumerate(pieces) if t == 1 and len(p) > 1)]
+        order = [
+            pieces[i][0] for _, i in sorted((-s, i) for i, (p, s, t) in enumerate(pieces) if t == 1 and len(p) > 1)
+        ]
         for content, a in added.items():
             if a["id"] is None:
                 a["id"] = vocab[content]
         return _sentencepiece(vocab, order, added, config)
     tiktoken_files = sorted(d.glob("*.tiktoken"))
-    if tiktoken_files:                                   # Phi-3-small: cl100k_base ranks
+    if tiktoken_files:  # Phi-3-small: cl100k_base ranks
         from tiktoken.load import load_tiktoken_bpe
+
         ranks = load_tiktoken_bpe(str(tiktoken_files[0]))
         decode = _decode_table({i: b for b, i in ranks.items()}, added)
         return Tokenizer(ranks, CL100K_PATTERN, added, decode, config=config)
-    raise FileNotFoundError(f"{d}: no tokenizer files (looked for tokenizer.json, vocab.json + merges.txt, "
-                            f"tokenizer.model, *.tiktoken)")
+    raise FileNotFoundError(
+        f"{d}: no tokenizer files (looked for tokenizer.json, vocab.json + merges.txt, tokenizer.model, *.tiktoken)"
+    )
 
 
 def _split_pattern(tj, d):
@@ -338,13 +373,18 @@ def _download(repo_id, patterns, revision=None) -> Path:
     """Fetch only the files matching patterns from the Hub (cached; offline with HF_HUB_OFFLINE=1)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except RepositoryNotFoundError:
-        raise FileNotFoundError(f"'{repo_id}' is neither a local directory nor a model on the Hugging Face Hub") from None
+        raise FileNotFoundError(
+            f"'{repo_id}' is neither a local directory nor a model on the Hugging Face Hub"
+        ) from None
     except LocalEntryNotFoundError:
-        raise FileNotFoundError(f"'{repo_id}' is not a local directory and is not in the Hugging Face cache "
-                                f"(offline, or the Hub is unreachable)") from None
+        raise FileNotFoundError(
+            f"'{repo_id}' is not a local directory and is not in the Hugging Face cache "
+            f"(offline, or the Hub is unreachable)"
+        ) from None
     except (HfHubHTTPError, ValueError) as e:
         raise FileNotFoundError(f"'{repo_id}': {e}") from None
 
@@ -355,15 +395,15 @@ def _download(repo_id, patterns, revision=None) -> Path:
 
 def chat_format(tok: Tokenizer) -> str:
     t = tok.chat_template or ""
-    if isinstance(t, list):                              # several named templates: the default one
+    if isinstance(t, list):  # several named templates: the default one
         t = next((x["template"] for x in t if x.get("name") == "default"), "")
     if "<|im_start|>" in t or "<|im_sep|>" in tok.added:
-        return "phi4"                                    # <|im_start|>user<|im_sep|>...<|im_end|>
+        return "phi4"  # <|im_start|>user<|im_sep|>...<|im_end|>
     if "'<|' + message['role'] + '|>'" in t or ("<|user|>" in tok.added and "<|tool|>" in tok.added):
-        return "phi4-mini"                               # <|user|>...<|end|>
+        return "phi4-mini"  # <|user|>...<|end|>
     if "<|user|>" in tok.added:
-        return "phi3"                                    # <|user|>\n...<|end|>\n
-    return "phi2"                                        # Instruct: ...\nOutput:
+        return "phi3"  # <|user|>\n...<|end|>\n
+    return "phi2"  # Instruct: ...\nOutput:
 
 
 def render_chat(fmt, messages, add_generation_prompt=True, tok=None) -> str:
@@ -380,22 +420,29 @@ def render_chat(fmt, messages, add_generation_prompt=True, tok=None) -> str:
         elif fmt == "phi4-mini":
             tools = f"<|tool|>{m['tools']}<|/tool|>" if role == "system" and m.get("tools") is not None else ""
             out.append(f"<|{role}|>{content}{tools}<|end|>")
-        else:   # phi-2 is a base model: its documented QA format, system text as a plain first line
-            out.append({"system": f"{content}\n", "user": f"Instruct: {content}\n", "assistant": f"Output: {content}\n"}[role])
+        else:  # phi-2 is a base model: its documented QA format, system text as a plain first line
+            out.append(
+                {"system": f"{content}\n", "user": f"Instruct: {content}\n", "assistant": f"Output: {content}\n"}[role]
+            )
     if add_generation_prompt:
-        out.append({"phi3": "<|assistant|>\n", "phi4": "<|im_start|>assistant<|im_sep|>", "phi4-mini": "<|assistant|>",
-                    "phi2": "Output:"}[fmt])
+        out.append(
+            {
+                "phi3": "<|assistant|>\n",
+                "phi4": "<|im_start|>assistant<|im_sep|>",
+                "phi4-mini": "<|assistant|>",
+                "phi2": "Output:",
+            }[fmt]
+        )
     elif fmt in ("phi3", "phi4-mini"):
         out.append(eos)
     return "".join(out)
-
 
 
 # -----------------------------------------------------------------------------------------------------------------
 # Loading a checkpoint
 
 MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json"]
-LEGACY_FILES = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]   # read with torch.load(weights_only=True)
+LEGACY_FILES = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]  # read with torch.load(weights_only=True)
 
 
 def checkpoint_dir(name_or_dir, revision=None) -> Path:
@@ -404,7 +451,7 @@ def checkpoint_dir(name_or_dir, revision=None) -> Path:
     if d.is_dir():
         return d
     d = _download(str(name_or_dir), MODEL_FILES + TOKENIZER_FILES, revision)
-    if not list(d.glob("*.safetensors")):                # an old checkpoint without safetensors
+    if not list(d.glob("*.safetensors")):  # an old checkpoint without safetensors
         d = _download(str(name_or_dir), MODEL_FILES + LEGACY_FILES + TOKENIZER_FILES, revision)
     return d
 
@@ -421,7 +468,7 @@ def load(name_or_dir, dtype="auto", device=None, revision=None, attn="sdpa", qua
     if quantize == "int8" and dtype == "auto" and device.type == "cpu":
         dtype = "float32"
     dtype = resolve_dtype(dtype, phi.PhiConfig.from_hf(phi._read_json(d / "config.json")).torch_dtype, device)
-    model = phi.Phi.from_pretrained(d, dtype=dtype, device=device, attn=attn)
+    model = speed_up(phi.Phi.from_pretrained(d, dtype=dtype, device=device, attn=attn))
     if quantize == "int8":
         quantize_int8(model)
     elif quantize is not None:
@@ -440,10 +487,10 @@ def resolve_dtype(dtype, checkpoint_dtype, device):
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype '{dtype}' is not one of auto, float32, bfloat16, float16")
         dtype = getattr(torch, dtype)
-    try:                                                 # can this device compute in this dtype at all?
+    try:  # can this device compute in this dtype at all?
         x = torch.ones(4, 4, dtype=dtype, device=device)
         (x @ x).sum().item()
-    except (RuntimeError, TypeError, AssertionError) as e:   # a torch built without CUDA raises AssertionError
+    except (RuntimeError, TypeError, AssertionError) as e:  # a torch built without CUDA raises AssertionError
         raise ValueError(f"{dtype} is not supported on {device}: {str(e).splitlines()[0]}") from None
     return dtype
 
@@ -459,7 +506,117 @@ def eos_ids(d: Path, cfg, tok) -> set:
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Weight-only int8 (--quantize int8)
+# The speed layer: modules swapped in for phi.py's plain nn.Linear after loading (gpt-fast's quantize.py pattern)
+#
+# speed_up(model) turns every nn.Linear into a FastLinear (same parameters) where the CPU kernels below measure faster;
+# quantize_int8(model) turns them into Int8Linear. generate.load, train.py and bench.py apply them; phi.py never sees
+# them. The CPU kernels are kept where they were measured faster than nn.Linear (the README's speed section):
+# - matvec: a batch-1 Linear inside the compiled decode step as multiply-and-sum, which inductor compiles into one
+#   streaming pass over the weights (a GEMM library called with one row reads them at about half the bandwidth);
+# - oneDNN for fp32 matmuls instead of MKL, which nn.Linear calls: MKL dispatches on the CPU vendor and takes slower
+#   code paths on AMD (1.2x slower at 512 rows, 1.5-2.7x at 1-8 rows on an AMD EPYC).
+# Both were measured faster on AMD EPYC; on an Intel Xeon with AMX the compiled matvec step was slower than the eager
+# one and MKL is Intel's own: there nn.Linear stays (CPU_KERNELS; PHI_CPU_KERNELS=0/1 overrides the rule).
+
+
+def cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":")[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+CPU_KERNELS = {"0": False, "1": True}.get(os.environ.get("PHI_CPU_KERNELS", ""), cpu_vendor() == "AuthenticAMD")
+
+
+def one_row_compiled(x) -> bool:  # one row (batch-1 decoding) on the CPU inside torch.compile: see matvec
+    return torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.shape[-1]
+
+
+def bf16_halves(t):
+    """bf16 (..., 2m) -> two fp32 (..., m) of alternate columns: a bf16 is an fp32's top half, so of an int32 pair one
+    is the low half shifted up, one the high half masked (one op per two numbers; .float() takes two each)."""
+    i = t.view(torch.int32)
+    return (i << 16).view(torch.float32), (i & -65536).view(torch.float32)
+
+
+PAIRS_MIN_WEIGHTS = 2**20  # matvec widens bf16 in pairs from this many weights on
+
+
+def matvec(x, weight, scale=None):
+    """x (..., in), one row, times weight (out, in).T as multiply-and-sum in fp32 (scale: int8's per-channel (out,)).
+    Inductor compiles it into one pass over the weight; rows > 4096 in equal chunks (summed faster). bf16 from 1M
+    weights widens in int32 pairs (one by one, 1.4b ran out of compute at ~35 GB/s of weights); below, the pairs'
+    two views, Python calls in inductor's wrapper, cost more than they save."""
+    N, K = weight.shape
+    n = next((n for n in range(1, K + 1) if K % n == 0 and K // n <= 4096), 1)
+    w, xs = weight.view(N, n, K // n), x.reshape(n, K // n)
+    if weight.dtype == x.dtype == torch.bfloat16 and K % (2 * n) == 0 and N * K >= PAIRS_MIN_WEIGHTS:
+        (w0, w1), (x0, x1) = bf16_halves(w), bf16_halves(xs)
+        y = (w0 * x0 + w1 * x1).sum(-1).sum(-1)  # (out,)
+    else:
+        y = (w.float() * xs.float()).sum(-1).sum(-1)
+    return (y if scale is None else y * scale.float()).to(x.dtype).view(*x.shape[:-1], -1)
+
+
+# A custom op, so that autograd and torch.compile see one opaque matmul; it costs ~20 us more per call than F.linear,
+# more than it saves below ~1M weights (ONEDNN_MIN_WEIGHTS).
+@torch.library.custom_op("phi_speed::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")  # x @ weight.T + bias
+
+
+def _onednn_linear_backward(ctx, dy):  # dy (..., out)
+    x, weight = ctx.saved_tensors
+    dx = onednn_linear(dy, weight.t(), None) if ctx.needs_input_grad[0] else None
+    dy, x = dy.flatten(0, -2), x.flatten(0, -2)  # the weight's gradient: MKL is as fast at it
+    return dx, dy.t() @ x if ctx.needs_input_grad[1] else None, dy.sum(0) if ctx.needs_input_grad[2] else None
+
+
+onednn_linear.register_fake(lambda x, weight, bias: x.new_empty(*x.shape[:-1], weight.shape[0]))
+onednn_linear.register_autograd(
+    _onednn_linear_backward, setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs[:2])
+)
+ONEDNN_MIN_WEIGHTS = 2**20 if torch.backends.mkldnn.is_available() else math.inf  # math.inf: F.linear always
+
+
+def linear(x, weight, bias=None):  # x @ weight.T + bias; oneDNN: fp32 on the CPU, not autocast (F.linear's bf16)
+    onednn = x.dtype == torch.float32 and x.device.type == "cpu" and weight.numel() >= ONEDNN_MIN_WEIGHTS
+    return (onednn_linear if onednn and not torch.is_autocast_enabled("cpu") else F.linear)(x, weight, bias)
+
+
+class FastLinear(nn.Linear):
+    """nn.Linear, with matvec for one row in the compiled CPU decode step, and oneDNN for other fp32 CPU products."""
+
+    def forward(self, x):
+        if one_row_compiled(x):
+            y = matvec(x, self.weight)
+            return y if self.bias is None else y + self.bias
+        return linear(x, self.weight, self.bias)
+
+
+def swap_linears(model: nn.Module, make, skip=()):
+    """Replace every nn.Linear child of model (but those named in skip) by make(linear), in place."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.Linear) and name not in skip:
+                setattr(module, name, make(child))
+    return model
+
+
+def speed_up(model: nn.Module, cpu_kernels: bool | None = None):
+    """Swap the CPU kernels in (FastLinear, sharing each nn.Linear's parameters: tied weights stay tied, and the
+    state dict keeps its names) where the CPU kind measured faster with them: CPU_KERNELS, or cpu_kernels if given."""
+    if not (CPU_KERNELS if cpu_kernels is None else cpu_kernels):
+        return model
+
+    def fast(lin):
+        f = FastLinear(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta")
+        f.weight, f.bias = lin.weight, lin.bias
+        return f
+
+    return swap_linears(model, lambda lin: lin if isinstance(lin, FastLinear) else fast(lin))
 
 
 class Int8Linear(nn.Module):
@@ -473,30 +630,31 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
         self.register_buffer("scale", scale.to(linear.weight.dtype))
         self.bias = linear.bias
+        self.cpu_kernels = isinstance(linear, FastLinear)  # speed_up ran: matvec and oneDNN here too
 
     def forward(self, x):
         rows = x.numel() // x.shape[-1]
-        if phi.one_row_compiled(x):
-            y = phi.matvec(x, self.weight, self.scale)
+        if self.cpu_kernels and one_row_compiled(x):
+            y = matvec(x, self.weight, self.scale)
         elif x.device.type == "cpu" and rows <= 8 and x.shape[-1] % 16 == 0:
             # decoding: PyTorch's CPU kernel multiplies bf16 activations by the int8 weights without expanding them
             # (it crashes unless in_features % 16 == 0, true of every Phi). Compiled (where it fails to lower): the
             # same bf16 product with the weights expanded; expanding them to fp32 would move twice the bytes.
             xb, s = x.reshape(rows, -1).to(torch.bfloat16), self.scale.to(torch.bfloat16)
-            y = (F.linear(xb, self.weight.to(torch.bfloat16)) * s if torch.compiler.is_compiling()
-                 else torch._weight_int8pack_mm(xb, self.weight, s)).view(*x.shape[:-1], -1).to(x.dtype)
-        else:   # a prompt, or another device: the weights expanded, multiplied as phi.Linear does (fp32: oneDNN)
-            y = phi.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+            y = (
+                F.linear(xb, self.weight.to(torch.bfloat16)) * s
+                if torch.compiler.is_compiling()
+                else torch._weight_int8pack_mm(xb, self.weight, s)
+            )
+            y = y.view(*x.shape[:-1], -1).to(x.dtype)
+        else:  # a prompt, or another device: the weights expanded, multiplied as FastLinear does (fp32: oneDNN)
+            y = (linear if self.cpu_kernels else F.linear)(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
         return y if self.bias is None else y + self.bias
 
 
 def quantize_int8(model: nn.Module):
-    """Replace every Linear of the blocks and the lm_head by an Int8Linear, in place (for inference)."""
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, nn.Linear) and name != "score":
-                setattr(module, name, Int8Linear(child))
-    return model
+    """Replace every Linear of the blocks and the lm_head (not a classifier's score) by an Int8Linear, in place."""
+    return swap_linears(model, Int8Linear, skip=("score",))
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -508,18 +666,20 @@ def process_logits(logits, prev_ids, temperature=1.0, top_k=0, top_p=1.0, repeti
     top-p (removed entries become -inf). Matches RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
     TopKLogitsWarper and TopPLogitsWarper."""
     logits = logits.float()
-    if repetition_penalty != 1.0:                        # seen tokens: positive logits divided, negative multiplied
+    if repetition_penalty != 1.0:  # seen tokens: positive logits divided, negative multiplied
         seen = logits.gather(1, prev_ids)
-        logits = logits.scatter(1, prev_ids, torch.where(seen < 0, seen * repetition_penalty, seen / repetition_penalty))
+        logits = logits.scatter(
+            1, prev_ids, torch.where(seen < 0, seen * repetition_penalty, seen / repetition_penalty)
+        )
     if temperature not in (0.0, 1.0):
         logits = logits / temperature
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1, None]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:                                      # drop the least likely tokens holding 1 - top_p of the mass
+    if top_p < 1.0:  # drop the least likely tokens holding 1 - top_p of the mass
         sorted_logits, order = torch.sort(logits, descending=False)
         drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
-        drop[..., -1] = False                            # always keep the most likely token
+        drop[..., -1] = False  # always keep the most likely token
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     return logits
 
@@ -539,13 +699,13 @@ def prefill(model, ids, mask, cache):
     return model.lm_head(phi.PhiModel.forward(model, ids, mask, None, cache)[:, -1])
 
 
-@torch.no_grad()      # also under torch.compile: a compiled step run with grad enabled loses its cache writes
+@torch.no_grad()  # also under torch.compile: a compiled step run with grad enabled loses its cache writes
 def decode_one_token(model, token, cache):
     """One new token per row (B,) -> logits (B, V)."""
     return model(token[:, None], cache=cache)[:, -1]
 
 
-eager_decode_one_token = decode_one_token     # the plain step, kept when --compile rebinds decode_one_token
+eager_decode_one_token = decode_one_token  # the plain step, kept when --compile rebinds decode_one_token
 
 
 def compile_decode(device):
@@ -564,8 +724,18 @@ def stop_ids(model, eos_ids=None) -> set:
 
 
 @torch.no_grad()
-def generate_batch(model, prompts, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
-                   eos_ids=None, generator=None, stats=None):
+def generate_batch(
+    model,
+    prompts,
+    max_new_tokens=128,
+    temperature=0.0,
+    top_k=0,
+    top_p=1.0,
+    repetition_penalty=1.0,
+    eos_ids=None,
+    generator=None,
+    stats=None,
+):
     """Generate for a batch of prompts (lists of ids, left-padded together). Yields a (B,) tensor of new tokens
     per step; a row that has produced an EOS id keeps yielding -1. Stops when every row is done."""
     dev = model.embed.weight.device
@@ -579,8 +749,8 @@ def generate_batch(model, prompts, max_new_tokens=128, temperature=0.0, top_k=0,
         max_new_tokens = context - T
     ids = torch.zeros(B, T, dtype=torch.long, device=dev)
     mask = torch.zeros(B, T, dtype=torch.long, device=dev)
-    for r, p in enumerate(prompts):                      # left padding: every row's last token sits at T - 1
-        ids[r, T - len(p):], mask[r, T - len(p):] = torch.tensor(p, dtype=torch.long), 1
+    for r, p in enumerate(prompts):  # left padding: every row's last token sits at T - 1
+        ids[r, T - len(p) :], mask[r, T - len(p) :] = torch.tensor(p, dtype=torch.long), 1
     cache = phi.KVCache(model.config, B, T + max_new_tokens, dtype=model.embed.weight.dtype, device=dev)
     # tokens seen so far per row, for the repetition penalty; a pad slot repeats the row's first real token
     seen = torch.where(mask.bool(), ids, ids.gather(1, (mask == 0).sum(1, keepdim=True).clamp(max=T - 1)))
@@ -607,23 +777,34 @@ def generate_batch(model, prompts, max_new_tokens=128, temperature=0.0, top_k=0,
             # still cross its original context in this cache, take the plain step (phi.PhiModel.can_decode_step)
             step_fn = decode_one_token if model.can_decode_step(cache) else eager_decode_one_token
             logits = step_fn(model, token.clamp(min=0), cache)
-            if step == 0:                                # with --compile this first step also compiles
+            if step == 0:  # with --compile this first step also compiles
                 stats["first_step_s"] = time.perf_counter() - t0
-            elif step == 1:                              # tokens the steps after it produce: new_tokens - this
+            elif step == 1:  # tokens the steps after it produce: new_tokens - this
                 stats["first_tokens"] = int(produced)
-    finally:                                             # also when the caller stops early (EOS, stop string)
+    finally:  # also when the caller stops early (EOS, stop string)
         stats["decode_s"], stats["new_tokens"] = time.perf_counter() - t0, int(produced)
 
 
-def generate(model, prompt_ids, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
-             eos_ids=None, generator=None, stats=None):
+def generate(
+    model,
+    prompt_ids,
+    max_new_tokens=128,
+    temperature=0.0,
+    top_k=0,
+    top_p=1.0,
+    repetition_penalty=1.0,
+    eos_ids=None,
+    generator=None,
+    stats=None,
+):
     """Yields one int per new token for one prompt (a list of ints or a (1, T) LongTensor); stops at an EOS id
     (not yielded) or after max_new_tokens. Greedy at temperature 0."""
     if isinstance(prompt_ids, torch.Tensor):
         prompt_ids = prompt_ids.reshape(-1).tolist()
     stops = stop_ids(model, eos_ids)
-    for token in generate_batch(model, [prompt_ids], max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                                stops, generator, stats):
+    for token in generate_batch(
+        model, [prompt_ids], max_new_tokens, temperature, top_k, top_p, repetition_penalty, stops, generator, stats
+    ):
         t = int(token[0])
         if t < 0 or t in stops:
             return
@@ -635,9 +816,9 @@ def cut_at_stop(text, stops):
     could still become one."""
     hits = [text.index(s) for s in stops if s in text]
     if hits:
-        return text[:min(hits)], True
+        return text[: min(hits)], True
     hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-    return text[:len(text) - hold], False
+    return text[: len(text) - hold], False
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -667,7 +848,7 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
     p.add_argument("--quantize", choices=["int8"], help="weight-only int8 (per channel): faster memory-bound decode")
     args = p.parse_args(argv)
-    sys.stdout.reconfigure(errors="replace")             # a terminal that cannot show a character gets "?"
+    sys.stdout.reconfigure(errors="replace")  # a terminal that cannot show a character gets "?"
     try:
         run(args)
     except (ValueError, FileNotFoundError, OSError) as e:
@@ -710,19 +891,29 @@ def run(args):
     if not prompts and not args.interactive:
         prompts = ["def print_prime(n):"]
     model, tok = load(args.model, args.dtype, args.device, args.revision, args.attn, args.quantize)
-    print(f"loaded {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-          f"{model.embed.weight.dtype}, {model.embed.weight.device}", file=sys.stderr)
-    if args.compile:                                     # static shapes: compiled once for the whole generation
+    print(
+        f"loaded {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        f"{model.embed.weight.dtype}, {model.embed.weight.device}",
+        file=sys.stderr,
+    )
+    if args.compile:  # static shapes: compiled once for the whole generation
         decode_one_token = compile_decode(model.embed.weight.device)
     generator = None
     if args.seed is not None:
         torch.manual_seed(args.seed)
         generator = torch.Generator(model.embed.weight.device).manual_seed(args.seed)
     eos = set(model.eos_ids)
-    if args.chat or args.interactive:                    # the family's end-of-turn token ends a reply too
+    if args.chat or args.interactive:  # the family's end-of-turn token ends a reply too
         eos |= {tok.added[t]["id"] for t in ("<|end|>", "<|im_end|>") if t in tok.added}
-    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, eos_ids=eos, generator=generator)
+    sampling = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        eos_ids=eos,
+        generator=generator,
+    )
     if args.interactive:
         return interactive(model, tok, args, sampling)
     texts = [chat_prompt(tok, p, args.system) if args.chat else p for p in prompts]
@@ -778,11 +969,16 @@ def report(stats, compiled=False):
     if stats.get("prefill_s"):
         n, s = stats["new_tokens"], stats["decode_s"]
         rate = f"{n / max(s, 1e-9):.1f} tokens/s"
-        if compiled and "first_tokens" in stats:        # the one-off compile is not the speed of decoding
-            rate = (f"{(n - stats['first_tokens']) / max(s - stats['first_step_s'], 1e-9):.1f} tokens/s after "
-                    f"the first step (which compiles: {stats['first_step_s']:.1f} s)")
-        print(f"prompt: {stats['prompt_tokens']} tokens, {stats['prompt_tokens'] / stats['prefill_s']:.1f} tokens/s; "
-              f"generation: {n} tokens, {rate}", file=sys.stderr)
+        if compiled and "first_tokens" in stats:  # the one-off compile is not the speed of decoding
+            rate = (
+                f"{(n - stats['first_tokens']) / max(s - stats['first_step_s'], 1e-9):.1f} tokens/s after "
+                f"the first step (which compiles: {stats['first_step_s']:.1f} s)"
+            )
+        print(
+            f"prompt: {stats['prompt_tokens']} tokens, {stats['prompt_tokens'] / stats['prefill_s']:.1f} tokens/s; "
+            f"generation: {n} tokens, {rate}",
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":

@@ -8,23 +8,28 @@ Run: python -m pytest -q
 
 import copy
 import json
-import re
 import os
+import random
+import re
+import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
+import generate
 import phi
+import train
 
 ROOT = Path(__file__).resolve().parent
 REF = Path(os.environ.get("PHI_REFERENCE", ROOT.parent / "shared" / "reference"))
 ORACLE_442 = Path(os.environ.get("PHI_ORACLE_442", ROOT / ".venv-hf442" / "bin" / "python"))
-TOL = 1e-4            # fp32 max abs logits error allowed
-ERRORS = {}           # measured parity errors, printed at the end of the run (pytest -s, or in the summary)
+TOL = 1e-4  # fp32 max abs logits error allowed
+ERRORS = {}  # measured parity errors, printed at the end of the run (pytest -s, or in the summary)
 
 
 def needs_reference(sub):
@@ -38,23 +43,48 @@ def factors(n, seed, lo=1.0, hi=4.0):
 
 
 def rope(kind, rotary_dim):
-    return {"type": kind, "short_factor": factors(rotary_dim // 2, 1, 1.0, 1.5), "long_factor": factors(rotary_dim // 2, 2)}
+    return {
+        "type": kind,
+        "short_factor": factors(rotary_dim // 2, 1, 1.0, 1.5),
+        "long_factor": factors(rotary_dim // 2, 2),
+    }
 
 
 # name -> (model_type, HF config kwargs, sequence lengths to test). Tiny, but each keeps the real model's shape ratios.
-BASE = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+BASE = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=128,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 CASES = {
     "phi-1.5": ("phi", dict(partial_rotary_factor=0.5), [16]),
-    "phi-2": ("phi", dict(hidden_size=80, partial_rotary_factor=0.4), [16]),          # head 20, rotary 8 (phi-2: 80, 32)
+    "phi-2": ("phi", dict(hidden_size=80, partial_rotary_factor=0.4), [16]),  # head 20, rotary 8 (phi-2: 80, 32)
     "phi-2-qk-layernorm": ("phi", dict(hidden_size=80, partial_rotary_factor=0.4, qk_layernorm=True), [16]),
     "phi3-4k": ("phi3", dict(max_position_embeddings=64, original_max_position_embeddings=64), [16]),
     "phi3-gqa-window": ("phi3", dict(num_key_value_heads=2, sliding_window=6), [20]),
-    "phi3-128k-longrope": ("phi3", dict(max_position_embeddings=256, original_max_position_embeddings=32,
-                                        rope_scaling=rope("longrope", 16)), [20, 48]),
-    "phi4-mini": ("phi3", dict(num_key_value_heads=2, partial_rotary_factor=0.75, tie_word_embeddings=True,
-                               max_position_embeddings=256, original_max_position_embeddings=32,
-                               rope_scaling=rope("longrope", 12)), [20, 48]),
+    "phi3-128k-longrope": (
+        "phi3",
+        dict(max_position_embeddings=256, original_max_position_embeddings=32, rope_scaling=rope("longrope", 16)),
+        [20, 48],
+    ),
+    "phi4-mini": (
+        "phi3",
+        dict(
+            num_key_value_heads=2,
+            partial_rotary_factor=0.75,
+            tie_word_embeddings=True,
+            max_position_embeddings=256,
+            original_max_position_embeddings=32,
+            rope_scaling=rope("longrope", 12),
+        ),
+        [20, 48],
+    ),
 }
 HF_CLASSES = {"phi": "Phi", "phi3": "Phi3"}
 
@@ -134,9 +164,9 @@ def test_kv_cache_decode_equals_full_forward(name, tmp_path):
     cache = phi.KVCache(model.config, 2, T)
     with torch.no_grad():
         steps = [model(ids[:, :prompt], cache=cache)[:, -1]]
-        steps += [model(ids[:, t:t + 1], cache=cache)[:, -1] for t in range(prompt, T)]
+        steps += [model(ids[:, t : t + 1], cache=cache)[:, -1] for t in range(prompt, T)]
         for t, got in zip(range(prompt - 1, T), steps):
-            want = model(ids[:, :t + 1])[:, -1]
+            want = model(ids[:, : t + 1])[:, -1]
             e = record(f"decode {name}", err(got, want))
             assert e <= TOL, f"{name}: decode step at position {t}: max abs error {e}"
 
@@ -150,17 +180,17 @@ def test_left_padded_batch_equals_rows_alone(name, tmp_path):
     lengths = [T, T - 5, T - 9]
     batch, mask = ids.clone(), torch.ones_like(ids)
     for r, n in enumerate(lengths):
-        batch[r, :T - n], mask[r, :T - n] = 0, 0
+        batch[r, : T - n], mask[r, : T - n] = 0, 0
     extra = ids_for(4, B=3, seed=1)
     with torch.no_grad():
         cache = phi.KVCache(model.config, 3, T + 4)
         got = [model(batch, attention_mask=mask, cache=cache)]
-        got += [model(extra[:, i:i + 1], cache=cache) for i in range(4)]
-        got = torch.cat(got, 1)                     # (3, T + 4, vocab)
+        got += [model(extra[:, i : i + 1], cache=cache) for i in range(4)]
+        got = torch.cat(got, 1)  # (3, T + 4, vocab)
         full = model(torch.cat((batch, extra), 1), attention_mask=torch.cat((mask, torch.ones_like(extra)), 1))
         for r, n in enumerate(lengths):
-            alone = model(torch.cat((ids[r:r + 1, T - n:], extra[r:r + 1]), 1))[0]
-            e = record(f"padded {name}", max(err(got[r, T - n:], alone), err(full[r, T - n:], alone)))
+            alone = model(torch.cat((ids[r : r + 1, T - n :], extra[r : r + 1]), 1))[0]
+            e = record(f"padded {name}", max(err(got[r, T - n :], alone), err(full[r, T - n :], alone)))
             assert e <= TOL, f"{name}: row {r} (length {n}) differs from the row alone by {e}"
 
 
@@ -188,7 +218,7 @@ def test_sliding_window_bites(tmp_path):
     a, b = phi.Phi.from_pretrained(path), phi.Phi.from_pretrained(tmp_path / "nowin")
     ids = ids_for(20)
     with torch.no_grad():
-        assert err(a(ids[:, :6]), b(ids[:, :6])) <= TOL      # window 6: no effect up to 6 tokens
+        assert err(a(ids[:, :6]), b(ids[:, :6])) <= TOL  # window 6: no effect up to 6 tokens
         assert err(a(ids), b(ids)) > 1e-2
 
 
@@ -215,44 +245,74 @@ def run_oracle_442(model_dir, inputs):
     return {name: torch.load(f"{name}.logits.pt") for name in inputs}
 
 
-@pytest.mark.skipif(not ORACLE_442.exists(), reason=f"no transformers 4.42.4 Python at {ORACLE_442} "
-                    "(bash .ci/run builds it; or set PHI_ORACLE_442)")
+@pytest.mark.skipif(
+    not ORACLE_442.exists(),
+    reason=f"no transformers 4.42.4 Python at {ORACLE_442} (bash .ci/run builds it; or set PHI_ORACLE_442)",
+)
 @pytest.mark.parametrize("kind", ["su", "yarn"])
 def test_su_and_yarn_match_transformers_442(kind, tmp_path):
-    cfg = phi.PhiConfig(model_type="phi3", vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=4, head_dim=16, max_position_embeddings=256,
-                        original_max_position_embeddings=32, rope_scaling=rope(kind, 16), hidden_act="silu",
-                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = phi.PhiConfig(
+        model_type="phi3",
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=16,
+        max_position_embeddings=256,
+        original_max_position_embeddings=32,
+        rope_scaling=rope(kind, 16),
+        hidden_act="silu",
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     model = phi.Phi.from_config(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.15)
     model.save_pretrained(tmp_path / "m")
-    inputs = {str(tmp_path / f"T{T}"): ids_for(T) for T in (20, 48)}        # below and above the original 32
-    expected = run_oracle_442(tmp_path / "m", inputs)
+    inputs = {str(tmp_path / f"T{T}"): ids_for(T) for T in (20, 48)}  # below and above the original 32
     loaded = phi.Phi.from_pretrained(tmp_path / "m")
+    if kind == "su":
+        # Saved as "longrope" (the same formula): transformers 5.23 cannot read "su" (KeyError looking for the
+        # original context before renaming it), and must give our logits. 4.42 knows "su" only: its copy says "su".
+        cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+        assert cfg["rope_scaling"]["type"] == "longrope"
+        ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", attn_implementation="eager").eval()
+        for ids in inputs.values():
+            with torch.no_grad():
+                assert (
+                    record(f"logits su saved as longrope vs 5.x T={ids.shape[1]}", err(loaded(ids), ref(ids).logits))
+                    <= TOL
+                )
+        cfg["rope_scaling"]["type"] = "su"
+        (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    expected = run_oracle_442(tmp_path / "m", inputs)
     for name, ids in inputs.items():
         with torch.no_grad():
             e = record(f"logits {kind} vs 4.42 T={ids.shape[1]}", err(loaded(ids), expected[name]))
         assert e <= TOL
-    if kind == "su":      # transformers 5.x renames "su" to "longrope" (same math), so it must agree too. (5.23 fails
-        cfg = json.loads((tmp_path / "m" / "config.json").read_text())      # to load "su" itself: it looks for the
-        cfg["rope_scaling"]["type"] = "longrope"                             # original context before renaming.)
-        (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-        ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", attn_implementation="eager").eval()
-        for ids in inputs.values():
-            with torch.no_grad():
-                assert err(loaded(ids), ref(ids).logits) <= TOL
 
 
 def test_yarn_and_longrope_differ_only_in_scale():
     """The YaRN class's magnitude (0.1 ln s + 1) vs LongRoPE's sqrt(1 + ln s / ln o), with s = 256/32."""
-    cfg = dict(model_type="phi3", vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-               num_attention_heads=4, max_position_embeddings=256, original_max_position_embeddings=32)
+    cfg = dict(
+        model_type="phi3",
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        original_max_position_embeddings=32,
+    )
     su = phi.Rotary(phi.PhiConfig.from_hf({**cfg, "rope_scaling": rope("su", 16)}))
     yarn = phi.Rotary(phi.PhiConfig.from_hf({**cfg, "rope_scaling": rope("yarn", 16)}))
     import math
+
     assert su.scale == pytest.approx(math.sqrt(1 + math.log(8) / math.log(32)))
     assert yarn.scale == pytest.approx(0.1 * math.log(8) + 1)
     assert torch.equal(su.inv_freq_long, yarn.inv_freq_long)
@@ -265,8 +325,8 @@ def test_yarn_and_longrope_differ_only_in_scale():
 def classification_inputs():
     ids = ids_for(10, B=3)
     mask = torch.ones_like(ids)
-    ids[1, 7:], mask[1, 7:] = 0, 0          # right padding with the pad id
-    ids[2, :3], mask[2, :3] = 0, 0          # left padding
+    ids[1, 7:], mask[1, 7:] = 0, 0  # right padding with the pad id
+    ids[2, :3], mask[2, :3] = 0, 0  # left padding
     return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
@@ -277,8 +337,11 @@ def test_sequence_classification_matches_transformers(name, problem, tmp_path):
     ref = hf_model(name, "ForSequenceClassification", num_labels=num_labels, problem_type=problem)
     ours = phi.PhiForSequenceClassification.from_pretrained(saved(ref, tmp_path))
     ids, mask, pos = classification_inputs()
-    labels = {"single_label_classification": torch.tensor([0, 2, 1]), "regression": torch.tensor([0.5, -1.0, 2.0]),
-              "multi_label_classification": torch.tensor([[1.0, 0, 1], [0, 0, 1], [0, 1, 0]])}[problem]
+    labels = {
+        "single_label_classification": torch.tensor([0, 2, 1]),
+        "regression": torch.tensor([0.5, -1.0, 2.0]),
+        "multi_label_classification": torch.tensor([[1.0, 0, 1], [0, 0, 1], [0, 1, 0]]),
+    }[problem]
     with torch.no_grad():
         out = ref(ids, attention_mask=mask, position_ids=pos, labels=labels)
         scores, loss = ours(ids, attention_mask=mask, labels=labels)
@@ -297,7 +360,9 @@ def test_token_classification_matches_transformers(name, tmp_path):
         out = ref(ids, attention_mask=mask, position_ids=pos, labels=labels)
         scores, loss = ours(ids, attention_mask=mask, labels=labels)
     assert scores.shape == (3, 10, 5)
-    e = record(f"token-cls {name}", max(err(scores[mask.bool()], out.logits[mask.bool()]), abs(loss.item() - out.loss.item())))
+    e = record(
+        f"token-cls {name}", max(err(scores[mask.bool()], out.logits[mask.bool()]), abs(loss.item() - out.loss.item()))
+    )
     assert e <= TOL
 
 
@@ -327,16 +392,21 @@ def test_classifier_head_initialised_from_causal_lm_checkpoint(tmp_path, capfd):
 # Saving, sharding, legacy names
 
 
-@pytest.mark.parametrize("name,cls,head", [("phi-2-qk-layernorm", phi.Phi, "ForCausalLM"),
-                                           ("phi4-mini", phi.Phi, "ForCausalLM"),
-                                           ("phi3-gqa-window", phi.PhiForSequenceClassification, "ForSequenceClassification"),
-                                           ("phi-1.5", phi.PhiForTokenClassification, "ForTokenClassification")])
+@pytest.mark.parametrize(
+    "name,cls,head",
+    [
+        ("phi-2-qk-layernorm", phi.Phi, "ForCausalLM"),
+        ("phi4-mini", phi.Phi, "ForCausalLM"),
+        ("phi3-gqa-window", phi.PhiForSequenceClassification, "ForSequenceClassification"),
+        ("phi-1.5", phi.PhiForTokenClassification, "ForTokenClassification"),
+    ],
+)
 def test_our_save_loads_in_transformers(name, cls, head, tmp_path):
     ours = cls.from_pretrained(saved(hf_model(name, head), tmp_path / "hf"))
-    with torch.no_grad():      # change every weight, so the check is on what *we* wrote
+    with torch.no_grad():  # change every weight, so the check is on what *we* wrote
         for p in ours.parameters():
             p.mul_(0.9).add_(0.01)
-    ours.save_pretrained(tmp_path / "ours", max_shard_size=20_000)        # forces several shards + index
+    ours.save_pretrained(tmp_path / "ours", max_shard_size=20_000)  # forces several shards + index
     assert (tmp_path / "ours" / "model.safetensors.index.json").exists()
     ref = getattr(transformers, "Auto" + ("ModelForCausalLM" if head == "ForCausalLM" else "Model" + head))
     ref = ref.from_pretrained(tmp_path / "ours", attn_implementation="eager").eval()
@@ -347,7 +417,7 @@ def test_our_save_loads_in_transformers(name, cls, head, tmp_path):
     if head == "ForCausalLM" or head == "ForTokenClassification":
         a, b = a[mask.bool()], b[mask.bool()]
     assert record(f"save->transformers {name} {head}", err(a, b)) <= TOL
-    again = cls.from_pretrained(tmp_path / "ours")        # and our own loader reads the shards back exactly
+    again = cls.from_pretrained(tmp_path / "ours")  # and our own loader reads the shards back exactly
     for (n, p), q in zip(ours.state_dict().items(), again.state_dict().values()):
         assert torch.equal(p, q), n
 
@@ -368,13 +438,25 @@ def legacy_checkpoint(ref, path, layout):
             out[f"{block(i)}.ln.{p}"] = sd[f"{a}.input_layernorm.{p}"]
             out[f"{block(i)}.mixer.Wqkv.{p}"] = torch.cat([sd[f"{a}.self_attn.{x}_proj.{p}"] for x in "qkv"])
             out[f"{block(i)}.mixer.out_proj.{p}"] = sd[f"{a}.self_attn.dense.{p}"]
-            out[f"{block(i)}.mlp.fc1.{p}"], out[f"{block(i)}.mlp.fc2.{p}"] = sd[f"{a}.mlp.fc1.{p}"], sd[f"{a}.mlp.fc2.{p}"]
-    out[f"{block(0)}.mixer.rotary_emb.inv_freq"] = torch.ones(4)       # old files carry this buffer: ignored
+            out[f"{block(i)}.mlp.fc1.{p}"], out[f"{block(i)}.mlp.fc2.{p}"] = (
+                sd[f"{a}.mlp.fc1.{p}"],
+                sd[f"{a}.mlp.fc2.{p}"],
+            )
+    out[f"{block(0)}.mixer.rotary_emb.inv_freq"] = torch.ones(4)  # old files carry this buffer: ignored
     c = ref.config
-    cfg = {"model_type": layout, "n_embd": c.hidden_size, "n_layer": L, "n_head": c.num_attention_heads,
-           "n_inner": c.intermediate_size, "rotary_dim": int(c.hidden_size // c.num_attention_heads * 0.4),
-           "n_positions": c.max_position_embeddings, "layer_norm_epsilon": c.layer_norm_eps,
-           "activation_function": "gelu_new", "vocab_size": c.vocab_size, "pad_vocab_size_multiple": 32}
+    cfg = {
+        "model_type": layout,
+        "n_embd": c.hidden_size,
+        "n_layer": L,
+        "n_head": c.num_attention_heads,
+        "n_inner": c.intermediate_size,
+        "rotary_dim": int(c.hidden_size // c.num_attention_heads * 0.4),
+        "n_positions": c.max_position_embeddings,
+        "layer_norm_epsilon": c.layer_norm_eps,
+        "activation_function": "gelu_new",
+        "vocab_size": c.vocab_size,
+        "pad_vocab_size_multiple": 32,
+    }
     path.mkdir()
     (path / "config.json").write_text(json.dumps(cfg))
     return out
@@ -384,10 +466,11 @@ def legacy_checkpoint(ref, path, layout):
 def test_legacy_checkpoint_loads_and_matches(layout, fmt, tmp_path):
     ref = hf_model("phi-2")
     tensors = legacy_checkpoint(ref, tmp_path / "legacy", layout)
-    if fmt == "bin":     # the original phi-1/1.5 files are pytorch_model.bin
+    if fmt == "bin":  # the original phi-1/1.5 files are pytorch_model.bin
         torch.save(tensors, tmp_path / "legacy" / "pytorch_model.bin")
     else:
         from safetensors.torch import save_file
+
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "legacy" / "model.safetensors")
     ours = phi.Phi.from_pretrained(tmp_path / "legacy")
     ids = ids_for(16)
@@ -422,24 +505,46 @@ print(rss("VmHWM") - before, sum(p.numel() * p.element_size() for p in model.par
 def test_loading_peaks_near_one_copy_of_the_weights(tmp_path):
     """A checkpoint stored in fp32 (~330 MB), loaded as bf16 (~165 MB): the process grows by under 1.3x the bf16
     weights. Reading the file through a memory map, or building an fp32 model first, would not fit."""
-    cfg = phi.PhiConfig(model_type="phi3", vocab_size=1024, hidden_size=1024, intermediate_size=2048,
-                        num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16, head_dim=64,
-                        hidden_act="silu")
+    cfg = phi.PhiConfig(
+        model_type="phi3",
+        vocab_size=1024,
+        hidden_size=1024,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        head_dim=64,
+        hidden_act="silu",
+    )
     phi.Phi.from_config(cfg).save_pretrained(tmp_path)
-    r = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path)], capture_output=True, text=True,
-                       cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    r = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert r.returncode == 0, r.stderr
     grew, weights = map(int, r.stdout.split())
     record("load peak / bf16 weights", grew / weights)
-    assert grew < 1.3 * weights, f"loading {weights / 2**20:.0f} MB of weights grew the process by {grew / 2**20:.0f} MB"
+    assert grew < 1.3 * weights, (
+        f"loading {weights / 2**20:.0f} MB of weights grew the process by {grew / 2**20:.0f} MB"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Real configs
 
 
-REAL = ["phi-1.json", "phi-2.json", "Phi-3-mini-4k-instruct.json", "Phi-3-medium-4k-instruct.json",
-        "Phi-3.5-mini-instruct.json", "phi-4.json", "Phi-4-mini-instruct.json"]
+REAL = [
+    "phi-1.json",
+    "phi-2.json",
+    "Phi-3-mini-4k-instruct.json",
+    "Phi-3-medium-4k-instruct.json",
+    "Phi-3.5-mini-instruct.json",
+    "phi-4.json",
+    "Phi-4-mini-instruct.json",
+]
 
 
 @needs_reference("configs")
@@ -462,17 +567,27 @@ def test_real_configs_build_the_same_shapes_as_transformers(fname):
             got[n] = (s, *sd[our].shape[1:])
     assert got == want
     assert cfg.rotary_dim == int(cfg.head_dim * hf_cfg.rope_parameters["partial_rotary_factor"])
-    again = phi.PhiConfig.from_hf(cfg.to_hf())                      # to_hf round-trips
+    again = phi.PhiConfig.from_hf(cfg.to_hf())  # to_hf round-trips
     assert again == cfg
-    transformers.AutoConfig.for_model(**cfg.to_hf())                # and transformers accepts it
+    transformers.AutoConfig.for_model(**cfg.to_hf())  # and transformers accepts it
 
 
 @needs_reference("configs")
 def test_legacy_real_config_parses():
     cfg = phi.PhiConfig.from_hf(json.loads((REF / "configs/phi-2-mixformer-sequential.json").read_text()))
     ref = phi.PhiConfig.from_hf(json.loads((REF / "configs/phi-2.json").read_text()))
-    for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
-              "partial_rotary_factor", "max_position_embeddings", "norm_eps", "hidden_act", "rotary_dim"):
+    for k in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "vocab_size",
+        "partial_rotary_factor",
+        "max_position_embeddings",
+        "norm_eps",
+        "hidden_act",
+        "rotary_dim",
+    ):
         assert getattr(cfg, k) == getattr(ref, k), k
 
 
@@ -497,22 +612,37 @@ def test_phi3_small_is_a_clear_unsupported_error():
 
 
 def good_config():
-    return dict(model_type="phi3", vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=256, original_max_position_embeddings=32)
+    return dict(
+        model_type="phi3",
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        original_max_position_embeddings=32,
+    )
 
 
-@pytest.mark.parametrize("change,message", [
-    (dict(model_type="llama"), r"unknown model_type 'llama'; supported: phi, phi-msft"),
-    (dict(model_type="phimoe"), r"'phimoe' \(Phi-3.5-MoE\) is not supported yet"),
-    (dict(model_type=None), r"no 'model_type' key"),
-    (dict(hidden_size=None), r"required key 'hidden_size' is missing"),
-    (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), r"rope_scaling type 'dynamic' is not supported"),
-    (dict(rope_scaling=dict(rope("longrope", 16), short_factor=[1.0] * 7)),
-     r"rope_scaling.short_factor must be a list of 8 numbers \(rotary dim 16 / 2\), got 7"),
-    (dict(rope_scaling=rope("longrope", 16), original_max_position_embeddings=None),
-     r"required key 'original_max_position_embeddings' is missing"),
-    (dict(num_key_value_heads=3), r"do not divide evenly"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(model_type="llama"), r"unknown model_type 'llama'; supported: phi, phi-msft"),
+        (dict(model_type="phimoe"), r"'phimoe' \(Phi-3.5-MoE\) is not supported yet"),
+        (dict(model_type=None), r"no 'model_type' key"),
+        (dict(hidden_size=None), r"required key 'hidden_size' is missing"),
+        (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), r"rope_scaling type 'dynamic' is not supported"),
+        (
+            dict(rope_scaling=dict(rope("longrope", 16), short_factor=[1.0] * 7)),
+            r"rope_scaling.short_factor must be a list of 8 numbers \(rotary dim 16 / 2\), got 7",
+        ),
+        (
+            dict(rope_scaling=rope("longrope", 16), original_max_position_embeddings=None),
+            r"required key 'original_max_position_embeddings' is missing",
+        ),
+        (dict(num_key_value_heads=3), r"do not divide evenly"),
+    ],
+)
 def test_config_errors(change, message):
     d = {k: v for k, v in {**good_config(), **change}.items() if v is not None}
     with pytest.raises(ValueError, match=message):
@@ -522,6 +652,7 @@ def test_config_errors(change, message):
 def test_weight_errors(tmp_path):
     path = saved(hf_model("phi-1.5"), tmp_path / "m")
     from safetensors.torch import load_file, save_file
+
     good = load_file(path / "model.safetensors")
 
     def load_with(tensors):
@@ -530,7 +661,9 @@ def test_weight_errors(tmp_path):
 
     bad = dict(good)
     del bad["model.layers.1.self_attn.k_proj.weight"]
-    with pytest.raises(ValueError, match=r"tensor 'model.layers.1.self_attn.k_proj.weight' is missing .*expected shape \[192, 64\]"):
+    with pytest.raises(
+        ValueError, match=r"tensor 'model.layers.1.self_attn.k_proj.weight' is missing .*expected shape \[192, 64\]"
+    ):
         load_with(bad)
     bad = dict(good, **{"model.layers.0.mlp.fc1.weight": torch.zeros(97, 64)})
     with pytest.raises(ValueError, match=r"'model.layers.0.mlp.fc1.weight' has shape \[97, 64\], expected \[96, 64\]"):
@@ -543,6 +676,68 @@ def test_weight_errors(tmp_path):
         phi.Phi.from_pretrained(path)
     (path / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"config.json not found"):
+        phi.Phi.from_pretrained(path)
+
+
+def corrupt(raw: bytes, case: str) -> bytes:
+    """A model.safetensors file (8-byte little-endian header length, JSON header, data) broken in one way."""
+    n = int.from_bytes(raw[:8], "little")
+    header, data = json.loads(raw[8 : 8 + n]), raw[8 + n :]
+    names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
+    first, last = header[names[0]], header[names[-1]]
+    if case == "truncated":
+        return raw[: 8 + n + len(data) // 2]
+    if case == "empty":
+        return b""
+    if case == "not safetensors":
+        return b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 123\n"
+    if case == "absurd header length":
+        return (2**62).to_bytes(8, "little") + raw[8:]
+    if case == "offsets past the end":
+        last["data_offsets"] = [o + len(data) for o in last["data_offsets"]]
+    elif case == "same offsets":  # a second tensor of the same shape pointing at the first one's bytes
+        twin = next(k for k in names[1:] if header[k]["shape"] == first["shape"])
+        header[twin]["data_offsets"] = first["data_offsets"]
+    elif case == "unknown dtype":
+        first["dtype"] = "Q4"
+    elif case == "dtype size mismatch":
+        first["dtype"] = "F16"  # 2 bytes a number: the offsets span twice the data
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + data
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("offsets past the end", r"invalid (offset|shape, data type, or offset)"),
+        ("truncated", r"file not fully covered"),
+        ("same offsets", r"invalid offset for tensor `\S+`"),
+        ("not safetensors", r"header too large"),
+        ("absurd header length", r"header too large"),
+        ("unknown dtype", r"unknown variant `Q4`"),
+        ("dtype size mismatch", r"invalid shape, data type, or offset"),
+        ("empty", r"header too small"),
+    ],
+)
+def test_malformed_safetensors_is_one_clear_error(case, message, tmp_path):
+    """Each way a weights file can be broken is one ValueError naming the file and what safetensors' own reader found
+    (its header checks: offsets inside the file and covering it, dtypes, sizes), never a model of whatever bytes."""
+    path = saved(hf_model("phi-1.5"), tmp_path / "m")
+    f = path / "model.safetensors"
+    f.write_bytes(corrupt(f.read_bytes(), case))
+    with pytest.raises(ValueError, match=re.escape(f"{f}: not a valid safetensors file (") + ".*" + message):
+        phi.Phi.from_pretrained(path)
+
+
+def test_malformed_bin_and_sharded_index_errors(tmp_path):
+    path = saved(hf_model("phi-1.5"), tmp_path / "m")
+    (path / "model.safetensors").unlink()
+    (path / "pytorch_model.bin").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match=re.escape(str(path / "pytorch_model.bin")) + ": not a readable PyTorch"):
+        phi.Phi.from_pretrained(path)
+    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(FileNotFoundError, match=r"lists model-00001-of-00002.safetensors, which is not in"):
         phi.Phi.from_pretrained(path)
 
 
@@ -592,7 +787,9 @@ def test_flash_requested_on_cpu_falls_back_with_one_line(tmp_path, capfd):
     capfd.readouterr()
     model = phi.Phi.from_pretrained(path, attn="flash")
     lines = capfd.readouterr().err.strip().splitlines()
-    assert lines == ["flash-attn not used: it needs CUDA and float16/bfloat16, the model is on cpu in torch.float32; using SDPA"]
+    assert lines == [
+        "flash-attn not used: it needs CUDA and float16/bfloat16, the model is on cpu in torch.float32; using SDPA"
+    ]
     assert model.attn_impl == "sdpa"
 
 
@@ -602,7 +799,7 @@ def fake_flash_attn_func(q, k, v, dropout_p=0.0, causal=False, window_size=(-1, 
     B, T, H, D = q.shape
     S, KV = k.shape[1], k.shape[2]
     k, v = k.repeat_interleave(H // KV, 2), v.repeat_interleave(H // KV, 2)
-    scores = torch.einsum("bthd,bshd->bhts", q, k) / D ** 0.5
+    scores = torch.einsum("bthd,bshd->bhts", q, k) / D**0.5
     i = torch.arange(T)[:, None] + S - T
     j = torch.arange(S)[None, :]
     left, right = window_size
@@ -625,14 +822,16 @@ def test_flash_path_layout_and_window(tmp_path, monkeypatch):
     def flash(*args, **kw):
         calls.append(kw["window_size"])
         return fake_flash_attn_func(*args, **kw)
+
     with torch.no_grad():
         want = model(ids)
-        monkeypatch.setattr(phi, "_flash", flash)
-        model.attn_impl = "flash"
+        model.flash_attn = flash
         got = model(ids)
         cache = phi.KVCache(model.config, 2, 20)
-        steps = torch.cat([model(ids[:, :12], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(12, 20)], 1)
-    assert calls and set(calls) == {(5, 0)}        # window 6 = the query and the 5 keys before it
+        steps = torch.cat(
+            [model(ids[:, :12], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(12, 20)], 1
+        )
+    assert calls and set(calls) == {(5, 0)}  # window 6 = the query and the 5 keys before it
     assert err(got, want) <= TOL
     assert err(steps, want) <= TOL
 
@@ -640,10 +839,6 @@ def test_flash_path_layout_and_window(tmp_path, monkeypatch):
 # ===============================================================================================================
 # Tokenizers (generate.py) against the reference libraries on the real vocabularies of each family
 
-import random
-import shutil
-
-import generate
 
 TOK = REF / "tokenizers"
 FAMILIES = ["codegen", "phi3", "phi4", "phi4mini"]
@@ -659,6 +854,7 @@ def our_tokenizer(family):
 def oracle(family):
     """The Hugging Face `tokenizers` library on the same tokenizer.json (what transformers runs underneath)."""
     import tokenizers
+
     if family not in _oracles:
         _oracles[family] = tokenizers.Tokenizer.from_file(str(TOK / family / "tokenizer.json"))
     return _oracles[family]
@@ -666,19 +862,86 @@ def oracle(family):
 
 def oracle_encode(family, text, specials=True):
     ref = oracle(family)
-    ref.encode_special_tokens = not specials          # True: special tokens in the text are plain text
+    ref.encode_special_tokens = not specials  # True: special tokens in the text are plain text
     return ref.encode(text, add_special_tokens=False).ids
 
 
 PIECES = {
-    "code": ["def f(x):\n", "\treturn x\n", "    if a == b:\n", "        pass", "class A:\n\t\tpass\n", "x = [1, 2, 3]",
-             "  # comment\n", "for (int i = 0; i < n; ++i) {\r\n", "}\r\n", "print(f'{x!r}')", "it's", "they'LL",
-             "we've", "I'm", "...", "--", "::", "=>", "0x1F", "3.14159", "1234567890", "\\n", '"quoted"', "a_b", "CamelCase"],
-    "space": [" ", "  ", "   ", "    ", "     ", " " * 17, " " * 40, "\t", "\t\t", "\t\t\t\t", "\n", "\n\n", "\r\n",
-              " \n ", "\u00a0", "\u3000", "\u2009", "\x0b", "\x0c", "\u2028"],
-    "words": ["hello", "Hello", " world", "The", " quick brown fox", "naïve café", "Привет мир", "Γειά σου",
-              "生活的真谛是", "日本語のテキスト", "한국어 텍스트", "مرحبا بالعالم", "नमस्ते दुनिया", "สวัสดีชาวโลก", "שלום עולם",
-              "Ünïcödé", "ß", "İstanbul", "ﬁ", "Z̤͔ͧ̑̓ä͖̭̈̇", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "½ ⅓ ∑ ∞ ≠", "Führer", "Äpfel"],
+    "code": [
+        "def f(x):\n",
+        "\treturn x\n",
+        "    if a == b:\n",
+        "        pass",
+        "class A:\n\t\tpass\n",
+        "x = [1, 2, 3]",
+        "  # comment\n",
+        "for (int i = 0; i < n; ++i) {\r\n",
+        "}\r\n",
+        "print(f'{x!r}')",
+        "it's",
+        "they'LL",
+        "we've",
+        "I'm",
+        "...",
+        "--",
+        "::",
+        "=>",
+        "0x1F",
+        "3.14159",
+        "1234567890",
+        "\\n",
+        '"quoted"',
+        "a_b",
+        "CamelCase",
+    ],
+    "space": [
+        " ",
+        "  ",
+        "   ",
+        "    ",
+        "     ",
+        " " * 17,
+        " " * 40,
+        "\t",
+        "\t\t",
+        "\t\t\t\t",
+        "\n",
+        "\n\n",
+        "\r\n",
+        " \n ",
+        "\u00a0",
+        "\u3000",
+        "\u2009",
+        "\x0b",
+        "\x0c",
+        "\u2028",
+    ],
+    "words": [
+        "hello",
+        "Hello",
+        " world",
+        "The",
+        " quick brown fox",
+        "naïve café",
+        "Привет мир",
+        "Γειά σου",
+        "生活的真谛是",
+        "日本語のテキスト",
+        "한국어 텍스트",
+        "مرحبا بالعالم",
+        "नमस्ते दुनिया",
+        "สวัสดีชาวโลก",
+        "שלום עולם",
+        "Ünïcödé",
+        "ß",
+        "İstanbul",
+        "ﬁ",
+        "Z̤͔ͧ̑̓ä͖̭̈̇",
+        "𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+        "½ ⅓ ∑ ∞ ≠",
+        "Führer",
+        "Äpfel",
+    ],
     "emoji": ["🤗", "👍🏽", "👨‍👩‍👧‍👦", "🇫🇷", "❤️", "🙂🙃", "🐍"],
     "control": ["\x00", "\x01", "\x07", "\x17", "\x1b[0m", "\x7f", "\u200b", "\ufeff", "\x1c", "\x1f"],
     "lookalike": ["<|", "|>", "<|end", "<|user|", "<s>", "</s>", "<unk>", "<|im_start|", "<<|end|>>"],
@@ -698,8 +961,16 @@ def fuzz_strings(family, n=2000):
             if kind == "special":
                 parts.append(rng.choice(specials))
             elif kind == "random":
-                parts.append("".join(chr(rng.choice([rng.randint(0x20, 0x2FF), rng.randint(0x370, 0xD7FF),
-                                                      rng.randint(0xE000, 0x10FFFF)])) for _ in range(rng.randint(1, 4))))
+                parts.append(
+                    "".join(
+                        chr(
+                            rng.choice(
+                                [rng.randint(0x20, 0x2FF), rng.randint(0x370, 0xD7FF), rng.randint(0xE000, 0x10FFFF)]
+                            )
+                        )
+                        for _ in range(rng.randint(1, 4))
+                    )
+                )
             else:
                 parts.append(rng.choice(PIECES[kind]))
         out.append("".join(parts))
@@ -726,8 +997,11 @@ def test_tokenizer_matches_reference_on_fuzz_strings(family):
             mismatches.append((s, plain, "specials as text"))
         # Round trip. Not through a non-special added token (matched even then) that eats whitespace (Phi-3's
         # "</s>", Phi-4-mini's "<|tool_call|>"), nor in SentencePiece, which puts a "▁" before the text after it.
-        if not any(c in s for c, a in tok.added.items()
-                   if not a["special"] and (a["lstrip"] or a["rstrip"] or tok.sentencepiece)):
+        if not any(
+            c in s
+            for c, a in tok.added.items()
+            if not a["special"] and (a["lstrip"] or a["rstrip"] or tok.sentencepiece)
+        ):
             assert tok.decode(plain) == s, f"round trip of {s!r}"
     assert not mismatches, f"{len(mismatches)} of 2000 differ, e.g. {mismatches[0]}"
 
@@ -756,10 +1030,13 @@ def test_gpt2_llama_cpp_vectors(tmp_path):
 
 
 @needs_reference("tokenizers")
-@pytest.mark.parametrize("family,files", [
-    ("codegen", ("vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json")),
-    ("phi3", ("tokenizer.model", "tokenizer_config.json")),     # added tokens and rstrip flags from the config
-])
+@pytest.mark.parametrize(
+    "family,files",
+    [
+        ("codegen", ("vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json")),
+        ("phi3", ("tokenizer.model", "tokenizer_config.json")),  # added tokens and rstrip flags from the config
+    ],
+)
 def test_tokenizer_without_tokenizer_json_matches_reference(family, files, tmp_path):
     """The other files a checkpoint may ship instead of tokenizer.json give the same ids as tokenizer.json."""
     for f in files:
@@ -773,6 +1050,7 @@ def test_tokenizer_without_tokenizer_json_matches_reference(family, files, tmp_p
 def test_phi3_tokenizer_model_against_sentencepiece(tmp_path):
     """tokenizer.model read by our own protobuf reader: same ids as the sentencepiece library."""
     import sentencepiece
+
     shutil.copy(TOK / "phi3" / "tokenizer.model", tmp_path)
     tok = generate.load_tokenizer(tmp_path)
     sp = sentencepiece.SentencePieceProcessor(model_file=str(TOK / "phi3" / "tokenizer.model"))
@@ -783,7 +1061,10 @@ def test_phi3_tokenizer_model_against_sentencepiece(tmp_path):
 
 @needs_reference("tokenizers/vectors")
 def test_onnxruntime_extensions_vectors(tmp_path):
-    cases = {c["name"]: c for c in json.loads((TOK / "vectors/onnxruntime-extensions.expected_ids.json").read_text())["cases"]}
+    cases = {
+        c["name"]: c
+        for c in json.loads((TOK / "vectors/onnxruntime-extensions.expected_ids.json").read_text())["cases"]
+    }
     c = cases["phi3_blob_add_bos"]
     shutil.copy(TOK / "phi3/variants/phi-3.tokenizer.json", tmp_path / "tokenizer.json")
     shutil.copy(TOK / "phi3/variants/phi-3.tokenizer_config.json", tmp_path / "tokenizer_config.json")
@@ -807,9 +1088,16 @@ def test_phi3_small_cl100k(tmp_path):
     assert tok.encode("This is a test.") == [2028, 374, 264, 1296, 13]
     import tiktoken
     from tiktoken.load import load_tiktoken_bpe
-    specials = {a["content"]: a["id"] for a in json.loads((tmp_path / "tokenizer_module.json").read_text())["added_tokens"]}
-    ref = tiktoken.Encoding("cl100k", pat_str=generate.CL100K_PATTERN, special_tokens=specials,
-                            mergeable_ranks=load_tiktoken_bpe(str(tmp_path / "cl100k_base.tiktoken")))
+
+    specials = {
+        a["content"]: a["id"] for a in json.loads((tmp_path / "tokenizer_module.json").read_text())["added_tokens"]
+    }
+    ref = tiktoken.Encoding(
+        "cl100k",
+        pat_str=generate.CL100K_PATTERN,
+        special_tokens=specials,
+        mergeable_ranks=load_tiktoken_bpe(str(tmp_path / "cl100k_base.tiktoken")),
+    )
     for s in fuzz_strings("phi4", 500):
         assert tok.encode(s) == ref.encode(s, allowed_special="all"), repr(s)
 
@@ -827,7 +1115,7 @@ def test_stream_decoder_never_splits_characters(family):
         # continuing after a prompt: the first new token keeps its leading space (SentencePiece "▁")
         prompt = tok.encode("Say:")
         stream = tok.stream(context=prompt)
-        assert "".join(stream.push(i) for i in ids) == tok.decode(prompt + ids)[len(tok.decode(prompt)):]
+        assert "".join(stream.push(i) for i in ids) == tok.decode(prompt + ids)[len(tok.decode(prompt)) :]
 
 
 @needs_reference("tokenizers")
@@ -838,12 +1126,17 @@ def test_chat_rendering_matches_apply_chat_template(family):
     tok = our_tokenizer(family)
     conversations = [
         [{"role": "user", "content": "Hi"}],
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
-         {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?\n  Explain."}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "And 3+3?\n  Explain."},
+        ],
     ]
     if family == "phi4mini":
-        conversations.append([{"role": "system", "content": "Use tools.", "tools": '[{"name": "f"}]'},
-                              {"role": "user", "content": "Go"}])
+        conversations.append(
+            [{"role": "system", "content": "Use tools.", "tools": '[{"name": "f"}]'}, {"role": "user", "content": "Go"}]
+        )
     for messages in conversations:
         for gen in (True, False):
             want = ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
@@ -881,31 +1174,52 @@ def test_load_tokenizer_from_offline_hub_cache(tmp_path):
         shutil.copy(TOK / "codegen" / f, snap)
     (tmp_path / "hub" / "models--microsoft--phi-2" / "refs").mkdir()
     (tmp_path / "hub" / "models--microsoft--phi-2" / "refs" / "main").write_text("0" * 40)
-    script = ("import generate, sys\n"
-              "print(generate.load_tokenizer('microsoft/phi-2').encode('def print_prime(n):'))\n"
-              "try:\n    generate.load_tokenizer('microsoft/not-cached')\n"
-              "except FileNotFoundError as e:\n    print(e)\n")
+    script = (
+        "import generate, sys\n"
+        "print(generate.load_tokenizer('microsoft/phi-2').encode('def print_prime(n):'))\n"
+        "try:\n    generate.load_tokenizer('microsoft/not-cached')\n"
+        "except FileNotFoundError as e:\n    print(e)\n"
+    )
     env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     ids, err_line = r.stdout.strip().split("\n")
     assert json.loads(ids) == oracle_encode("codegen", "def print_prime(n):")
-    assert err_line == "'microsoft/not-cached' is not a local directory and is not in the Hugging Face cache (offline, or the Hub is unreachable)"
+    assert (
+        err_line
+        == "'microsoft/not-cached' is not a local directory and is not in the Hugging Face cache (offline, or the Hub is unreachable)"
+    )
 
 
 # ===============================================================================================================
 # generate.py: checkpoints in an offline Hugging Face cache, greedy parity with transformers, sampling, CLI
 
-GEN_CASES = {   # name -> (CASES entry, tokenizer family, HF config overrides matching that tokenizer)
+GEN_CASES = {  # name -> (CASES entry, tokenizer family, HF config overrides matching that tokenizer)
     "phi-2": ("phi-2", "codegen", dict(vocab_size=51200, bos_token_id=50256, eos_token_id=50256, pad_token_id=50256)),
-    "phi3-4k": ("phi3-4k", "phi3", dict(vocab_size=32064, bos_token_id=1, eos_token_id=32000, pad_token_id=32000,
-                                        max_position_embeddings=128, original_max_position_embeddings=128)),
-    "phi3-longrope": ("phi3-128k-longrope", "phi3", dict(vocab_size=32064, bos_token_id=1, eos_token_id=32000,
-                                                         pad_token_id=32000)),
-    "phi4-mini": ("phi4-mini", "phi4mini", dict(vocab_size=200064, bos_token_id=199999, eos_token_id=199999,
-                                                pad_token_id=199999)),
+    "phi3-4k": (
+        "phi3-4k",
+        "phi3",
+        dict(
+            vocab_size=32064,
+            bos_token_id=1,
+            eos_token_id=32000,
+            pad_token_id=32000,
+            max_position_embeddings=128,
+            original_max_position_embeddings=128,
+        ),
+    ),
+    "phi3-longrope": (
+        "phi3-128k-longrope",
+        "phi3",
+        dict(vocab_size=32064, bos_token_id=1, eos_token_id=32000, pad_token_id=32000),
+    ),
+    "phi4-mini": (
+        "phi4-mini",
+        "phi4mini",
+        dict(vocab_size=200064, bos_token_id=199999, eos_token_id=199999, pad_token_id=199999),
+    ),
 }
-PROMPT = "def print_prime(n):\n    # print all primes below n, one per line"     # 15-25 tokens: below LongRoPE's 32
+PROMPT = "def print_prime(n):\n    # print all primes below n, one per line"  # 15-25 tokens: below LongRoPE's 32
 
 
 @pytest.fixture(scope="session")
@@ -930,9 +1244,20 @@ def hub(tmp_path_factory):
 def run_cli(home, *args, stdin=None):
     """generate.py in a subprocess, offline, on the cache under home. Output is read as bytes and decoded, so a
     generated "\r\n" stays as it is (text mode would turn it into "\n")."""
-    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "PYTHONIOENCODING": "utf-8"}
-    r = subprocess.run([sys.executable, str(ROOT / "generate.py"), *map(str, args)], capture_output=True, env=env,
-                       input=stdin.encode() if stdin else None, cwd=home)
+    env = {
+        **os.environ,
+        "HF_HOME": str(home),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT),
+        "PYTHONIOENCODING": "utf-8",
+    }
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "generate.py"), *map(str, args)],
+        capture_output=True,
+        env=env,
+        input=stdin.encode() if stdin else None,
+        cwd=home,
+    )
     return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(), r.stderr.decode())
 
 
@@ -941,10 +1266,10 @@ def snapshot(home, name):
 
 
 def hf_greedy(ref, ids, n=48, **kw):
-    out = ref.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n, **kw)[0, len(ids):].tolist()
+    out = ref.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n, **kw)[0, len(ids) :].tolist()
     eos = ref.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
-    return out[:next((i for i, t in enumerate(out) if t in eos), len(out))]    # we stop before the EOS
+    return out[: next((i for i, t in enumerate(out) if t in eos), len(out))]  # we stop before the EOS
 
 
 @needs_reference("tokenizers")
@@ -959,10 +1284,21 @@ def test_greedy_generation_matches_transformers(name, hub):
     if name == "phi3-longrope":
         assert len(prompt) < 32 < len(prompt) + len(want)
     assert list(generate.generate(model, prompt, max_new_tokens=48, temperature=0)) == want
-    r = run_cli(home, "--model", f"test/{name}", "--prompt", PROMPT, "--max-new-tokens", 48, "--temperature", 0,
-                "--dtype", "float32")
+    r = run_cli(
+        home,
+        "--model",
+        f"test/{name}",
+        "--prompt",
+        PROMPT,
+        "--max-new-tokens",
+        48,
+        "--temperature",
+        0,
+        "--dtype",
+        "float32",
+    )
     assert r.returncode == 0, r.stderr
-    assert r.stdout == tok.decode(prompt + want)[len(tok.decode(prompt)):] + "\n"
+    assert r.stdout == tok.decode(prompt + want)[len(tok.decode(prompt)) :] + "\n"
     assert re.search(r"prompt: \d+ tokens, [\d.]+ tokens/s; generation: \d+ tokens, [\d.]+ tokens/s", r.stderr)
 
 
@@ -978,11 +1314,18 @@ def test_repetition_penalty_generation_matches_transformers(hub):
 
 def test_logits_processing_matches_transformers_processors():
     from transformers.generation import logits_process as lp
+
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 50, generator=g) * 3
     prev = torch.randint(0, 50, (3, 7), generator=g)
-    for temperature, top_k, top_p, penalty in [(1.0, 0, 1.0, 1.3), (0.7, 0, 1.0, 1.0), (1.0, 5, 1.0, 1.0),
-                                               (1.0, 0, 0.8, 1.0), (0.6, 10, 0.9, 1.2), (1.5, 1, 0.5, 0.8)]:
+    for temperature, top_k, top_p, penalty in [
+        (1.0, 0, 1.0, 1.3),
+        (0.7, 0, 1.0, 1.0),
+        (1.0, 5, 1.0, 1.0),
+        (1.0, 0, 0.8, 1.0),
+        (0.6, 10, 0.9, 1.2),
+        (1.5, 1, 0.5, 0.8),
+    ]:
         want = logits.clone()
         if penalty != 1.0:
             want = lp.RepetitionPenaltyLogitsProcessor(penalty)(prev, want)
@@ -1005,11 +1348,17 @@ def test_sampling_seed_topk_batch_stop_and_eos(hub):
     greedy = list(generate.generate(model, prompt, 20, temperature=0))
 
     def sampled(seed, **kw):
-        return list(generate.generate(model, prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(seed), **kw))
-    assert sampled(7) == sampled(7) and sampled(7) != sampled(8)            # a seed reproduces its sample
-    assert sampled(7, top_k=1) == sampled(8, top_k=1) == greedy             # top-k 1 is greedy
+        return list(
+            generate.generate(model, prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(seed), **kw)
+        )
+
+    assert sampled(7) == sampled(7) and sampled(7) != sampled(8)  # a seed reproduces its sample
+    assert sampled(7, top_k=1) == sampled(8, top_k=1) == greedy  # top-k 1 is greedy
     # EOS stops: declare the 6th greedy token an EOS id
-    assert list(generate.generate(model, prompt, 20, temperature=0, eos_ids={greedy[5]})) == greedy[:greedy.index(greedy[5])]
+    assert (
+        list(generate.generate(model, prompt, 20, temperature=0, eos_ids={greedy[5]}))
+        == greedy[: greedy.index(greedy[5])]
+    )
     # a left-padded batch of different lengths equals each prompt alone
     prompts = [prompt, tok.encode("import numpy as np"), tok.encode("x")]
     steps = torch.stack(list(generate.generate_batch(model, prompts, 12, temperature=0, eos_ids=set())), 1)
@@ -1019,10 +1368,10 @@ def test_sampling_seed_topk_batch_stop_and_eos(hub):
     args = ("--model", "test/phi-2", "--prompt", PROMPT, "--max-new-tokens", 20, "--dtype", "float32")
     a, b = run_cli(home, *args, "--temperature", 1, "--seed", 3), run_cli(home, *args, "--temperature", 1, "--seed", 3)
     assert a.returncode == 0 and a.stdout == b.stdout
-    full = tok.decode(prompt + greedy)[len(tok.decode(prompt)):]
-    stop = full[len(full) // 2:len(full) // 2 + 3]
+    full = tok.decode(prompt + greedy)[len(tok.decode(prompt)) :]
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
     r = run_cli(home, *args, "--temperature", 0, "--stop", stop)
-    assert r.stdout == full[:full.index(stop)] + "\n"
+    assert r.stdout == full[: full.index(stop)] + "\n"
     r = run_cli(home, *args, "--temperature", 0, "--num-samples", 2)
     assert r.stdout == f"=== 0 ===\n{tok.decode(greedy)}\n=== 1 ===\n{tok.decode(greedy)}\n"
 
@@ -1035,17 +1384,31 @@ def test_cli_stops_at_generation_config_eos_and_prompt_file(hub, tmp_path):
     greedy = list(generate.generate(model, prompt, 20, temperature=0))
     snap = snapshot(home, "phi3-4k")
     gen = json.loads((snap / "generation_config.json").read_text())
-    try:   # a list of EOS ids, as Phi-3's own generation_config.json has
+    try:  # a list of EOS ids, as Phi-3's own generation_config.json has
         (snap / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": [32000, greedy[3]]}))
         r = run_cli(home, "--model", "test/phi3-4k", "--prompt", PROMPT, "--temperature", 0, "--dtype", "float32")
         assert r.returncode == 0, r.stderr
-        assert r.stdout == tok.decode(prompt + greedy[:greedy.index(greedy[3])])[len(tok.decode(prompt)):] + "\n"
+        assert r.stdout == tok.decode(prompt + greedy[: greedy.index(greedy[3])])[len(tok.decode(prompt)) :] + "\n"
     finally:
         (snap / "generation_config.json").write_text(json.dumps(gen))
     (tmp_path / "prompts.txt").write_text("def print_prime(n):\nHello there\n")
-    r = run_cli(home, "--model", "test/phi3-4k", "--prompt-file", tmp_path / "prompts.txt", "--temperature", 0,
-                "--max-new-tokens", 8, "--dtype", "float32")
-    alone = [tok.decode(list(generate.generate(model, tok.encode(p), 8, temperature=0))) for p in ("def print_prime(n):", "Hello there")]
+    r = run_cli(
+        home,
+        "--model",
+        "test/phi3-4k",
+        "--prompt-file",
+        tmp_path / "prompts.txt",
+        "--temperature",
+        0,
+        "--max-new-tokens",
+        8,
+        "--dtype",
+        "float32",
+    )
+    alone = [
+        tok.decode(list(generate.generate(model, tok.encode(p), 8, temperature=0)))
+        for p in ("def print_prime(n):", "Hello there")
+    ]
     assert r.stdout == f"=== 0 ===\n{alone[0]}\n=== 1 ===\n{alone[1]}\n"
 
 
@@ -1056,31 +1419,65 @@ def test_cli_chat_uses_the_family_template(name, family, hub):
     model, tok = generate.load(snapshot(home, name), dtype="float32")
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a prime."}]
     want_text = transformers.AutoTokenizer.from_pretrained(TOK / family).apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True)
+        messages, tokenize=False, add_generation_prompt=True
+    )
     assert generate.chat_prompt(tok, "Name a prime.", "Be brief.") == want_text
-    end = tok.added["<|end|>"]["id"]                                       # <|end|> closes a turn in chat mode
+    end = tok.added["<|end|>"]["id"]  # <|end|> closes a turn in chat mode
     ids = tok.encode(want_text)
     want = list(generate.generate(model, ids, 16, temperature=0, eos_ids=model.eos_ids | {end}))
-    r = run_cli(home, "--model", f"test/{name}", "--chat", "--system", "Be brief.", "--prompt", "Name a prime.",
-                "--max-new-tokens", 16, "--temperature", 0, "--dtype", "float32")
+    r = run_cli(
+        home,
+        "--model",
+        f"test/{name}",
+        "--chat",
+        "--system",
+        "Be brief.",
+        "--prompt",
+        "Name a prime.",
+        "--max-new-tokens",
+        16,
+        "--temperature",
+        0,
+        "--dtype",
+        "float32",
+    )
     assert r.returncode == 0, r.stderr
-    assert r.stdout == tok.decode(ids + want)[len(tok.decode(ids)):] + "\n"
-    r = run_cli(home, "--model", f"test/{name}", "--interactive", "--system", "Be brief.", "--max-new-tokens", 16,
-                "--temperature", 0, "--dtype", "float32", stdin="Name a prime.\n\n")
-    assert r.returncode == 0 and r.stdout == tok.decode(ids + want)[len(tok.decode(ids)):] + "\n"
+    assert r.stdout == tok.decode(ids + want)[len(tok.decode(ids)) :] + "\n"
+    r = run_cli(
+        home,
+        "--model",
+        f"test/{name}",
+        "--interactive",
+        "--system",
+        "Be brief.",
+        "--max-new-tokens",
+        16,
+        "--temperature",
+        0,
+        "--dtype",
+        "float32",
+        stdin="Name a prime.\n\n",
+    )
+    assert r.returncode == 0 and r.stdout == tok.decode(ids + want)[len(tok.decode(ids)) :] + "\n"
 
 
 @needs_reference("tokenizers")
-@pytest.mark.parametrize("args,message", [
-    (("--model", "nobody/nothing"), "'nobody/nothing' is not a local directory and is not in the Hugging Face cache"),
-    (("--temperature", "-1"), "--temperature must be >= 0 (0 = greedy), got -1.0"),
-    (("--top-p", "0"), "--top-p must be in (0, 1], got 0.0"),
-    (("--top-p", "1.5"), "--top-p must be in (0, 1], got 1.5"),
-    (("--top-k", "-2"), "--top-k must be >= 0, got -2"),
-    (("--attn", "flash", "--device", "cpu"), "--attn flash needs a CUDA device, got cpu"),
-    (("--device", "cuda", "--dtype", "bfloat16"), "torch.bfloat16 is not supported on cuda"),
-    (("--prompt", "word " * 300), "the prompt is 301 tokens, longer than the model's context of 128"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ("--model", "nobody/nothing"),
+            "'nobody/nothing' is not a local directory and is not in the Hugging Face cache",
+        ),
+        (("--temperature", "-1"), "--temperature must be >= 0 (0 = greedy), got -1.0"),
+        (("--top-p", "0"), "--top-p must be in (0, 1], got 0.0"),
+        (("--top-p", "1.5"), "--top-p must be in (0, 1], got 1.5"),
+        (("--top-k", "-2"), "--top-k must be >= 0, got -2"),
+        (("--attn", "flash", "--device", "cpu"), "--attn flash needs a CUDA device, got cpu"),
+        (("--device", "cuda", "--dtype", "bfloat16"), "torch.bfloat16 is not supported on cuda"),
+        (("--prompt", "word " * 300), "the prompt is 301 tokens, longer than the model's context of 128"),
+    ],
+)
 def test_cli_bad_input_gives_one_clear_line(args, message, hub):
     home, _ = hub
     r = run_cli(home, "--model", "test/phi-2", "--temperature", "0", "--max-new-tokens", 4, *args)
@@ -1091,40 +1488,88 @@ def test_cli_bad_input_gives_one_clear_line(args, message, hub):
 
 
 def test_cli_missing_weights_is_one_clear_line(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "phi", "vocab_size": 96, "hidden_size": 64,
-                                                      "intermediate_size": 96, "num_hidden_layers": 1,
-                                                      "num_attention_heads": 4, "torch_dtype": "float32"}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "phi",
+                "vocab_size": 96,
+                "hidden_size": 64,
+                "intermediate_size": 96,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 4,
+                "torch_dtype": "float32",
+            }
+        )
+    )
     r = run_cli(tmp_path, "--model", tmp_path, "--prompt", "x")
     assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1] == (f"generate.py: error: {tmp_path}: no model.safetensors, "
-                                                 "model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json")
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"generate.py: error: {tmp_path}: no model.safetensors, "
+        "model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json"
+    )
 
 
 # ===============================================================================================================
 # train.py
 
-import sysconfig
 
-import train
-
-CORPUS = Path(sysconfig.get_paths()["stdlib"]) / "json"          # a small, always-present code corpus
-TINY = dict(model_type="phi", vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=4, partial_rotary_factor=0.5, max_position_embeddings=128)
+CORPUS = Path(sysconfig.get_paths()["stdlib"]) / "json"  # a small, always-present code corpus
+TINY = dict(
+    model_type="phi",
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    partial_rotary_factor=0.5,
+    max_position_embeddings=128,
+)
 
 
 def run_train(tmp_path, *args, torchrun=0):
     cfg = tmp_path / "tiny.json"
     cfg.write_text(json.dumps(TINY))
-    base = ["--config", cfg, "--data", CORPUS, "--block-size", 64, "--batch-size", 8, "--log-every", 5,
-            "--sample-tokens", 0, "--warmup-steps", 5]
-    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node", str(torchrun),
-                                    "--master_port", str(29500 + os.getpid() % 1000)] if torchrun else [])
-    return subprocess.run(launcher + [str(ROOT / "train.py"), *map(str, base + list(args))], capture_output=True,
-                          text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    base = [
+        "--config",
+        cfg,
+        "--data",
+        CORPUS,
+        "--block-size",
+        64,
+        "--batch-size",
+        8,
+        "--log-every",
+        5,
+        "--sample-tokens",
+        0,
+        "--warmup-steps",
+        5,
+    ]
+    launcher = [sys.executable] + (
+        [
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(torchrun),
+            "--master_port",
+            str(29500 + os.getpid() % 1000),
+        ]
+        if torchrun
+        else []
+    )
+    return subprocess.run(
+        launcher + [str(ROOT / "train.py"), *map(str, base + list(args))],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+    )
 
 
 def weights(d):
     from safetensors.torch import load_file
+
     return load_file(Path(d) / "model.safetensors")
 
 
@@ -1143,7 +1588,7 @@ def test_train_loss_goes_down_and_checkpoint_loads_everywhere(tmp_path):
         assert record("train checkpoint vs transformers", err(ours(ids), ref(ids).logits)) <= TOL
     g = run_cli(tmp_path, "--model", model_dir, "--prompt", "def ", "--max-new-tokens", 20, "--temperature", 0)
     assert g.returncode == 0 and len(g.stdout) > 1, g.stderr
-    hf_tok = transformers.AutoTokenizer.from_pretrained(model_dir)       # the byte tokenizer loads there too
+    hf_tok = transformers.AutoTokenizer.from_pretrained(model_dir)  # the byte tokenizer loads there too
     assert hf_tok.encode("déf  x\n", add_special_tokens=False) == tok.encode("déf  x\n") == list("déf  x\n".encode())
 
 
@@ -1165,8 +1610,19 @@ def test_torchrun_two_processes_equal_one(mode, tmp_path):
     """torchrun with gloo on the CPU, 2 x 4 sequences == 1 process x 8 sequences, for one step (DDP, and FSDP)."""
     one = run_train(tmp_path, "--out", tmp_path / "one", "--max-steps", 1, "--eval-every", 0, "--batch-size", 8)
     assert one.returncode == 0, one.stderr
-    two = run_train(tmp_path, "--out", tmp_path / "two", "--max-steps", 1, "--eval-every", 0, "--batch-size", 4,
-                    *(["--fsdp"] if mode == "fsdp" else []), torchrun=2)
+    two = run_train(
+        tmp_path,
+        "--out",
+        tmp_path / "two",
+        "--max-steps",
+        1,
+        "--eval-every",
+        0,
+        "--batch-size",
+        4,
+        *(["--fsdp"] if mode == "fsdp" else []),
+        torchrun=2,
+    )
     assert two.returncode == 0, two.stderr
     assert "2 process(es)" in two.stderr
     w1, w2 = weights(tmp_path / "one" / "model"), weights(tmp_path / "two" / "model")
@@ -1177,7 +1633,11 @@ def test_torchrun_two_processes_equal_one(mode, tmp_path):
 def toy_classification(path, n=200, seed=0):
     """Separable toy sets: sentiment by word choice (seq-cls), and per-word tags: digits vs letters (token-cls)."""
     rng = random.Random(seed)
-    good, bad, filler = ["great", "lovely", "superb", "fine"], ["awful", "boring", "dreadful", "poor"], ["the", "film", "was", "very", "and", "plot"]
+    good, bad, filler = (
+        ["great", "lovely", "superb", "fine"],
+        ["awful", "boring", "dreadful", "poor"],
+        ["the", "film", "was", "very", "and", "plot"],
+    )
     with open(path / "seq.jsonl", "w") as f:
         for _ in range(n):
             label = rng.randint(0, 1)
@@ -1193,9 +1653,12 @@ def test_finetune_from_hub_format_checkpoint_and_classification_heads(tmp_path):
     """A random checkpoint written by transformers (+ the byte tokenizer) fine-tunes as a causal LM, and as a
     sequence classifier and a token classifier (each >= 90% accuracy on a separable toy set)."""
     ckpt = tmp_path / "hub-format"
-    torch.manual_seed(0)                             # the same checkpoint whichever tests ran before
-    ref = transformers.PhiForCausalLM(transformers.PhiConfig(**{k: v for k, v in TINY.items() if k != "model_type"},
-                                                             pad_token_id=256, eos_token_id=256, bos_token_id=256))
+    torch.manual_seed(0)  # the same checkpoint whichever tests ran before
+    ref = transformers.PhiForCausalLM(
+        transformers.PhiConfig(
+            **{k: v for k, v in TINY.items() if k != "model_type"}, pad_token_id=256, eos_token_id=256, bos_token_id=256
+        )
+    )
     ref.save_pretrained(ckpt)
     train.write_byte_tokenizer(ckpt)
     lm = run_train(tmp_path, "--init", ckpt, "--out", tmp_path / "lm", "--max-steps", 20, "--eval-every", 10)
@@ -1203,21 +1666,55 @@ def test_finetune_from_hub_format_checkpoint_and_classification_heads(tmp_path):
     val = [float(x) for x in re.findall(r"validation loss ([\d.]+)", lm.stderr)]
     assert val[1] < val[0]
     toy_classification(tmp_path)
-    seq = run_train(tmp_path, "--init", ckpt, "--task", "seq-cls", "--data", tmp_path / "seq.jsonl", "--out",
-                    tmp_path / "seq", "--max-steps", 60, "--eval-every", 60, "--eval-steps", 4, "--lr", "3e-3")
+    seq = run_train(
+        tmp_path,
+        "--init",
+        ckpt,
+        "--task",
+        "seq-cls",
+        "--data",
+        tmp_path / "seq.jsonl",
+        "--out",
+        tmp_path / "seq",
+        "--max-steps",
+        60,
+        "--eval-every",
+        60,
+        "--eval-steps",
+        4,
+        "--lr",
+        "3e-3",
+    )
     assert seq.returncode == 0, seq.stderr
     acc = float(re.findall(r"accuracy ([\d.]+)%", seq.stderr)[-1])
     assert record("seq-cls toy accuracy %", acc) >= 90, seq.stderr
     clf = phi.PhiForSequenceClassification.from_pretrained(tmp_path / "seq" / "model")
     assert clf.config.num_labels == 2
-    tag = run_train(tmp_path, "--init", ckpt, "--task", "token-cls", "--data", tmp_path / "tok.jsonl", "--out",
-                    tmp_path / "tag", "--max-steps", 40, "--eval-every", 20, "--eval-steps", 4, "--lr", "3e-3")
+    tag = run_train(
+        tmp_path,
+        "--init",
+        ckpt,
+        "--task",
+        "token-cls",
+        "--data",
+        tmp_path / "tok.jsonl",
+        "--out",
+        tmp_path / "tag",
+        "--max-steps",
+        40,
+        "--eval-every",
+        20,
+        "--eval-steps",
+        4,
+        "--lr",
+        "3e-3",
+    )
     assert tag.returncode == 0, tag.stderr
-    acc = float(re.findall(r"accuracy ([\d.]+)%", tag.stderr)[-1])    # 58% = always "not a number"
+    acc = float(re.findall(r"accuracy ([\d.]+)%", tag.stderr)[-1])  # 58% = always "not a number"
     assert record("token-cls toy accuracy %", acc) >= 90, tag.stderr
     tagger = phi.PhiForTokenClassification.from_pretrained(tmp_path / "tag" / "model").eval()
     tok = generate.load_tokenizer(tmp_path / "tag" / "model")
-    ids = tok.encode("the 417 plot 9", allowed_special=set())         # the label sits on each word's first non-space byte
+    ids = tok.encode("the 417 plot 9", allowed_special=set())  # the label sits on each word's first non-space byte
     assert tagger(torch.tensor([ids])).argmax(-1)[0, [0, 4, 8, 13]].tolist() == [0, 1, 0, 1]
 
 
@@ -1228,7 +1725,7 @@ def test_token_labels_sit_on_each_words_first_non_space_token(tmp_path, name):
     seen the word yet), so the label goes to the first token with text; an empty first word has no token to label."""
     tok = generate.load_tokenizer(REF / "tokenizers" / name)
     words, tags = ["", "417", "the", "Washington", "😀x", "  9", "end"], ["X", "N", "O", "LOC", "E", "N", "O"]
-    (tmp_path / "t.jsonl").write_text((json.dumps({"tokens": words, "labels": tags}) + "\n") * 10)   # 10: the minimum
+    (tmp_path / "t.jsonl").write_text((json.dumps({"tokens": words, "labels": tags}) + "\n") * 10)  # 10: the minimum
     label_map = {}
     ids, labels = train.labelled_examples([tmp_path / "t.jsonl"], tok, "token-cls", 512, label_map)[0]
     assert len(ids) == len(labels)
@@ -1246,9 +1743,15 @@ def test_train_bad_input_one_clear_error_nothing_overwritten(tmp_path):
     cases = [
         (("--data", tmp_path / "missing"), f"--data {tmp_path / 'missing'}: no such file or directory"),
         (("--data", tmp_path / "empty"), f"--data {tmp_path / 'empty'}: no files found"),
-        (("--data", tmp_path / "short.py"), "the corpus is 7 tokens: too short for --block-size 64 (needs at least 1300, so that train "
-                                              "and validation each hold a block)"),
-        (("--config", "huge"), "--config huge: not a preset (demo, small, 160m, phi-1.5, phi-2, phi3-mini) nor a config.json file"),
+        (
+            ("--data", tmp_path / "short.py"),
+            "the corpus is 7 tokens: too short for --block-size 64 (needs at least 1300, so that train "
+            "and validation each hold a block)",
+        ),
+        (
+            ("--config", "huge"),
+            "--config huge: not a preset (demo, small, 160m, phi-1.5, phi-2, phi3-mini) nor a config.json file",
+        ),
     ]
     for args, message in cases:
         r = run_train(tmp_path, "--out", out, "--max-steps", 2, *args)
@@ -1258,12 +1761,17 @@ def test_train_bad_input_one_clear_error_nothing_overwritten(tmp_path):
     ok = run_train(tmp_path, "--out", tmp_path / "run", "--max-steps", 2, "--eval-every", 0, "--save-every", 2)
     assert ok.returncode == 0, ok.stderr
     before = weights(tmp_path / "run" / "model")
-    for args, message in [(("--task", "seq-cls"), "was trained with --task causal-lm, not seq-cls"),
-                          (("--block-size", 32), "was trained with --block-size 64, not 32")]:
+    for args, message in [
+        (("--task", "seq-cls"), "was trained with --task causal-lm, not seq-cls"),
+        (("--block-size", 32), "was trained with --block-size 64, not 32"),
+    ]:
         r = run_train(tmp_path, "--out", tmp_path / "run", "--resume", tmp_path / "run", "--max-steps", 4, *args)
         assert r.returncode == 2 and message in r.stderr.strip().splitlines()[-1], r.stderr
     r = run_train(tmp_path, "--out", out, "--resume", tmp_path / "empty")
-    assert r.stderr.strip().splitlines()[-1] == f"train.py: error: --resume {tmp_path / 'empty'}: no checkpoint with a training_state.pt there"
+    assert (
+        r.stderr.strip().splitlines()[-1]
+        == f"train.py: error: --resume {tmp_path / 'empty'}: no checkpoint with a training_state.pt there"
+    )
     after = weights(tmp_path / "run" / "model")
     assert all(torch.equal(before[k], after[k]) for k in before)
 
@@ -1277,6 +1785,7 @@ def test_compiled_decode_step_compiles_once_and_matches(tmp_path):
     only on the device): torch.compile traces it once for a whole generation, in one graph, and it still equals
     the full forward pass (sliding window and GQA included)."""
     import torch._dynamo.testing
+
     model = phi.Phi.from_pretrained(saved(hf_model("phi3-gqa-window"), tmp_path))
     counter = torch._dynamo.testing.CompileCounter()
     step = torch.compile(generate.decode_one_token, backend=counter, fullgraph=True)
@@ -1290,7 +1799,7 @@ def test_compiled_decode_step_compiles_once_and_matches(tmp_path):
 
 
 def test_compiled_batch1_decode_streams_weights_and_matches(monkeypatch):
-    """Batch-1 decoding under torch.compile (inductor) multiplies by every weight as multiply-and-sum (phi.matvec):
+    """Batch-1 decoding under torch.compile (inductor) multiplies by every weight as multiply-and-sum (generate.matvec):
     the logits equal the full forward pass, for biased Linears, a row longer than 4096 (summed in 4 chunks of 2050)
     and int8 weights. The caller's grad mode is left on: a compiled step run with grad enabled used to lose its
     cache writes after the first token (decode_one_token runs under no_grad)."""
@@ -1299,46 +1808,59 @@ def test_compiled_batch1_decode_streams_weights_and_matches(monkeypatch):
     def counted(x, weight, scale=None):
         calls.append(tuple(weight.shape))
         return matvec(x, weight, scale)
-    matvec = phi.matvec
-    monkeypatch.setattr(phi, "matvec", counted)
-    cfg = phi.PhiConfig(model_type="phi", vocab_size=96, hidden_size=64, intermediate_size=8200, num_hidden_layers=1,
-                        num_attention_heads=4, num_key_value_heads=4, head_dim=16, initializer_range=0.1)
+
+    matvec = generate.matvec
+    monkeypatch.setattr(generate, "matvec", counted)
+    cfg = phi.PhiConfig(
+        model_type="phi",
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=8200,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=16,
+        initializer_range=0.1,
+    )
     torch.manual_seed(0)
-    model = phi.Phi.from_config(cfg).eval()
+    model = generate.speed_up(phi.Phi.from_config(cfg).eval(), cpu_kernels=True)
     ids = ids_for(16, B=1)
-    for m in (model, generate.quantize_int8(phi.Phi.from_config(cfg).eval())):
+    for m in (model, generate.quantize_int8(generate.speed_up(phi.Phi.from_config(cfg).eval(), cpu_kernels=True))):
         torch._dynamo.reset()
         step = torch.compile(generate.decode_one_token, fullgraph=True)
         with torch.no_grad():
             full = m(ids)
         cache = phi.KVCache(cfg, 1, 16)
-        got = stepped_logits(m, step, ids, 10, cache)   # > 8 rows: int8 prefill in fp32, like the full forward
-        assert (64, 8200) in calls                     # fc2: the chunked long row went through matvec
+        got = stepped_logits(m, step, ids, 10, cache)  # > 8 rows: int8 prefill in fp32, like the full forward
+        assert (64, 8200) in calls  # fc2: the chunked long row went through matvec
         calls.clear()
-        assert record(f"compiled batch-1 decode vs full forward ({type(m.lm_head).__name__})", err(got, full[:, 10:])) <= TOL
+        assert (
+            record(f"compiled batch-1 decode vs full forward ({type(m.lm_head).__name__})", err(got, full[:, 10:]))
+            <= TOL
+        )
 
 
 def test_bf16_matvec_widens_in_int32_pairs_exactly(monkeypatch):
-    """bf16 weights and input: matvec widens them two at a time (phi.bf16_halves, bit operations on int32 pairs), eager
-    and compiled, from phi.PAIRS_MIN_WEIGHTS weights on. Against fp32 products of the same bf16 numbers, the result is
+    """bf16 weights and input: matvec widens them two at a time (generate.bf16_halves, bit operations on int32 pairs), eager
+    and compiled, from generate.PAIRS_MIN_WEIGHTS weights on. Against fp32 products of the same bf16 numbers, the result is
     off by the final bf16 rounding only; rows whose chunks have an odd length (4097 = 17 x 241, and 63) and smaller
     weights take the plain widening, with the same result."""
     halves = []
-    bf16_halves = phi.bf16_halves
-    monkeypatch.setattr(phi, "bf16_halves", lambda t: halves.append(t.shape) or bf16_halves(t))
+    bf16_halves = generate.bf16_halves
+    monkeypatch.setattr(generate, "bf16_halves", lambda t: halves.append(t.shape) or bf16_halves(t))
     torch._dynamo.reset()
-    compiled = torch.compile(phi.matvec, fullgraph=True, dynamic=False)
+    compiled = torch.compile(generate.matvec, fullgraph=True, dynamic=False)
     g = torch.Generator().manual_seed(0)
     for N, K, pairs in [(2**14, 64, True), (128, 8200, True), (40, 8200, False), (256, 4097, False), (40, 63, False)]:
         x, w = torch.randn(1, K, generator=g).bfloat16(), torch.randn(N, K, generator=g).bfloat16()
-        want = x.float() @ w.float().T                              # exact products of the bf16 numbers, fp32 sums
+        want = x.float() @ w.float().T  # exact products of the bf16 numbers, fp32 sums
         bound = (want.abs() * 2**-8 + 1e-5 * (x.float().abs() @ w.float().abs().T)).max().item()  # rounding; sums
-        for name, f in [("eager", phi.matvec), ("compiled", compiled)]:
+        for name, f in [("eager", generate.matvec), ("compiled", compiled)]:
             halves.clear()
             got = f(x, w)
             assert got.dtype == torch.bfloat16 and got.shape == (1, N)
             assert record(f"bf16 matvec {name}, {N}x{K} (max err / bf16 rounding bound)", err(got, want) / bound) <= 1
-            assert len(halves) == (2 if pairs else 0)      # x and the weight; the compiled call counts too
+            assert len(halves) == (2 if pairs else 0)  # x and the weight; the compiled call counts too
     torch._dynamo.reset()
 
 
@@ -1347,31 +1869,57 @@ def test_compiled_batch1_decode_of_a_bf16_model_matches_eager(model_type, monkey
     """A bf16 model (parallel block with biases; Phi-3 block with GQA): the compiled batch-1 step, whose products go
     through the int32-pair widening (threshold at 0 here), gives the eager step's logits up to bf16 rounding (the eager
     step rounds every op's output to bf16, inductor only what it stores). A wrong widening would be of their size."""
-    monkeypatch.setattr(phi, "PAIRS_MIN_WEIGHTS", 0)
-    cfg = phi.PhiConfig(model_type=model_type, vocab_size=96, hidden_size=64, intermediate_size=192,
-                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                        initializer_range=0.1, max_position_embeddings=64, original_max_position_embeddings=64)
+    monkeypatch.setattr(generate, "PAIRS_MIN_WEIGHTS", 0)
+    cfg = phi.PhiConfig(
+        model_type=model_type,
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        initializer_range=0.1,
+        max_position_embeddings=64,
+        original_max_position_embeddings=64,
+    )
     torch.manual_seed(0)
-    model = phi.Phi.from_config(cfg).eval().bfloat16()
+    model = generate.speed_up(phi.Phi.from_config(cfg).eval().bfloat16(), cpu_kernels=True)
     ids = ids_for(14, B=1)
     torch._dynamo.reset()
     out = {}
-    for name, step in [("eager", generate.decode_one_token),
-                       ("compiled", torch.compile(generate.decode_one_token, fullgraph=True))]:
+    for name, step in [
+        ("eager", generate.decode_one_token),
+        ("compiled", torch.compile(generate.decode_one_token, fullgraph=True)),
+    ]:
         cache = phi.KVCache(cfg, 1, 14, dtype=torch.bfloat16)
         with torch.no_grad():
             out[name] = stepped_logits(model, step, ids, 6, cache).float()
     scale = out["eager"].abs().max().item()
-    assert record(f"compiled bf16 batch-1 decode vs eager ({model_type}), / max |logit|",
-                  err(out["compiled"], out["eager"]) / scale) <= 0.03
+    assert (
+        record(
+            f"compiled bf16 batch-1 decode vs eager ({model_type}), / max |logit|",
+            err(out["compiled"], out["eager"]) / scale,
+        )
+        <= 0.03
+    )
     torch._dynamo.reset()
 
 
 def test_compiled_int8_decode_of_several_rows_matches_eager():
     """int8 weights, compiled decode step with 3 rows (bf16 product with the weights expanded, where the eager step
     calls PyTorch's int8 kernel): the same tokens' logits as the eager step, and within 2% of the fp32 model."""
-    cfg = phi.PhiConfig(model_type="phi", vocab_size=96, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=4, head_dim=16, initializer_range=0.1)
+    cfg = phi.PhiConfig(
+        model_type="phi",
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=16,
+        initializer_range=0.1,
+    )
     torch.manual_seed(0)
     fp32 = phi.Phi.from_config(cfg).eval()
     q = generate.quantize_int8(copy.deepcopy(fp32))
@@ -1384,7 +1932,9 @@ def test_compiled_int8_decode_of_several_rows_matches_eager():
         out[name] = stepped_logits(q, step, ids, 8, cache)
     with torch.no_grad():
         want = fp32(ids)[:, 8:]
-    assert record("compiled vs eager int8 decode, 3 rows", err(out["compiled"], out["eager"])) <= 1e-2 * want.abs().max()
+    assert (
+        record("compiled vs eager int8 decode, 3 rows", err(out["compiled"], out["eager"])) <= 1e-2 * want.abs().max()
+    )
     assert ((out["compiled"] - want).norm() / want.norm()).item() <= 0.02
 
 
@@ -1395,6 +1945,7 @@ def test_compiled_generation_of_a_longrope_model(tmp_path, monkeypatch, new_toke
     up to the crossing (which re-runs the cache with the long factors), the compiled one after it. Greedy tokens
     equal eager generation's either way (this used to fail to compile)."""
     import torch._dynamo.testing
+
     model = phi.Phi.from_pretrained(saved(hf_model("phi4-mini"), tmp_path))
     prompts = ids_for(8).tolist()
     want = torch.stack(list(generate.generate_batch(model, prompts, new_tokens, eos_ids=set())))
@@ -1414,19 +1965,31 @@ def test_compiled_speed_report_leaves_out_the_first_step(monkeypatch, capsys):
     """With --compile the tokens/s printed leave out the first decode step, where torch.compile compiles: here a
     step that takes 1 s once, in a 2-row batch (whose first two steps produce 4 tokens)."""
     import time
-    cfg = phi.PhiConfig(model_type="phi", vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                        num_attention_heads=2, num_key_value_heads=2, head_dim=16)
+
+    cfg = phi.PhiConfig(
+        model_type="phi",
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
     model, eager, calls = phi.Phi.from_config(cfg).eval(), generate.decode_one_token, []
 
     def slow_first(*args):
         calls.append(time.sleep(1.0) if not calls else None)
         return eager(*args)
+
     monkeypatch.setattr(generate, "decode_one_token", slow_first)
     stats = {}
     list(generate.generate_batch(model, [[5, 6, 7], [8]], 12, eos_ids=set(), stats=stats))
     generate.report(stats, compiled=True)
-    m = re.search(r"generation: 24 tokens, ([\d.]+) tokens/s after the first step \(which compiles: (\d\.\d) s\)",
-                  capsys.readouterr().err)
+    m = re.search(
+        r"generation: 24 tokens, ([\d.]+) tokens/s after the first step \(which compiles: (\d\.\d) s\)",
+        capsys.readouterr().err,
+    )
     assert m and float(m[2]) >= 1.0 and stats["first_tokens"] == 4
     # 20 tokens over the time after the first step (counting that step's second would change it by over 1 s)
     assert float(m[1]) == pytest.approx(20 / (stats["decode_s"] - stats["first_step_s"]), rel=0.01, abs=0.06)
@@ -1438,6 +2001,7 @@ def test_cuda_forward_and_graph_decode_match(tmp_path):
     graphs) is captured (no cudagraph skip: the cache's tensors have fixed addresses), is not traced again for a
     new cache, and equals the full forward pass (sliding window and GQA included)."""
     from torch._dynamo.utils import counters
+
     path = saved(hf_model("phi3-gqa-window"), tmp_path)
     model, ids = phi.Phi.from_pretrained(path, device="cuda"), ids_for(24)
     with torch.no_grad():
@@ -1457,6 +2021,7 @@ def test_cuda_forward_and_graph_decode_match(tmp_path):
 def test_train_device_cuda_means_this_process_gpu(monkeypatch):
     """`train.py --device cuda` (no index) trains on this process's GPU: torchrun's LOCAL_RANK, else cuda:0."""
     import argparse
+
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert train.setup_distributed(argparse.Namespace(device="cuda"))[2] == torch.device("cuda", 0)
 
@@ -1481,16 +2046,17 @@ def test_int8_logits_close_to_fp32(name, tmp_path):
     assert record(f"int8 (bf16) logits relative error {name}", rel_bf16) < 0.02
 
 
-def test_int8_prompt_multiplies_the_expanded_weights_as_phi_linear_does(tmp_path, monkeypatch):
-    """With fp32 activations on the CPU an int8 model's prompt expands each weight and takes phi.Linear's matmul:
-    oneDNN from phi.ONEDNN_MIN_WEIGHTS on (F.linear, MKL, is 1.2-1.4x slower at 512 rows), the same logits."""
-    q = generate.quantize_int8(phi.Phi.from_pretrained(saved(hf_model("phi-2"), tmp_path)))
-    ids, calls, op = ids_for(12), [], phi.onednn_linear
-    monkeypatch.setattr(phi, "onednn_linear", lambda *a: calls.append(a[1].dtype) or op(*a))
+def test_int8_prompt_multiplies_the_expanded_weights_as_fast_linear_does(tmp_path, monkeypatch):
+    """With fp32 activations on the CPU an int8 model's prompt expands each weight and takes FastLinear's matmul:
+    oneDNN from generate.ONEDNN_MIN_WEIGHTS on (F.linear, MKL, is 1.2-1.4x slower at 512 rows), the same logits."""
+    model = generate.speed_up(phi.Phi.from_pretrained(saved(hf_model("phi-2"), tmp_path)), cpu_kernels=True)
+    q = generate.quantize_int8(model)
+    ids, calls, op = ids_for(12), [], generate.onednn_linear
+    monkeypatch.setattr(generate, "onednn_linear", lambda *a: calls.append(a[1].dtype) or op(*a))
     with torch.no_grad():
-        want = q(ids)                                                 # the tiny weights: all F.linear
+        want = q(ids)  # the tiny weights: all F.linear
         assert not calls
-        monkeypatch.setattr(phi, "ONEDNN_MIN_WEIGHTS", 0)
+        monkeypatch.setattr(generate, "ONEDNN_MIN_WEIGHTS", 0)
         got = q(ids)
     assert calls == [torch.float32] * (4 * q.config.num_hidden_layers + 1)
     assert record("int8 prompt, oneDNN vs F.linear logits", err(got, want)) <= TOL
@@ -1501,37 +2067,64 @@ def test_int8_cannot_be_saved_and_cli_runs(tmp_path, hub):
     with pytest.raises(ValueError, match="an int8-quantized model is not saved"):
         q.save_pretrained(tmp_path / "no")
     home, _ = hub
-    r = run_cli(home, "--model", "test/phi-2", "--prompt", "def f(x):", "--max-new-tokens", 8, "--quantize", "int8",
-                "--temperature", 0)
+    r = run_cli(
+        home,
+        "--model",
+        "test/phi-2",
+        "--prompt",
+        "def f(x):",
+        "--max-new-tokens",
+        8,
+        "--quantize",
+        "int8",
+        "--temperature",
+        0,
+    )
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
 
 
 def test_train_stops_on_a_non_finite_loss(tmp_path):
-    r = run_train(tmp_path, "--out", tmp_path / "out", "--max-steps", 20, "--eval-every", 0, "--lr", "1e12",
-                  "--warmup-steps", 1, "--grad-clip", 0)
+    r = run_train(
+        tmp_path,
+        "--out",
+        tmp_path / "out",
+        "--max-steps",
+        20,
+        "--eval-every",
+        0,
+        "--lr",
+        "1e12",
+        "--warmup-steps",
+        1,
+        "--grad-clip",
+        0,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert re.fullmatch(r"train.py: error: the loss is (nan|inf) at step \d+: stopping \(try a lower --lr, or bfloat16 "
-                        r"instead of float16\); the last good checkpoint is kept", r.stderr.strip().splitlines()[-1])
+    assert re.fullmatch(
+        r"train.py: error: the loss is (nan|inf) at step \d+: stopping \(try a lower --lr, or bfloat16 "
+        r"instead of float16\); the last good checkpoint is kept",
+        r.stderr.strip().splitlines()[-1],
+    )
     assert not (tmp_path / "out" / "model").exists()
 
 
 @pytest.mark.parametrize("name", ["phi-2", "phi4-mini"])
 def test_onednn_linears_match_transformers_in_forward_backward_and_compiled_decode(name, tmp_path, monkeypatch):
-    """fp32 Linears on the CPU from phi.ONEDNN_MIN_WEIGHTS weights on are oneDNN matmuls (a custom op with its own
+    """fp32 Linears on the CPU from generate.ONEDNN_MIN_WEIGHTS weights on are oneDNN matmuls (a custom op with its own
     backward). With that threshold at 0, every one is: logits, loss and every parameter's gradient equal
     transformers' (phi4-mini: lm_head tied to the embedding), the compiled 3-row decode step equals the full forward,
     and under bf16 autocast the Linears are left to autocast (bf16 out)."""
     calls = []
-    op = phi.onednn_linear
-    monkeypatch.setattr(phi, "ONEDNN_MIN_WEIGHTS", 0)
-    monkeypatch.setattr(phi, "onednn_linear", lambda *a: calls.append(a[1].shape) or op(*a))
+    op = generate.onednn_linear
+    monkeypatch.setattr(generate, "ONEDNN_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(generate, "onednn_linear", lambda *a: calls.append(a[1].shape) or op(*a))
     ref = hf_model(name).train()
-    ours = phi.Phi.from_pretrained(saved(ref, tmp_path)).train()
+    ours = generate.speed_up(phi.Phi.from_pretrained(saved(ref, tmp_path)), cpu_kernels=True).train()
     ids = ids_for(12)
     logits, loss = ours(ids, labels=ids)
-    n = 4 * ours.config.num_hidden_layers + 1                        # qkv, out, fc1, fc2 per layer, lm_head
+    n = 4 * ours.config.num_hidden_layers + 1  # qkv, out, fc1, fc2 per layer, lm_head
     assert len(calls) == n
-    loss.backward()                                                   # + each input's gradient
+    loss.backward()  # + each input's gradient
     assert len(calls) == 2 * n
     out = ref(ids, labels=ids)
     out.loss.backward()

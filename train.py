@@ -37,19 +37,73 @@ import phi
 
 # Size presets for --config (a config.json path works too). "demo" trains in a few minutes on 2 CPU cores.
 PRESETS = {
-    "demo": dict(model_type="phi", hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=6,
-                 num_key_value_heads=6, head_dim=32, partial_rotary_factor=0.5, max_position_embeddings=256),
-    "small": dict(model_type="phi", hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
-                  num_key_value_heads=8, head_dim=64, partial_rotary_factor=0.5, max_position_embeddings=1024),
-    "160m": dict(model_type="phi", hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                 num_key_value_heads=12, head_dim=64, partial_rotary_factor=0.5, max_position_embeddings=2048),
-    "phi-1.5": dict(model_type="phi", hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
-                    num_key_value_heads=32, head_dim=64, partial_rotary_factor=0.5, max_position_embeddings=2048),
-    "phi-2": dict(model_type="phi", hidden_size=2560, intermediate_size=10240, num_hidden_layers=32, num_attention_heads=32,
-                  num_key_value_heads=32, head_dim=80, partial_rotary_factor=0.4, max_position_embeddings=2048),
-    "phi3-mini": dict(model_type="phi3", hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=32, head_dim=96, hidden_act="silu",
-                      max_position_embeddings=4096, original_max_position_embeddings=4096),
+    "demo": dict(
+        model_type="phi",
+        hidden_size=192,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=6,
+        num_key_value_heads=6,
+        head_dim=32,
+        partial_rotary_factor=0.5,
+        max_position_embeddings=256,
+    ),
+    "small": dict(
+        model_type="phi",
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        head_dim=64,
+        partial_rotary_factor=0.5,
+        max_position_embeddings=1024,
+    ),
+    "160m": dict(
+        model_type="phi",
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        head_dim=64,
+        partial_rotary_factor=0.5,
+        max_position_embeddings=2048,
+    ),
+    "phi-1.5": dict(
+        model_type="phi",
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=24,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        head_dim=64,
+        partial_rotary_factor=0.5,
+        max_position_embeddings=2048,
+    ),
+    "phi-2": dict(
+        model_type="phi",
+        hidden_size=2560,
+        intermediate_size=10240,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        head_dim=80,
+        partial_rotary_factor=0.4,
+        max_position_embeddings=2048,
+    ),
+    "phi3-mini": dict(
+        model_type="phi3",
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        head_dim=96,
+        hidden_act="silu",
+        max_position_embeddings=4096,
+        original_max_position_embeddings=4096,
+    ),
 }
 TASKS = {"causal-lm": phi.Phi, "seq-cls": phi.PhiForSequenceClassification, "token-cls": phi.PhiForTokenClassification}
 
@@ -70,19 +124,38 @@ def write_byte_tokenizer(d: Path):
     vocab["<|endoftext|>"] = 256
     (d / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (d / "merges.txt").write_text("#version: 0.2\n")
-    eot = {"content": "<|endoftext|>", "special": True, "lstrip": False, "rstrip": False, "normalized": False,
-           "single_word": False}
-    (d / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "add_bos_token": False,
-        "added_tokens_decoder": {"256": eot}, "model_max_length": 1 << 30}, indent=2))
-    (d / "special_tokens_map.json").write_text(json.dumps({k: "<|endoftext|>" for k in ("bos_token", "eos_token",
-                                                                                         "pad_token", "unk_token")}))
+    eot = {
+        "content": "<|endoftext|>",
+        "special": True,
+        "lstrip": False,
+        "rstrip": False,
+        "normalized": False,
+        "single_word": False,
+    }
+    (d / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "GPT2Tokenizer",
+                "bos_token": "<|endoftext|>",
+                "eos_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "add_bos_token": False,
+                "added_tokens_decoder": {"256": eot},
+                "model_max_length": 1 << 30,
+            },
+            indent=2,
+        )
+    )
+    (d / "special_tokens_map.json").write_text(
+        json.dumps({k: "<|endoftext|>" for k in ("bos_token", "eos_token", "pad_token", "unk_token")})
+    )
 
 
 def tokenizer_files(src: Path):
-    return [f for pat in generate.TOKENIZER_FILES for f in src.glob(pat) if f.is_file()] + \
-        [f for f in [src / "chat_template.jinja"] if f.is_file()]
+    return [f for pat in generate.TOKENIZER_FILES for f in src.glob(pat) if f.is_file()] + [
+        f for f in [src / "chat_template.jinja"] if f.is_file()
+    ]
 
 
 def default_corpus():
@@ -120,7 +193,7 @@ def read_documents(files):
                     try:
                         yield json.loads(line)["text"]
                     except (json.JSONDecodeError, KeyError, TypeError):
-                        raise TrainError(f"{f}:{n}: expected a JSON object with a \"text\" field") from None
+                        raise TrainError(f'{f}:{n}: expected a JSON object with a "text" field') from None
         else:
             yield Path(f).read_text(encoding="utf-8", errors="replace")
 
@@ -128,15 +201,24 @@ def read_documents(files):
 def token_files(files, tok, cache_dir: Path, block_size):
     """Tokenize the corpus once into memory-mapped token files (train.bin, val.bin: the last 10%), nanoGPT style.
     The files are cached under a hash of the inputs and the tokenizer."""
-    h = hashlib.sha256(repr((tok.vocab_size, tok.eos_id, [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files])).encode())
+    h = hashlib.sha256(
+        repr((tok.vocab_size, tok.eos_id, [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files])).encode()
+    )
     d = cache_dir / f"tokens-{h.hexdigest()[:16]}"
     dtype = np.uint16 if tok.vocab_size < 2**16 else np.uint32
     if not (d / "val.bin").exists():
-        ids = np.concatenate([np.array(tok.encode(text, allowed_special=set()) + [tok.eos_id], dtype=dtype)
-                              for text in read_documents(files)] or [np.zeros(0, dtype)])
+        ids = np.concatenate(
+            [
+                np.array(tok.encode(text, allowed_special=set()) + [tok.eos_id], dtype=dtype)
+                for text in read_documents(files)
+            ]
+            or [np.zeros(0, dtype)]
+        )
         if len(ids) < 20 * (block_size + 1):
-            raise TrainError(f"the corpus is {len(ids)} tokens: too short for --block-size {block_size} "
-                             f"(needs at least {20 * (block_size + 1)}, so that train and validation each hold a block)")
+            raise TrainError(
+                f"the corpus is {len(ids)} tokens: too short for --block-size {block_size} "
+                f"(needs at least {20 * (block_size + 1)}, so that train and validation each hold a block)"
+            )
         tmp = d.with_name(d.name + ".tmp")
         tmp.mkdir(parents=True, exist_ok=True)
         split = int(len(ids) * 0.9)
@@ -160,7 +242,11 @@ def labelled_examples(files, tok, task, block_size, label_map):
                 ex = json.loads(line)
                 if task == "seq-cls":
                     ids = tok.encode(ex["text"], allowed_special=set())[:block_size]
-                    labels = label_map.setdefault(ex["label"], len(label_map)) if not isinstance(ex["label"], int) else ex["label"]
+                    labels = (
+                        label_map.setdefault(ex["label"], len(label_map))
+                        if not isinstance(ex["label"], int)
+                        else ex["label"]
+                    )
                 else:
                     ids, labels = [], []
                     if len(ex["tokens"]) != len(ex["labels"]):
@@ -169,7 +255,7 @@ def labelled_examples(files, tok, task, block_size, label_map):
                         piece = tok.encode(("" if i == 0 else " ") + word, allowed_special=set())
                         lab = label_map.setdefault(lab, len(label_map)) if not isinstance(lab, int) else lab
                         tags = [-100] * len(piece)
-                        if piece:                        # the first token with text, else the last one
+                        if piece:  # the first token with text, else the last one
                             tags[next((j for j, t in enumerate(piece) if tok.decode([t]).strip()), -1)] = lab
                         ids += piece
                         labels += tags
@@ -190,20 +276,20 @@ def labelled_examples(files, tok, task, block_size, label_map):
 
 
 def lm_batch(data, g, rows, block_size, rank, world, device):
-    starts = torch.randint(len(data) - block_size - 1, (rows * world,), generator=g)[rank * rows:(rank + 1) * rows]
-    x = torch.stack([torch.from_numpy(data[s:s + block_size + 1].astype(np.int64)) for s in starts.tolist()])
+    starts = torch.randint(len(data) - block_size - 1, (rows * world,), generator=g)[rank * rows : (rank + 1) * rows]
+    x = torch.stack([torch.from_numpy(data[s : s + block_size + 1].astype(np.int64)) for s in starts.tolist()])
     return x[:, :-1].to(device), x[:, 1:].to(device)
 
 
 def labelled_batch(examples, g, rows, rank, world, device, pad_id):
-    pick = torch.randint(len(examples), (rows * world,), generator=g)[rank * rows:(rank + 1) * rows].tolist()
+    pick = torch.randint(len(examples), (rows * world,), generator=g)[rank * rows : (rank + 1) * rows].tolist()
     T = max(len(examples[i][0]) for i in pick)
     ids = torch.full((rows, T), pad_id, dtype=torch.long)
     mask = torch.zeros(rows, T, dtype=torch.long)
     labels = []
-    for r, i in enumerate(pick):                         # right padding: the pooled token is the last real one
+    for r, i in enumerate(pick):  # right padding: the pooled token is the last real one
         x, y = examples[i]
-        ids[r, :len(x)], mask[r, :len(x)] = torch.tensor(x), 1
+        ids[r, : len(x)], mask[r, : len(x)] = torch.tensor(x), 1
         labels.append(torch.tensor(y) if isinstance(y, int) else torch.tensor(y + [-100] * (T - len(y))))
     return ids.to(device), mask.to(device), torch.stack(labels).to(device)
 
@@ -247,8 +333,8 @@ def keep_freed_memory():
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
-    libc.mallopt(-4, 0)              # M_MMAP_MAX: serve big blocks from the heap, not from mmap
-    libc.mallopt(-1, 2**31 - 1)      # M_TRIM_THRESHOLD: keep the heap's free top instead of returning it
+    libc.mallopt(-4, 0)  # M_MMAP_MAX: serve big blocks from the heap, not from mmap
+    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: keep the heap's free top instead of returning it
 
 
 def lr_at(step, args):
@@ -262,7 +348,15 @@ def lr_at(step, args):
 def peak_flops(device):
     """bf16 dense peak of common GPUs, for the MFU estimate (None when unknown)."""
     name = torch.cuda.get_device_name(device)
-    table = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "A10": 125e12, "4090": 165e12, "3090": 71e12}
+    table = {
+        "H200": 989e12,
+        "H100": 989e12,
+        "A100": 312e12,
+        "L40": 181e12,
+        "A10": 125e12,
+        "4090": 165e12,
+        "3090": 71e12,
+    }
     return next((v for k, v in table.items() if k in name), None)
 
 
@@ -275,8 +369,11 @@ def parse_args(argv=None):
     p.add_argument("--init", default="scratch", help="scratch, or a Hub id / local directory to fine-tune")
     p.add_argument("--config", default="demo", help=f"size preset ({', '.join(PRESETS)}) or a config.json (scratch)")
     p.add_argument("--tokenizer", default=None, help="bytes (scratch default), or a Hub id / directory")
-    p.add_argument("--data", default=None, help="files, a directory, a glob or .jsonl, comma-separated "
-                                                "(default: this Python's stdlib .py sources)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="files, a directory, a glob or .jsonl, comma-separated (default: this Python's stdlib .py sources)",
+    )
     p.add_argument("--task", default="causal-lm", choices=list(TASKS))
     p.add_argument("--num-labels", type=int, default=None, help="classification: default from the data")
     p.add_argument("--out", default="out")
@@ -312,7 +409,7 @@ def main(argv=None):
     except TrainError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as e:         # bad checkpoints, configs and tokenizer files
+    except (ValueError, FileNotFoundError) as e:  # bad checkpoints, configs and tokenizer files
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -322,7 +419,7 @@ def setup_distributed(args):
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and device.index is None:       # "cuda": this process's GPU (torchrun's LOCAL_RANK)
+    if device.type == "cuda" and device.index is None:  # "cuda": this process's GPU (torchrun's LOCAL_RANK)
         device = torch.device("cuda", local)
     if world > 1:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -346,7 +443,7 @@ def build_model(args, cfg, device, tok_vocab, pad_id, num_labels):
         src = Path(args.resume) if args.resume else generate.checkpoint_dir(args.init)
         over = {"num_labels": num_labels} if num_labels else {}
         return cls.from_pretrained(src, dtype=torch.float32, device=device, **over).train()
-    cfg.vocab_size = -(-tok_vocab // 64) * 64            # round up to a multiple of 64 (faster matmuls)
+    cfg.vocab_size = -(-tok_vocab // 64) * 64  # round up to a multiple of 64 (faster matmuls)
     cfg.max_position_embeddings = max(cfg.max_position_embeddings, args.block_size)
     cfg.embd_pdrop = cfg.resid_pdrop = args.dropout
     cfg.bos_token_id = cfg.eos_token_id = cfg.pad_token_id = pad_id
@@ -359,19 +456,21 @@ def train(args):
     rank, world, device = setup_distributed(args)
     master = rank == 0
     out = Path(args.out)
-    files = data_files(args.data)                        # bad input is caught before anything is written
+    files = data_files(args.data)  # bad input is caught before anything is written
     state, resume = None, latest_checkpoint(Path(args.resume)) if args.resume else None
     if resume:
         args.resume = str(resume)
         state = torch.load(resume / "training_state.pt", weights_only=False)
         for key in ("task", "config", "init", "block_size"):
             if state["args"][key] != getattr(args, key):
-                raise TrainError(f"--resume {resume} was trained with --{key.replace('_', '-')} "
-                                 f"{state['args'][key]}, not {getattr(args, key)}")
+                raise TrainError(
+                    f"--resume {resume} was trained with --{key.replace('_', '-')} "
+                    f"{state['args'][key]}, not {getattr(args, key)}"
+                )
     # --- tokenizer: the checkpoint's own, a given one, or bytes
     scratch_config = None if resume or args.init != "scratch" else preset_config(args.config)
     tok_src = args.tokenizer or (str(resume) if resume else None) or (None if args.init == "scratch" else args.init)
-    if tok_src in (None, "bytes"):                       # written next to each checkpoint when it is saved
+    if tok_src in (None, "bytes"):  # written next to each checkpoint when it is saved
         tok_dir = Path(tempfile.mkdtemp(prefix="phi-byte-tokenizer-"))
         write_byte_tokenizer(tok_dir)
     else:
@@ -381,7 +480,7 @@ def train(args):
     # --- data
     label_map, examples = {}, None
     if args.task == "causal-lm":
-        if master:                                       # rank 0 tokenizes, the others then read its files
+        if master:  # rank 0 tokenizes, the others then read its files
             token_files(files, tok, out, args.block_size)
         if world > 1:
             torch.distributed.barrier()
@@ -390,14 +489,17 @@ def train(args):
         examples = labelled_examples(files, tok, args.task, args.block_size, label_map)
         n_val = max(1, len(examples) // 10)
         train_data, val_data = examples[:-n_val], examples[-n_val:]
-    num_labels = args.num_labels or (None if args.task == "causal-lm" else
-                                     1 + max(max(y) if isinstance(y, list) else y for _, y in examples))
+    num_labels = args.num_labels or (
+        None if args.task == "causal-lm" else 1 + max(max(y) if isinstance(y, list) else y for _, y in examples)
+    )
     # --- model and optimizer
     if device.type == "cpu":
         keep_freed_memory()
-    model = build_model(args, scratch_config, device, tok.vocab_size, pad_id, num_labels)
+    model = generate.speed_up(build_model(args, scratch_config, device, tok.vocab_size, pad_id, num_labels))
     if model.config.vocab_size < tok.vocab_size:
-        raise TrainError(f"the tokenizer has {tok.vocab_size} tokens, the model's vocabulary only {model.config.vocab_size}")
+        raise TrainError(
+            f"the tokenizer has {tok.vocab_size} tokens, the model's vocabulary only {model.config.vocab_size}"
+        )
     model.gradient_checkpointing = args.checkpointing
     raw = model
     if world > 1:
@@ -405,17 +507,23 @@ def train(args):
             if resume:
                 raise TrainError("--resume with --fsdp is not supported yet (its optimizer state is sharded)")
             from torch.distributed.fsdp import fully_shard
+
             for block in model.layers:
                 fully_shard(block)
-            model = fully_shard(model)                    # parameters become shards: build the optimizer after
+            model = fully_shard(model)  # parameters become shards: build the optimizer after
         else:
-            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]          # matrices decay; biases, norms don't
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device] if device.type == "cuda" else None
+            )
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]  # matrices decay; biases, norms don't
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
-                            fused=device.type in ("cuda", "cpu"))      # one kernel for all parameters
-    g = torch.Generator().manual_seed(args.seed)          # the data position
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+        fused=device.type in ("cuda", "cpu"),
+    )  # one kernel for all parameters
+    g = torch.Generator().manual_seed(args.seed)  # the data position
     step = 0
     if resume:
         opt.load_state_dict(state["optimizer"])
@@ -428,8 +536,11 @@ def train(args):
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")
     if master:
         n = sum(p.numel() for p in raw.parameters())
-        print(f"{args.task}: {n / 1e6:.2f}M parameters ({raw.config.model_type}, {raw.config.num_hidden_layers} layers, "
-              f"{raw.config.hidden_size} wide), {device}, {args.dtype} autocast, {world} process(es)", file=sys.stderr)
+        print(
+            f"{args.task}: {n / 1e6:.2f}M parameters ({raw.config.model_type}, {raw.config.num_hidden_layers} layers, "
+            f"{raw.config.hidden_size} wide), {device}, {args.dtype} autocast, {world} process(es)",
+            file=sys.stderr,
+        )
 
     def loss_of(batch):
         with amp:
@@ -448,7 +559,7 @@ def train(args):
     @torch.no_grad()
     def evaluate():
         model.eval()
-        ge = torch.Generator().manual_seed(1234)          # the same validation batches every time
+        ge = torch.Generator().manual_seed(1234)  # the same validation batches every time
         losses, correct, total = [], 0, 0
         for _ in range(args.eval_steps):
             batch = next_batch(val_data, ge)
@@ -470,13 +581,15 @@ def train(args):
             group["lr"] = lr
         for micro in range(args.grad_accum):
             sync = micro == args.grad_accum - 1 or world == 1 or args.fsdp
-            with (model.no_sync() if not sync else nullcontext()):
+            with model.no_sync() if not sync else nullcontext():
                 loss = loss_of(next_batch(train_data, g)) / args.grad_accum
                 scaler.scale(loss).backward()
             losses.append(loss.item() * args.grad_accum)
         if not math.isfinite(losses[-1]):
-            raise TrainError(f"the loss is {losses[-1]} at step {step}: stopping (try a lower --lr, or bfloat16 "
-                             f"instead of float16); the last good checkpoint is kept")
+            raise TrainError(
+                f"the loss is {losses[-1]} at step {step}: stopping (try a lower --lr, or bfloat16 "
+                f"instead of float16); the last good checkpoint is kept"
+            )
         scaler.unscale_(opt)
         if args.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -490,24 +603,40 @@ def train(args):
             eta = (time.time() - t0) / step * (args.max_steps - step) if step else 0
             mfu = ""
             if device.type == "cuda" and args.task == "causal-lm" and peak_flops(device):
-                c = raw.config                             # 6N per token + attention (nanoGPT's estimate)
-                flops = 6 * sum(p.numel() for p in raw.parameters()) + 12 * c.num_hidden_layers * c.hidden_size * args.block_size
+                c = raw.config  # 6N per token + attention (nanoGPT's estimate)
+                flops = (
+                    6 * sum(p.numel() for p in raw.parameters())
+                    + 12 * c.num_hidden_layers * c.hidden_size * args.block_size
+                )
                 mfu = f" | MFU {flops * tok_s / world / peak_flops(device):.1%}"
             bar = "#" * (20 * step // args.max_steps)
-            line = (f"step {step}/{args.max_steps} [{bar:20}] | loss {sum(losses[-args.log_every:]) / len(losses[-args.log_every:]):.4f} "
-                    f"| lr {lr:.2e} | {tok_s:,.0f} tok/s{mfu} | ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+            line = (
+                f"step {step}/{args.max_steps} [{bar:20}] | loss {sum(losses[-args.log_every :]) / len(losses[-args.log_every :]):.4f} "
+                f"| lr {lr:.2e} | {tok_s:,.0f} tok/s{mfu} | ETA {int(eta) // 60}:{int(eta) % 60:02d}"
+            )
             print(line, file=sys.stderr, flush=True)
             last_log = time.time()
         if args.eval_every and (step % args.eval_every == 0 or step == args.max_steps):
             val, acc = evaluate()
             if master:
-                print(f"step {step}: validation loss {val:.4f}" + (f", accuracy {acc:.1%}" if acc is not None else ""),
-                      file=sys.stderr, flush=True)
+                print(
+                    f"step {step}: validation loss {val:.4f}" + (f", accuracy {acc:.1%}" if acc is not None else ""),
+                    file=sys.stderr,
+                    flush=True,
+                )
         if args.save_every and step % args.save_every == 0 or step == args.max_steps:
-            state = dict(step=step, task=args.task, optimizer=opt.state_dict(), data_rng=g.get_state(),
-                         torch_rng=torch.get_rng_state(), args=vars(args), label_map=label_map)
-            if args.fsdp and world > 1:                    # gather the shards into one full state
+            state = dict(
+                step=step,
+                task=args.task,
+                optimizer=opt.state_dict(),
+                data_rng=g.get_state(),
+                torch_rng=torch.get_rng_state(),
+                args=vars(args),
+                label_map=label_map,
+            )
+            if args.fsdp and world > 1:  # gather the shards into one full state
                 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
                 full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if master:
                 if args.fsdp and world > 1:
@@ -516,17 +645,20 @@ def train(args):
                 save_checkpoint(out / f"ckpt-{step:06d}", raw, tok_dir, state)
     if master:
         save_checkpoint(out / "model", raw, tok_dir, None)
-        print(f"saved {out / 'model'} (a Hugging Face model directory: python generate.py --model {out / 'model'})",
-              file=sys.stderr)
+        print(
+            f"saved {out / 'model'} (a Hugging Face model directory: python generate.py --model {out / 'model'})",
+            file=sys.stderr,
+        )
         if args.task == "causal-lm" and args.sample_tokens:
             raw.eval()
             prompt = tok.encode("def ", allowed_special=set())
             gen = torch.Generator(device).manual_seed(args.seed)
-            ids = generate.generate(raw, prompt, args.sample_tokens, temperature=0.8, top_k=50, generator=gen,
-                                    eos_ids={tok.eos_id})
+            ids = generate.generate(
+                raw, prompt, args.sample_tokens, temperature=0.8, top_k=50, generator=gen, eos_ids={tok.eos_id}
+            )
             print("sample:\n" + tok.decode(prompt + list(ids)))
     if world > 1:
-        torch.distributed.barrier()        # the others wait for rank 0's save: one that tore down first once aborted
+        torch.distributed.barrier()  # the others wait for rank 0's save: one that tore down first once aborted
         torch.distributed.destroy_process_group()
 
 
