@@ -606,9 +606,11 @@ def swap_linears(model: nn.Module, make, skip=()):
 
 
 def speed_up(model: nn.Module, cpu_kernels: bool | None = None):
-    """Swap the CPU kernels in (FastLinear, sharing each nn.Linear's parameters: tied weights stay tied, and the
-    state dict keeps its names) where the CPU kind measured faster with them: CPU_KERNELS, or cpu_kernels if given."""
-    if not (CPU_KERNELS if cpu_kernels is None else cpu_kernels):
+    """Swap the CPU kernels into a model on the CPU (FastLinear, sharing each nn.Linear's parameters: tied weights
+    stay tied, and the state dict keeps its names) where the CPU kind measured faster with them: CPU_KERNELS, or
+    cpu_kernels if given. A model on another device is left as it is."""
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if not on_cpu or not (CPU_KERNELS if cpu_kernels is None else cpu_kernels):
         return model
 
     def fast(lin):
@@ -634,22 +636,26 @@ class Int8Linear(nn.Module):
 
     def forward(self, x):
         rows = x.numel() // x.shape[-1]
-        if self.cpu_kernels and one_row_compiled(x):
-            y = matvec(x, self.weight, self.scale)
+        if self.cpu_kernels and one_row_compiled(x) and x.dtype == torch.float32:
+            y = matvec(x, self.weight, self.scale)  # (with bf16 x inductor's loop is not vectorized: 3x slower)
         elif x.device.type == "cpu" and rows <= 8 and x.shape[-1] % 16 == 0:
             # decoding: PyTorch's CPU kernel multiplies bf16 activations by the int8 weights without expanding them
-            # (it crashes unless in_features % 16 == 0, true of every Phi). Compiled (where it fails to lower): the
-            # same bf16 product with the weights expanded; expanding them to fp32 would move twice the bytes.
+            # (it crashes unless in_features % 16 == 0, true of every Phi); expanding them would move 2-4x the bytes.
             xb, s = x.reshape(rows, -1).to(torch.bfloat16), self.scale.to(torch.bfloat16)
-            y = (
-                F.linear(xb, self.weight.to(torch.bfloat16)) * s
-                if torch.compiler.is_compiling()
-                else torch._weight_int8pack_mm(xb, self.weight, s)
-            )
-            y = y.view(*x.shape[:-1], -1).to(x.dtype)
+            y = int8_mm(xb, self.weight, s).view(*x.shape[:-1], -1).to(x.dtype)
         else:  # a prompt, or another device: the weights expanded, multiplied as FastLinear does (fp32: oneDNN)
             y = (linear if self.cpu_kernels else F.linear)(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
         return y if self.bias is None else y + self.bias
+
+
+# PyTorch's int8-weight kernel as a custom op: torch.compile keeps it as it is (it fails to lower the bare call, and
+# its own bf16 product with the weights expanded ran the compiled batch-8 step at half the eager speed).
+@torch.library.custom_op("phi_speed::int8_mm", mutates_args=())
+def int8_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch._weight_int8pack_mm(x, weight, scale)  # x (rows, in) bf16 @ weight (out, in) int8 .T * scale (out,)
+
+
+int8_mm.register_fake(lambda x, weight, scale: x.new_empty(x.shape[0], weight.shape[0]))
 
 
 def quantize_int8(model: nn.Module):

@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from safetensors import safe_open
 
 SUPPORTED = "phi, phi-msft, mixformer-sequential (phi-1, phi-1.5, phi-2) and phi3 (Phi-3, Phi-3.5, Phi-4, Phi-4-mini)"
 NOT_YET = {"phi3small": "Phi-3-small", "phimoe": "Phi-3.5-MoE", "phi3v": "Phi-3-vision", "phi4mm": "Phi-4-multimodal"}
@@ -112,7 +113,6 @@ class PhiConfig:
             "partial_rotary_factor": rp.get("partial_rotary_factor", 0.5 if phi else 1.0),
             # every key named as one of our fields, as it is
             **{f.name: d[f.name] for f in dataclasses.fields(cls) if d.get(f.name) is not None},
-            # the rest
             "model_type": mt,
             "num_key_value_heads": d.get("num_key_value_heads") or H,
             "head_dim": d.get("head_dim") or C // H,
@@ -227,8 +227,8 @@ class Rotary:
     def __init__(self, cfg: PhiConfig):
         d, rs, theta = cfg.rotary_dim, cfg.rope_scaling, cfg.rope_theta
         base = theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d)  # (d/2,), never on meta
-        self.original, self.scale = cfg.original_max_position_embeddings, 1.0
-        self.inv_freq, self.inv_freq_long = 1.0 / base, None
+        self.original, self.scale, self.scaled = cfg.original_max_position_embeddings, 1.0, rs is not None
+        self.inv_freq = self.inv_freq_long = 1.0 / base
         if rs is None:
             return
         s = rs.get("factor") or cfg.max_position_embeddings / self.original
@@ -243,14 +243,13 @@ class Rotary:
         self.inv_freq_long = 1.0 / (torch.tensor(rs["long_factor"], dtype=torch.float32, device="cpu") * base)
 
     def use_long(self, position_ids) -> bool:
-        return self.inv_freq_long is not None and int(position_ids.max()) + 1 > self.original
+        return self.scaled and int(position_ids.max()) + 1 > self.original
 
     def __call__(self, position_ids, dtype, long=False):
         """position_ids (B, T) -> cos, sin (B, 1, T, rotary_dim) in `dtype`, computed in fp32."""
-        if self.inv_freq.device != position_ids.device:  # built on the CPU: follow the model's device once
-            self.inv_freq = self.inv_freq.to(position_ids.device)
-            if self.inv_freq_long is not None:
-                self.inv_freq_long = self.inv_freq_long.to(position_ids.device)
+        dev = position_ids.device
+        if self.inv_freq.device != dev:  # built on the CPU: follow the model's device once
+            self.inv_freq, self.inv_freq_long = self.inv_freq.to(dev), self.inv_freq_long.to(dev)
         inv_freq = self.inv_freq_long if long else self.inv_freq
         with torch.autocast(position_ids.device.type, enabled=False):
             freqs = position_ids[..., None].float() * inv_freq  # (B, T, d/2)
@@ -538,7 +537,7 @@ class PhiModel(nn.Module):
     def can_decode_step(self, cache: KVCache) -> bool:
         """Can a one-token decode on this cache take decode_step (what torch.compile traces)? Not with flash-attn, nor
         while a LongRoPE model can still cross its original context (a cache no longer than that never does)."""
-        long_ok = self.rotary.inv_freq_long is None or cache.long or cache.ids.shape[1] <= self.rotary.original
+        long_ok = not self.rotary.scaled or cache.long or cache.ids.shape[1] <= self.rotary.original
         return self.flash_attn is None and long_ok
 
     def decode_step(self, input_ids, cache: KVCache):
@@ -757,21 +756,21 @@ class Checkpoint:
     def __init__(self, path: Path):
         self.files, self.shapes, self.bins = {}, {}, {}  # checkpoint name -> file, shape; .bin file -> tensors
         for f in self.find_files(path):
-            if f.suffix == ".safetensors":
-                with self.open(f) as st:
-                    self.shapes.update({k: st.get_slice(k).get_shape() for k in st.keys()})
-                    self.files.update(dict.fromkeys(st.keys(), f))
-            else:
-                try:
+            kind = "safetensors" if f.suffix == ".safetensors" else "PyTorch"
+            try:
+                if kind == "safetensors":
+                    with safe_open(f, framework="pt") as st:  # reads and checks the header
+                        shapes = {k: st.get_slice(k).get_shape() for k in st.keys()}
+                else:
                     self.bins[f] = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
-                except Exception as e:
-                    raise ValueError(f"{f}: not a readable PyTorch checkpoint ({e})") from None
-                self.shapes.update({k: list(t.shape) for k, t in self.bins[f].items()})
-                self.files.update(dict.fromkeys(self.bins[f], f))
+                    shapes = {k: list(t.shape) for k, t in self.bins[f].items()}
+            except Exception as e:  # SafetensorError; torch.load's UnpicklingError, RuntimeError, ...
+                raise ValueError(f"{f}: not a valid {kind} file ({e})") from None
+            self.shapes.update(shapes)
+            self.files.update(dict.fromkeys(shapes, f))
         # transformers 4.x named the token-classification head "classifier", 5.x "score"
-        self.renamed = {
-            "score" + k[10:]: k for k in self.files if k[:11] == "classifier." and "score" + k[10:] not in self.files
-        }
+        old = {k.replace("classifier.", "score.", 1): k for k in self.files if k.startswith("classifier.")}
+        self.renamed = {new: k for new, k in old.items() if new not in self.files}
 
     @staticmethod
     def find_files(path: Path):
@@ -788,15 +787,6 @@ class Checkpoint:
         raise FileNotFoundError(
             f"{path}: no model.safetensors, model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json"
         )
-
-    @staticmethod
-    def open(f: Path):
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            return safe_open(f, framework="pt", device="cpu")
-        except SafetensorError as e:
-            raise ValueError(f"{f}: not a valid safetensors file ({e})") from None
 
     def copy_rows(self, names, dest):
         """Copy the tensors `names`, stacked along dim 0, into dest, casting to its dtype and device. safetensors data
@@ -821,7 +811,7 @@ class Checkpoint:
     def read_rows(self, f: Path, name: str, dest):
         step = max(1, self.ROWS_AT_ONCE // max(1, dest.shape[1]))
         for r in range(0, dest.shape[0], step):
-            with self.open(f) as st:
+            with safe_open(f, framework="pt") as st:
                 block = st.get_slice(name)[r : r + step] if self.shapes[name] else st.get_tensor(name)
             dest[r : r + step].copy_(block.reshape(-1, dest.shape[1]))
 
@@ -874,11 +864,9 @@ class PhiForSequenceClassification(PhiModel):
         if labels is None:
             return scores
         n, kind = self.config.num_labels, self.config.problem_type
-        if kind is None and n == 1:
-            kind = "regression"
-        elif kind is None:
-            integer = labels.dtype in (torch.long, torch.int)
-            kind = "single_label_classification" if integer else "multi_label_classification"
+        if kind is None:  # transformers' guess
+            multi = labels.dtype not in (torch.long, torch.int)
+            kind = "regression" if n == 1 else "multi_label_classification" if multi else "single_label_classification"
         if kind == "regression":
             loss = F.mse_loss(scores.squeeze(), labels.squeeze()) if n == 1 else F.mse_loss(scores, labels)
         elif kind == "single_label_classification":

@@ -420,6 +420,27 @@ def test_our_save_loads_in_transformers(name, cls, head, tmp_path):
     again = cls.from_pretrained(tmp_path / "ours")  # and our own loader reads the shards back exactly
     for (n, p), q in zip(ours.state_dict().items(), again.state_dict().values()):
         assert torch.equal(p, q), n
+    again.save_pretrained(tmp_path / "ours")  # one file now: the shards and index of the last save are gone
+    assert sorted(f.name for f in (tmp_path / "ours").iterdir()) == ["config.json", "model.safetensors"]
+    assert torch.equal(cls.from_pretrained(tmp_path / "ours").embed.weight, ours.embed.weight)
+
+
+def test_su_config_is_saved_as_longrope_that_transformers_5_loads(tmp_path):
+    """The first Phi-3-128k revisions say rope_scaling "su"; transformers 5.23 cannot read that (KeyError), so we save
+    the same formula under its later name, "longrope", and transformers' logits equal ours past the original context."""
+    ref = hf_model("phi3-128k-longrope")
+    saved(ref, tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg["rope_scaling"] = dict(rope("su", 16), type="su")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    ours = phi.Phi.from_pretrained(tmp_path / "hf")
+    assert ours.config.rope_scaling["type"] == "su"
+    ours.save_pretrained(tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["rope_scaling"]["type"] == "longrope"
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager").eval()
+    ids = ids_for(48)  # past the original context of 32: the long factors
+    with torch.no_grad():
+        assert record("su saved as longrope, transformers 5 logits", err(ours(ids), back(ids).logits)) <= TOL
 
 
 def legacy_checkpoint(ref, path, layout):
@@ -733,7 +754,7 @@ def test_malformed_bin_and_sharded_index_errors(tmp_path):
     path = saved(hf_model("phi-1.5"), tmp_path / "m")
     (path / "model.safetensors").unlink()
     (path / "pytorch_model.bin").write_bytes(b"not a pickle")
-    with pytest.raises(ValueError, match=re.escape(str(path / "pytorch_model.bin")) + ": not a readable PyTorch"):
+    with pytest.raises(ValueError, match=re.escape(str(path / "pytorch_model.bin")) + ": not a valid PyTorch file"):
         phi.Phi.from_pretrained(path)
     index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}}
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
@@ -1907,8 +1928,8 @@ def test_compiled_batch1_decode_of_a_bf16_model_matches_eager(model_type, monkey
 
 
 def test_compiled_int8_decode_of_several_rows_matches_eager():
-    """int8 weights, compiled decode step with 3 rows (bf16 product with the weights expanded, where the eager step
-    calls PyTorch's int8 kernel): the same tokens' logits as the eager step, and within 2% of the fp32 model."""
+    """int8 weights, compiled decode step with 3 rows (PyTorch's int8 kernel, kept opaque to inductor as the custom op
+    generate.int8_mm): the same tokens' logits as the eager step, and within 2% of the fp32 model."""
     cfg = phi.PhiConfig(
         model_type="phi",
         vocab_size=96,
@@ -2024,6 +2045,39 @@ def test_train_device_cuda_means_this_process_gpu(monkeypatch):
 
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert train.setup_distributed(argparse.Namespace(device="cuda"))[2] == torch.device("cuda", 0)
+
+
+def test_speed_up_is_a_module_swap_chosen_by_the_cpu_rule(tmp_path, hub, monkeypatch):
+    """phi.py builds plain nn.Linear; generate.speed_up swaps in FastLinear (the CPU kernels) sharing each parameter:
+    the state dict keeps its names, a tied lm_head stays tied, the logits stay the same. generate.load applies it
+    where generate.CPU_KERNELS says so (AMD CPUs; PHI_CPU_KERNELS=0/1 overrides), and not elsewhere."""
+    path = saved(hf_model("phi4-mini"), tmp_path)
+    plain = phi.Phi.from_pretrained(path)
+    assert all(type(m) is torch.nn.Linear for m in plain.modules() if isinstance(m, torch.nn.Linear))
+    assert generate.speed_up(plain, cpu_kernels=False) is plain and not any(
+        isinstance(m, generate.FastLinear) for m in plain.modules()
+    )
+    fast = generate.speed_up(phi.Phi.from_pretrained(path), cpu_kernels=True)
+    linears = [m for m in fast.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 4 * fast.config.num_hidden_layers + 1
+    assert all(type(m) is generate.FastLinear for m in linears)
+    assert list(fast.state_dict()) == list(plain.state_dict()) and fast.lm_head.weight is fast.embed.weight
+    ids = ids_for(20)
+    with torch.no_grad():
+        assert err(fast(ids), plain(ids)) <= TOL
+    for rule in (False, True):
+        monkeypatch.setattr(generate, "CPU_KERNELS", rule)
+        model, _ = generate.load(snapshot(hub[0], "phi-2"), dtype="float32", device="cpu")
+        assert isinstance(model.layers[0].mlp.fc1, generate.FastLinear) == rule
+    for value, want in (("0", "False"), ("1", "True")):
+        env = {**os.environ, "PHI_CPU_KERNELS": value, "PYTHONPATH": str(ROOT)}
+        r = subprocess.run(
+            [sys.executable, "-c", "import generate; print(generate.CPU_KERNELS)"],
+            env=env,
+            text=True,
+            capture_output=True,
+        )
+        assert r.stdout.strip() == want, r.stderr
 
 
 @pytest.mark.parametrize("name", ["phi-2", "phi3-4k", "phi4-mini"])
