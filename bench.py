@@ -8,6 +8,9 @@ Benchmarks (never tests: speed is measured here, correctness in test_phi.py). Ne
         decode tokens/s at batch 1 and 8, training-step tokens/s (tiny and 160m), peak memory, and batch-1 decode
         as a share of this machine's memory bandwidth (bytes of weights read per token x tokens/s / the bandwidth
         of a plain 1 GB read, measured just before and after that decode: the larger reading counts)
+    python bench.py pairs [--sizes ...] [--dtypes ...] [--rounds 3] [--json out.json]
+        ours (eager and compiled decode) and transformers (eager and SDPA) taking turns in one process on the CPU:
+        the same measures, each a median over the turns, so that the host's drift hits every side alike
     python bench.py int8-agreement [--model out/model]
         share of prompts whose greedy continuation is the same with int8 weights as with fp32 (a trained model)
     python bench.py tokenizers [--json out.json]
@@ -254,68 +257,88 @@ def ratios(rows, size, dtype):
         )
 
 
-def measure_row(size, dtype_name, impl, ckpt, device):
-    """One row, in its own process: load one implementation and time it: prefill (1 x 512), decode (1 and 8 rows
-    after a 128-token prompt), and a training step (tiny and 160m). Prints the result as JSON."""
+def runners(impl, model, cfg, dtype, device):
+    """prefill() and decode(B, k) -> tokens/s for one implementation: ours (a phi.Phi, its decode step compiled if
+    impl says so) or transformers (a PhiForCausalLM, its attention set to impl's)."""
     import torch
     import transformers
 
     import phi
 
-    cfg, dtype = model_config(size), getattr(torch, dtype_name)
-    bandwidth = Bandwidth() if device == "cpu" else None
     torch.manual_seed(0)
     ids512 = torch.randint(cfg.vocab_size, (1, 512), device=device)
     prompt = torch.randint(cfg.vocab_size, (1, 128)).tolist()[0]
-    n = NEW_TOKENS[size]
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+    if impl.startswith("ours"):
+        step = generate.compile_decode(device) if "compile" in impl else generate.eager_decode_one_token
+
+        def prefill():
+            generate.prefill(model, ids512, None, phi.KVCache(cfg, 1, 512, dtype=dtype, device=device))
+            sync()
+
+        def decode(B, k):
+            generate.decode_one_token = step
+            stats = {}
+            list(generate.generate_batch(model, [prompt] * B, k, eos_ids=set(), stats=stats))
+            return (stats["new_tokens"] - B) / stats["decode_s"]
+
+        return prefill, decode
+    stamps = []
+
+    class Stamp(transformers.LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            sync()
+            stamps.append(time.perf_counter())
+            return scores
+
+    def prefill():  # logits of the last position only, as transformers' generate asks for them
+        model.set_attn_implementation(impl[3:])
+        model(ids512, use_cache=True, logits_to_keep=1)
+        sync()
+
+    def decode(B, k):
+        model.set_attn_implementation(impl[3:])
+        stamps.clear()
+        x = torch.tensor([prompt] * B, device=device)
+        model.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=k,
+            min_new_tokens=k,
+            do_sample=False,
+            pad_token_id=0,
+            logits_processor=transformers.LogitsProcessorList([Stamp()]),
+        )
+        return (len(stamps) - 1) * B / (stamps[-1] - stamps[0])
+
+    return prefill, decode
+
+
+def load_impl(impl, ckpt, dtype, device):
+    import transformers
+
+    import phi
+
+    if impl.startswith("ours"):
+        model = generate.speed_up(phi.Phi.from_pretrained(ckpt, dtype=dtype, device=device))  # CPU kernels
+        return generate.quantize_int8(model) if "int8" in impl else model
+    model = transformers.PhiForCausalLM.from_pretrained(ckpt, dtype=dtype, attn_implementation=impl[3:])
+    return model.to(device).eval()
+
+
+def measure_row(size, dtype_name, impl, ckpt, device):
+    """One row, in its own process: load one implementation and time it: prefill (1 x 512), decode (1 and 8 rows
+    after a 128-token prompt), and a training step (tiny and 160m). Prints the result as JSON."""
+    import torch
+
+    cfg, dtype = model_config(size), getattr(torch, dtype_name)
+    bandwidth = Bandwidth() if device == "cpu" else None
+    n = NEW_TOKENS[size]
     base = rss_mb()
     out = {}
     with torch.no_grad():
-        if impl.startswith("ours"):
-            model = generate.speed_up(phi.Phi.from_pretrained(ckpt, dtype=dtype, device=device))  # CPU kernels
-            if "int8" in impl:
-                generate.quantize_int8(model)
-            if "compile" in impl:
-                generate.decode_one_token = generate.compile_decode(device)
-
-            def prefill():
-                generate.prefill(model, ids512, None, phi.KVCache(cfg, 1, 512, dtype=dtype, device=device))
-                sync()
-
-            def decode(B, k):
-                stats = {}
-                list(generate.generate_batch(model, [prompt] * B, k, eos_ids=set(), stats=stats))
-                return (stats["new_tokens"] - B) / stats["decode_s"]
-        else:
-            model = transformers.PhiForCausalLM.from_pretrained(ckpt, dtype=dtype, attn_implementation=impl[3:])
-            model = model.to(device).eval()
-            stamps = []
-
-            class Stamp(transformers.LogitsProcessor):
-                def __call__(self, input_ids, scores):
-                    sync()
-                    stamps.append(time.perf_counter())
-                    return scores
-
-            def prefill():  # logits of the last position only, as transformers' generate asks for them
-                model(ids512, use_cache=True, logits_to_keep=1)
-                sync()
-
-            def decode(B, k):
-                stamps.clear()
-                x = torch.tensor([prompt] * B, device=device)
-                model.generate(
-                    x,
-                    attention_mask=torch.ones_like(x),
-                    max_new_tokens=k,
-                    min_new_tokens=k,
-                    do_sample=False,
-                    pad_token_id=0,
-                    logits_processor=transformers.LogitsProcessorList([Stamp()]),
-                )
-                return (len(stamps) - 1) * B / (stamps[-1] - stamps[0])
-
+        model = load_impl(impl, ckpt, dtype, device)
+        prefill, decode = runners(impl, model, cfg, dtype, device)
         for B in (1, 8):  # warm-up (and compile) once each
             decode(B, n if "compile" in impl else 4)
         out["prefill"] = 512 / min(timed(prefill) for _ in range(2 if size == "1.4b" else 5))
@@ -332,6 +355,66 @@ def measure_row(size, dtype_name, impl, ckpt, device):
         out["train"] = train_step(model.float().train(), dtype, cfg, hf=impl.startswith("hf"), device=device)
     out["peak_mb"] = rss_mb("VmHWM") - base if device == "cpu" else torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(out))
+
+
+PAIRED = ("ours", "ours+compile", "hf-eager", "hf-sdpa")
+
+
+def bench_pairs(args):
+    """Ours and transformers taking turns in one process, `--rounds` times, on one set of random weights per size and
+    dtype: the host's bandwidth and speed drift by 10% and more within minutes (a shared machine), which separate
+    rows (bench.py models) take as differences; turns see the same drift. Median tokens/s of each, and ours over the
+    better transformers attention (eager or SDPA) per measure."""
+    import statistics
+    import tempfile
+
+    import torch
+
+    import phi
+
+    print(
+        f"{cpu_model()} ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}, CPU kernels "
+        f"{'on' if generate.CPU_KERNELS else 'off'}; median of {args.rounds} turns, tokens/s; ratio: ours / the "
+        f"better transformers row"
+    )
+    results = []
+    for size in args.sizes.split(","):
+        cfg, n = model_config(size), NEW_TOKENS[size]
+        ckpt = Path(tempfile.mkdtemp(prefix=f"phi-pairs-{size}-"))
+        torch.manual_seed(0)
+        phi.Phi.from_config(cfg).save_pretrained(ckpt)
+        for dtype_name in args.dtypes.split(","):
+            dtype = getattr(torch, dtype_name)
+            with torch.no_grad():
+                ours, hf = load_impl("ours", ckpt, dtype, "cpu"), load_impl("hf-sdpa", ckpt, dtype, "cpu")
+                run = {i: runners(i, ours if i.startswith("ours") else hf, cfg, dtype, "cpu") for i in PAIRED}
+                for impl, (prefill, decode) in run.items():  # warm-up (and compile) once each
+                    [decode(B, n if "compile" in impl else 4) for B in (1, 8)]
+                got = {(i, m): [] for i in PAIRED for m in ("prefill", "decode_b1", "decode_b8")}
+                for _ in range(args.rounds):
+                    for impl, (prefill, decode) in run.items():
+                        got[impl, "prefill"].append(512 / min(timed(prefill) for _ in range(2)))
+                        got[impl, "decode_b1"].append(decode(1, n))
+                        got[impl, "decode_b8"].append(decode(8, n))
+            if size != "1.4b":
+                models = {"ours": ours.float().train(), "hf-eager": hf.float().train(), "hf-sdpa": hf}
+                for _ in range(args.rounds):
+                    for impl, model in models.items():
+                        if impl.startswith("hf"):
+                            model.set_attn_implementation(impl[3:])
+                        got.setdefault((impl, "train"), []).append(train_step(model, dtype, cfg, hf=impl != "ours"))
+            med = {k: statistics.median(v) for k, v in got.items()}
+            for impl in ("ours", "ours+compile"):
+                cells = []
+                for m in ("prefill", "decode_b1", "decode_b8", "train"):
+                    if (impl, m) in med:
+                        best = max(med["hf-eager", m], med["hf-sdpa", m])
+                        cells.append(f"{m} {med[impl, m]:.1f} / {best:.1f} = {med[impl, m] / best:.2f}x")
+                print(f"{size:5} {dtype_name:8} {impl:13} " + ", ".join(cells), flush=True)
+            results.append(dict(size=size, dtype=dtype_name, medians={f"{i} {m}": v for (i, m), v in med.items()}))
+        shutil.rmtree(ckpt)
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(bench="pairs", cpu=cpu_model(), rows=results), indent=2))
 
 
 def train_step(model, dtype, cfg, hf, device="cpu"):
@@ -409,7 +492,8 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["_row"]:  # bench_models runs each row as: bench.py _row SIZE DTYPE IMPL CKPT DEVICE
         sys.exit(measure_row(*sys.argv[2:]))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["models", "tokenizers", "int8-agreement"])
+    p.add_argument("what", choices=["models", "pairs", "tokenizers", "int8-agreement"])
+    p.add_argument("--rounds", type=int, default=3, help="pairs: turns of each implementation")
     p.add_argument("--model", default="out/model", help="int8-agreement: a trained checkpoint")
     p.add_argument("--prompts", type=int, default=50)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -421,6 +505,8 @@ if __name__ == "__main__":
     args = p.parse_args()
     if args.what == "models":
         bench_models(args)
+    elif args.what == "pairs":
+        bench_pairs(args)
     elif args.what == "int8-agreement":
         bench_int8_agreement(args)
     else:
