@@ -385,6 +385,7 @@ def bench_pairs(args):
         phi.Phi.from_config(cfg).save_pretrained(ckpt)
         for dtype_name in args.dtypes.split(","):
             dtype = getattr(torch, dtype_name)
+            torch._dynamo.reset()  # a fresh compile per model: dynamo's recompile limit is per function
             with torch.no_grad():
                 ours, hf = load_impl("ours", ckpt, dtype, "cpu"), load_impl("hf-sdpa", ckpt, dtype, "cpu")
                 run = {i: runners(i, ours if i.startswith("ours") else hf, cfg, dtype, "cpu") for i in PAIRED}
