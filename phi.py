@@ -89,14 +89,8 @@ class PhiConfig:
     def from_hf(cls, d: dict, source: str = "config.json") -> "PhiConfig":
         """Parse a Hugging Face config.json dict: phi, phi3, and the legacy phi-msft / mixformer-sequential."""
         mt = d.get("model_type")
-        if mt is None:
-            raise ValueError(f"{source}: no 'model_type' key; supported: {SUPPORTED}")
-        if mt in NOT_YET:
-            raise ValueError(
-                f"{source}: model_type '{mt}' ({NOT_YET[mt]}) is not supported yet; supported: {SUPPORTED}"
-            )
         if mt not in ("phi", "phi3", *LEGACY):
-            raise ValueError(f"{source}: unknown model_type '{mt}'; supported: {SUPPORTED}")
+            raise ValueError(f"{source}: {_unsupported(mt)}; supported: {SUPPORTED}")
         if mt in LEGACY:
             d, mt = _from_legacy(d, source), "phi"
         if d.get("qk_layernorm") and mt != "phi":
@@ -148,6 +142,12 @@ class PhiConfig:
             d["rope_scaling"] = dict(self.rope_scaling, type="longrope")  # "longrope" (KeyError on "su")
         original = self.original_max_position_embeddings or self.max_position_embeddings
         return dict(d, rms_norm_eps=self.norm_eps, original_max_position_embeddings=original)
+
+
+def _unsupported(mt) -> str:
+    if mt is None:
+        return "no 'model_type' key"
+    return f"model_type '{mt}' ({NOT_YET[mt]}) is not supported yet" if mt in NOT_YET else f"unknown model_type '{mt}'"
 
 
 def _need(d: dict, key: str, source: str):
