@@ -390,7 +390,8 @@ def bench_pairs(args):
                 ours, hf = load_impl("ours", ckpt, dtype, "cpu"), load_impl("hf-sdpa", ckpt, dtype, "cpu")
                 run = {i: runners(i, ours if i.startswith("ours") else hf, cfg, dtype, "cpu") for i in PAIRED}
                 for impl, (prefill, decode) in run.items():  # warm-up (and compile) once each
-                    [decode(B, n if "compile" in impl else 4) for B in (1, 8)]
+                    for B in (1, 8):
+                        decode(B, n if "compile" in impl else 4)
                 got = {(i, m): [] for i in PAIRED for m in ("prefill", "decode_b1", "decode_b8")}
                 for _ in range(args.rounds):
                     for impl, (prefill, decode) in run.items():

@@ -751,7 +751,7 @@ class Checkpoint:
     inside the file and covering it, dtypes, sizes) before any tensor is read; .bin files through torch.load(mmap=True,
     weights_only=True), which never runs pickled code."""
 
-    ROWS_AT_ONCE = 2**24  # elements read per safe_open (64 MB in fp32): see copy_rows
+    ROWS_AT_ONCE = 2**24  # elements read per safe_open (64 MB in fp32): see read_rows
 
     def __init__(self, path: Path):
         self.files, self.shapes, self.bins = {}, {}, {}  # checkpoint name -> file, shape; .bin file -> tensors
@@ -808,7 +808,7 @@ class Checkpoint:
                 self.read_rows(f, name, part)
             row += n
 
-    def read_rows(self, f: Path, name: str, dest):
+    def read_rows(self, f: Path, name: str, dest):  # dest (rows, rest): tensor `name` of safetensors file f
         step = max(1, self.ROWS_AT_ONCE // max(1, dest.shape[1]))
         for r in range(0, dest.shape[0], step):
             with safe_open(f, framework="pt") as st:
