@@ -853,6 +853,12 @@ def main(argv=None):
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "flash"])
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
     p.add_argument("--quantize", choices=["int8"], help="weight-only int8 (per channel): faster memory-bound decode")
+
+    def error(message):  # argparse's own errors too: one line on stderr, exit code 1
+        print(f"generate.py: error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+    p.error = error
     args = p.parse_args(argv)
     sys.stdout.reconfigure(errors="replace")  # a terminal that cannot show a character gets "?"
     try:

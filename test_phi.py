@@ -1,12 +1,15 @@
 """Tests for phi.py against transformers (the oracle) on tiny random configs, plus the real Hub config.json files.
 
 Run: python -m pytest -q
-- PHI_REFERENCE: the shared reference data (default ../shared/reference); tests that need it skip without it.
+- PHI_REFERENCE: the shared reference data (default ../shared/reference); tests that need it skip without it,
+  unless PHI_REQUIRE_REFERENCE=1 (.ci/run sets it): then a missing folder fails test_reference_data_is_complete.
 - PHI_ORACLE_442: a Python with transformers==4.42.4 (default .venv-hf442/bin/python, built by .ci/run), the last
   version whose Phi-3 has the original "su" and "yarn" rotary classes; 4.43+ folds both into "longrope".
 """
 
+import contextlib
 import copy
+import io
 import json
 import os
 import random
@@ -16,7 +19,9 @@ import subprocess
 import sys
 import sysconfig
 from pathlib import Path
+from unittest import mock
 
+import huggingface_hub
 import pytest
 import torch
 import transformers
@@ -32,9 +37,20 @@ TOL = 1e-4  # fp32 max abs logits error allowed
 ERRORS = {}  # measured parity errors, printed at the end of the run (pytest -s, or in the summary)
 
 
+NEEDED = set()  # the reference paths some test needs: all must exist under PHI_REQUIRE_REFERENCE=1
+
+
 def needs_reference(sub):
     p = REF / sub
+    NEEDED.add(p)
     return pytest.mark.skipif(not p.exists(), reason=f"reference data {p} not found (set PHI_REFERENCE)")
+
+
+def test_reference_data_is_complete():
+    """CI (PHI_REQUIRE_REFERENCE=1) fails here, instead of skipping tests, when a reference folder is missing."""
+    if os.environ.get("PHI_REQUIRE_REFERENCE") != "1":
+        pytest.skip("PHI_REQUIRE_REFERENCE is not 1: tests without their reference data skip")
+    assert NEEDED and not [str(p) for p in sorted(NEEDED) if not p.exists()]
 
 
 def factors(n, seed, lo=1.0, hi=4.0):
@@ -110,6 +126,62 @@ def saved(model, path):
     return path
 
 
+def from_transformers(name, path, head="ForCausalLM", cls=phi.Phi, **over):
+    """(ours, transformers' model): case `name` built by transformers, saved to path, loaded by phi.py."""
+    ref = hf_model(name, head, **over)
+    return cls.from_pretrained(saved(ref, path)), ref
+
+
+def tiny_config(**over):
+    """A tiny phi.PhiConfig for tests that build our model directly; keyword arguments change it."""
+    base = dict(
+        model_type="phi",
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=16,
+        initializer_range=0.1,
+    )
+    return phi.PhiConfig(**{**base, **over})
+
+
+def python_env(**extra):
+    """The environment of a Python subprocess that imports this project's files."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), **{k: str(v) for k, v in extra.items()}}
+
+
+def hub_repo(home, repo_id, commit, refs=("main",)):
+    """The Hugging Face cache layout under home: hub/models--org--name/snapshots/<commit> (returned, created) and
+    refs/<ref> naming that commit."""
+    repo = home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    for ref in refs:
+        (repo / "refs" / ref).write_text(commit)
+    return repo / "snapshots" / commit
+
+
+def assert_one_line_error(r, prog, message, code):
+    """A run that failed as the README promises: exit code `code`, no traceback, and its last stderr line is
+    "<prog>: error: <message>"."""
+    assert r.returncode == code and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == f"{prog}: error: {message}", r.stderr
+
+
+@pytest.fixture
+def fresh_compiler():
+    """torch.compile starts from nothing and leaves nothing behind (its caches would carry over between tests)."""
+    torch._dynamo.reset()
+    yield
+
+
+def compiled_step(**kw):
+    return torch.compile(generate.decode_one_token, fullgraph=True, **kw)
+
+
 def err(a, b):
     return (a.float() - b.float()).abs().max().item()
 
@@ -144,8 +216,7 @@ def stepped_logits(model, step, ids, k, cache):
 
 @pytest.mark.parametrize("name", CASES)
 def test_logits_match_transformers(name, tmp_path):
-    ref = hf_model(name)
-    ours = phi.Phi.from_pretrained(saved(ref, tmp_path))
+    ours, ref = from_transformers(name, tmp_path)
     for T in CASES[name][2]:
         ids = ids_for(T)
         with torch.no_grad():
@@ -158,7 +229,7 @@ def test_kv_cache_decode_equals_full_forward(name, tmp_path):
     """Prefill a prompt, then decode one token at a time; each step's logits must equal a full forward over the
     sequence so far. For LongRoPE the prompt (20) is below the original context (32) and decoding runs past it,
     which makes the model re-run the cache with the long factors at the crossing, as transformers' generate does."""
-    model = phi.Phi.from_pretrained(saved(hf_model(name), tmp_path))
+    model = from_transformers(name, tmp_path)[0]
     T = max(CASES[name][2]) + 4
     ids, prompt = ids_for(T), 10 if max(CASES[name][2]) < 20 else 20
     cache = phi.KVCache(model.config, 2, T)
@@ -174,7 +245,7 @@ def test_kv_cache_decode_equals_full_forward(name, tmp_path):
 @pytest.mark.parametrize("name", CASES)
 def test_left_padded_batch_equals_rows_alone(name, tmp_path):
     """Rows of different lengths, left-padded, through prefill and cached decode, equal each row run alone."""
-    model = phi.Phi.from_pretrained(saved(hf_model(name), tmp_path))
+    model = from_transformers(name, tmp_path)[0]
     T = max(CASES[name][2])
     ids = ids_for(T, B=3)
     lengths = [T, T - 5, T - 9]
@@ -196,8 +267,7 @@ def test_left_padded_batch_equals_rows_alone(name, tmp_path):
 
 def test_left_padding_matches_transformers_with_position_ids(tmp_path):
     """With explicit position ids (what transformers' generate passes), a padded batch equals transformers too."""
-    ref = hf_model("phi3-gqa-window")
-    ours = phi.Phi.from_pretrained(saved(ref, tmp_path))
+    ours, ref = from_transformers("phi3-gqa-window", tmp_path)
     ids, mask = ids_for(12), torch.ones(2, 12, dtype=torch.long)
     mask[1, :4] = 0
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -251,15 +321,8 @@ def run_oracle_442(model_dir, inputs):
 )
 @pytest.mark.parametrize("kind", ["su", "yarn"])
 def test_su_and_yarn_match_transformers_442(kind, tmp_path):
-    cfg = phi.PhiConfig(
+    cfg = tiny_config(
         model_type="phi3",
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        head_dim=16,
         max_position_embeddings=256,
         original_max_position_embeddings=32,
         rope_scaling=rope(kind, 16),
@@ -267,6 +330,7 @@ def test_su_and_yarn_match_transformers_442(kind, tmp_path):
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
+        initializer_range=0.02,
     )
     torch.manual_seed(0)
     model = phi.Phi.from_config(cfg).eval()
@@ -276,18 +340,8 @@ def test_su_and_yarn_match_transformers_442(kind, tmp_path):
     model.save_pretrained(tmp_path / "m")
     inputs = {str(tmp_path / f"T{T}"): ids_for(T) for T in (20, 48)}  # below and above the original 32
     loaded = phi.Phi.from_pretrained(tmp_path / "m")
-    if kind == "su":
-        # Saved as "longrope" (the same formula): transformers 5.23 cannot read "su" (KeyError looking for the
-        # original context before renaming it), and must give our logits. 4.42 knows "su" only: its copy says "su".
-        cfg = json.loads((tmp_path / "m" / "config.json").read_text())
-        assert cfg["rope_scaling"]["type"] == "longrope"
-        ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", attn_implementation="eager").eval()
-        for ids in inputs.values():
-            with torch.no_grad():
-                assert (
-                    record(f"logits su saved as longrope vs 5.x T={ids.shape[1]}", err(loaded(ids), ref(ids).logits))
-                    <= TOL
-                )
+    if kind == "su":  # we save "su" as "longrope" (test_su_config_is_saved_as_longrope_that_transformers_5_loads)
+        cfg = json.loads((tmp_path / "m" / "config.json").read_text())  # 4.42 knows "su" only: its copy says "su"
         cfg["rope_scaling"]["type"] = "su"
         (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     expected = run_oracle_442(tmp_path / "m", inputs)
@@ -334,8 +388,14 @@ def classification_inputs():
 @pytest.mark.parametrize("problem", ["single_label_classification", "regression", "multi_label_classification"])
 def test_sequence_classification_matches_transformers(name, problem, tmp_path):
     num_labels = 1 if problem == "regression" else 3
-    ref = hf_model(name, "ForSequenceClassification", num_labels=num_labels, problem_type=problem)
-    ours = phi.PhiForSequenceClassification.from_pretrained(saved(ref, tmp_path))
+    ours, ref = from_transformers(
+        name,
+        tmp_path,
+        "ForSequenceClassification",
+        phi.PhiForSequenceClassification,
+        num_labels=num_labels,
+        problem_type=problem,
+    )
     ids, mask, pos = classification_inputs()
     labels = {
         "single_label_classification": torch.tensor([0, 2, 1]),
@@ -352,8 +412,7 @@ def test_sequence_classification_matches_transformers(name, problem, tmp_path):
 
 @pytest.mark.parametrize("name", ["phi-1.5", "phi4-mini"])
 def test_token_classification_matches_transformers(name, tmp_path):
-    ref = hf_model(name, "ForTokenClassification", num_labels=5)
-    ours = phi.PhiForTokenClassification.from_pretrained(saved(ref, tmp_path))
+    ours, ref = from_transformers(name, tmp_path, "ForTokenClassification", phi.PhiForTokenClassification, num_labels=5)
     ids, mask, pos = classification_inputs()
     labels = torch.where(mask == 0, -100, torch.randint(0, 5, (3, 10), generator=torch.Generator().manual_seed(3)))
     with torch.no_grad():
@@ -368,8 +427,7 @@ def test_token_classification_matches_transformers(name, tmp_path):
 
 @pytest.mark.parametrize("name", ["phi-2", "phi3-4k"])
 def test_causal_lm_loss_matches_transformers(name, tmp_path):
-    ref = hf_model(name)
-    ours = phi.Phi.from_pretrained(saved(ref, tmp_path))
+    ours, ref = from_transformers(name, tmp_path)
     ids = ids_for(12)
     labels = ids.clone()
     labels[0, :4] = -100
@@ -402,7 +460,7 @@ def test_classifier_head_initialised_from_causal_lm_checkpoint(tmp_path, capfd):
     ],
 )
 def test_our_save_loads_in_transformers(name, cls, head, tmp_path):
-    ours = cls.from_pretrained(saved(hf_model(name, head), tmp_path / "hf"))
+    ours = from_transformers(name, tmp_path / "hf", head, cls)[0]
     with torch.no_grad():  # change every weight, so the check is on what *we* wrote
         for p in ours.parameters():
             p.mul_(0.9).add_(0.01)
@@ -526,7 +584,7 @@ print(rss("VmHWM") - before, sum(p.numel() * p.element_size() for p in model.par
 def test_loading_peaks_near_one_copy_of_the_weights(tmp_path):
     """A checkpoint stored in fp32 (~330 MB), loaded as bf16 (~165 MB): the process grows by under 1.3x the bf16
     weights. Reading the file through a memory map, or building an fp32 model first, would not fit."""
-    cfg = phi.PhiConfig(
+    cfg = tiny_config(
         model_type="phi3",
         vocab_size=1024,
         hidden_size=1024,
@@ -543,7 +601,7 @@ def test_loading_peaks_near_one_copy_of_the_weights(tmp_path):
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env=python_env(),
     )
     assert r.returncode == 0, r.stderr
     grew, weights = map(int, r.stdout.split())
@@ -762,8 +820,63 @@ def test_malformed_bin_and_sharded_index_errors(tmp_path):
         phi.Phi.from_pretrained(path)
 
 
+@pytest.mark.parametrize("name", ["phi-2", "phi3-gqa-window"])
+def test_sharded_pytorch_bin_in_the_current_layout(name, tmp_path):
+    """transformers' names in pytorch_model-0000N-of-00002.bin shards with a pytorch_model.bin.index.json (what
+    save_pretrained wrote before safetensors), and in one pytorch_model.bin: our logits equal transformers'."""
+    ours, ref = from_transformers(name, tmp_path / "st")
+    sd, files = ref.state_dict(), ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"]
+    halves = [dict(list(sd.items())[: len(sd) // 2]), dict(list(sd.items())[len(sd) // 2 :])]
+    for d, shards in ((tmp_path / "sharded", halves), (tmp_path / "one", [sd])):
+        d.mkdir()
+        shutil.copy(tmp_path / "st" / "config.json", d)
+        for f, part in zip(files if len(shards) == 2 else ["pytorch_model.bin"], shards):
+            torch.save({k: v.clone() for k, v in part.items()}, d / f)
+        if len(shards) == 2:
+            index = {"metadata": {}, "weight_map": {k: f for f, part in zip(files, shards) for k in part}}
+            (d / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+        ids = ids_for(16)
+        with torch.no_grad():
+            e = record(f"pytorch_model.bin ({d.name}) {name}", err(phi.Phi.from_pretrained(d)(ids), ref(ids).logits))
+        assert e <= TOL
+
+
+def test_transformers_4_token_classifier_name_loads(tmp_path):
+    """transformers 4.x saved the token-classification head as "classifier", 5.x as "score": both load."""
+    from safetensors.torch import load_file, save_file
+
+    ours, ref = from_transformers("phi-1.5", tmp_path, "ForTokenClassification", phi.PhiForTokenClassification)
+    sd = load_file(tmp_path / "model.safetensors")
+    assert {k for k in sd if k.startswith("score.")} == {"score.weight", "score.bias"}
+    save_file({k.replace("score.", "classifier.", 1): v for k, v in sd.items()}, tmp_path / "model.safetensors")
+    old = phi.PhiForTokenClassification.from_pretrained(tmp_path)
+    ids = ids_for(10)
+    with torch.no_grad():
+        assert err(old(ids), ref(ids).logits) <= TOL
+
+
+def test_flash_is_not_used_for_a_padded_batch(tmp_path):
+    """flash-attn is used for unpadded batches only: a left-padded batch (prompt and its decode steps) takes SDPA
+    and equals the SDPA model; an unpadded batch on the same model calls flash."""
+    model = from_transformers("phi3-gqa-window", tmp_path)[0]
+    ids, calls = ids_for(20), []
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask)
+        model.flash_attn = lambda *a, **kw: calls.append(1) or fake_flash_attn_func(*a, **kw)
+        got = model(ids, attention_mask=mask)
+        cache = phi.KVCache(model.config, 2, 22)
+        model(ids, attention_mask=mask, cache=cache)
+        model(ids[:, :1], cache=cache)
+        assert not calls
+        assert err(got, want) <= TOL
+        model(ids)
+    assert calls
+
+
 def test_kv_cache_overflow_is_an_error(tmp_path):
-    model = phi.Phi.from_pretrained(saved(hf_model("phi-1.5"), tmp_path))
+    model = from_transformers("phi-1.5", tmp_path)[0]
     cache = phi.KVCache(model.config, 2, 8)
     with pytest.raises(ValueError, match=r"KV cache full: 0 \+ 9 tokens > max_len 8"):
         model(ids_for(9), cache=cache)
@@ -794,13 +907,27 @@ def test_phi2_fp16_does_not_overflow(tmp_path):
     assert err(a, b) / a.abs().max().item() < 2e-2
 
 
-def test_bf16_close_to_fp32(tmp_path):
-    path = saved(hf_model("phi4-mini"), tmp_path)
-    ids = ids_for(48)
+@pytest.mark.parametrize("name,tol", [("phi-2", 1e-2), ("phi3-gqa-window", 1e-3), ("phi4-mini", 1e-3)])
+def test_bf16_matches_transformers_bf16(name, tol, tmp_path):
+    """bf16 logits against transformers' bf16 (SDPA, as ours) on the same weights, as a fraction of max |logit|.
+    The Phi-3 block runs the same ops in the same order as transformers: measured 0, bound 1e-3 (a tenth of one
+    bf16 rounding of the largest logit). phi-2 rounds to bf16 at other points (measured 6.2e-3, bound 1e-2). Both
+    are as far from the fp32 logits as each other: our relative error is at most 1.05x transformers'."""
+    ids = ids_for(48 if name == "phi4-mini" else 20)  # phi4-mini: past the original context (long factors)
+    hf_model(name).save_pretrained(tmp_path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, attn_implementation="sdpa")
     with torch.no_grad():
-        a, b = phi.Phi.from_pretrained(path)(ids), phi.Phi.from_pretrained(path, dtype=torch.bfloat16)(ids)
-    assert b.dtype == torch.bfloat16
-    assert err(a, b) / a.abs().max().item() < 5e-2
+        exact = phi.Phi.from_pretrained(tmp_path)(ids)
+        ours = phi.Phi.from_pretrained(tmp_path, dtype=torch.bfloat16)(ids)
+        theirs = ref.eval()(ids).logits
+    assert ours.dtype == torch.bfloat16
+    scale = exact.abs().max().item()
+    assert record(f"bf16 vs transformers bf16 {name}, / max |logit|", err(ours, theirs) / scale) <= tol
+
+    def rel(x):
+        return ((x.float() - exact).norm() / exact.norm()).item()
+
+    assert rel(ours) <= 1.05 * rel(theirs)
 
 
 def test_flash_requested_on_cpu_falls_back_with_one_line(tmp_path, capfd):
@@ -836,7 +963,7 @@ def fake_flash_attn_func(q, k, v, dropout_p=0.0, causal=False, window_size=(-1, 
 
 def test_flash_path_layout_and_window(tmp_path, monkeypatch):
     """The flash branch (tensor layout, GQA, window argument, decode alignment) run against a reference flash."""
-    model = phi.Phi.from_pretrained(saved(hf_model("phi3-gqa-window"), tmp_path))
+    model = from_transformers("phi3-gqa-window", tmp_path)[0]
     ids = ids_for(20)
     calls = []
 
@@ -1189,19 +1316,16 @@ def test_tokenizer_errors(tmp_path):
 def test_load_tokenizer_from_offline_hub_cache(tmp_path):
     """A Hub id resolves from a pre-filled Hugging Face cache with HF_HUB_OFFLINE=1 (no network here); an id
     missing from the cache is one clear error."""
-    snap = tmp_path / "hub" / "models--microsoft--phi-2" / "snapshots" / ("0" * 40)
-    snap.mkdir(parents=True)
+    snap = hub_repo(tmp_path, "microsoft/phi-2", "0" * 40)
     for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
         shutil.copy(TOK / "codegen" / f, snap)
-    (tmp_path / "hub" / "models--microsoft--phi-2" / "refs").mkdir()
-    (tmp_path / "hub" / "models--microsoft--phi-2" / "refs" / "main").write_text("0" * 40)
     script = (
         "import generate, sys\n"
         "print(generate.load_tokenizer('microsoft/phi-2').encode('def print_prime(n):'))\n"
         "try:\n    generate.load_tokenizer('microsoft/not-cached')\n"
         "except FileNotFoundError as e:\n    print(e)\n"
     )
-    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = python_env(HF_HOME=tmp_path, HF_HUB_OFFLINE=1)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     ids, err_line = r.stdout.strip().split("\n")
@@ -1247,43 +1371,49 @@ PROMPT = "def print_prime(n):\n    # print all primes below n, one per line"  # 
 def hub(tmp_path_factory):
     """An HF_HOME whose hub cache holds test/<name> for every GEN_CASES entry (written by transformers, with the
     real tokenizer files of the family), and the transformers model of each, for the parity checks."""
+    if not TOK.exists():
+        pytest.skip(f"reference data {TOK} not found (set PHI_REFERENCE)")
     home = tmp_path_factory.mktemp("hf_home")
     refs = {}
     for name, (case, family, over) in GEN_CASES.items():
-        repo = home / "hub" / f"models--test--{name}"
-        snap = repo / "snapshots" / ("1" * 40)
+        snap = hub_repo(home, f"test/{name}", "1" * 40)
         refs[name] = hf_model(case, **over)
         refs[name].save_pretrained(snap)
         for f in (TOK / family).iterdir():
             if f.is_file():
                 shutil.copy(f, snap)
-        (repo / "refs").mkdir()
-        (repo / "refs" / "main").write_text("1" * 40)
     return home, refs
 
 
-def run_cli(home, *args, stdin=None):
-    """generate.py in a subprocess, offline, on the cache under home. Output is read as bytes and decoded, so a
-    generated "\r\n" stays as it is (text mode would turn it into "\n")."""
-    env = {
-        **os.environ,
-        "HF_HOME": str(home),
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": str(ROOT),
-        "PYTHONIOENCODING": "utf-8",
-    }
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "generate.py"), *map(str, args)],
-        capture_output=True,
-        env=env,
-        input=stdin.encode() if stdin else None,
-        cwd=home,
-    )
-    return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(), r.stderr.decode())
+def run_cli(home, *args, stdin=""):
+    """generate.main(argv) in this process (a subprocess would add seconds of imports and nothing else), offline
+    on the Hugging Face cache under home: (exit code, stdout, stderr). stdout is written as bytes and decoded, so a
+    generated "\r\n" stays as it is. test_cli_runs_as_a_program runs generate.py as its own process."""
+    out, errs = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", newline=""), io.StringIO()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(
+            mock.patch.multiple(huggingface_hub.constants, HF_HUB_CACHE=str(home / "hub"), HF_HUB_OFFLINE=True)
+        )
+        stack.enter_context(mock.patch.object(sys, "stdin", io.StringIO(stdin)))
+        stack.enter_context(mock.patch.object(generate, "decode_one_token", generate.decode_one_token))  # --compile
+        stack.enter_context(contextlib.redirect_stdout(out))
+        stack.enter_context(contextlib.redirect_stderr(errs))
+        try:
+            code = generate.main([str(a) for a in args])
+        except SystemExit as e:  # argparse's errors
+            code = e.code
+    out.flush()
+    return subprocess.CompletedProcess(args, code, out.buffer.getvalue().decode(), errs.getvalue())
 
 
 def snapshot(home, name):
     return home / "hub" / f"models--test--{name}" / "snapshots" / ("1" * 40)
+
+
+def continuation(tok, prompt, new):
+    """The text the command line prints for new tokens after prompt (ids): a SentencePiece tokenizer drops a word's
+    leading space at the start of a decode, so decode the two together and cut."""
+    return tok.decode(prompt + new)[len(tok.decode(prompt)) :]
 
 
 def hf_greedy(ref, ids, n=48, **kw):
@@ -1319,7 +1449,7 @@ def test_greedy_generation_matches_transformers(name, hub):
         "float32",
     )
     assert r.returncode == 0, r.stderr
-    assert r.stdout == tok.decode(prompt + want)[len(tok.decode(prompt)) :] + "\n"
+    assert r.stdout == continuation(tok, prompt, want) + "\n"
     assert re.search(r"prompt: \d+ tokens, [\d.]+ tokens/s; generation: \d+ tokens, [\d.]+ tokens/s", r.stderr)
 
 
@@ -1385,16 +1515,51 @@ def test_sampling_seed_topk_batch_stop_and_eos(hub):
     steps = torch.stack(list(generate.generate_batch(model, prompts, 12, temperature=0, eos_ids=set())), 1)
     for r, p in enumerate(prompts):
         assert steps[r].tolist() == list(generate.generate(model, p, 12, temperature=0, eos_ids=set()))
-    # the CLI: a seed reproduces; a stop string cuts the text; --num-samples gives a batch
+
+
+def batch_texts(tok, steps, eos):
+    """The text of each row of generate_batch's steps, up to its first EOS (-1: the row had ended)."""
+    rows = torch.stack(steps, 1).tolist()
+    return [
+        tok.decode([t for t in row[: next((i for i, t in enumerate(row) if t < 0 or t in eos), len(row))]])
+        for row in rows
+    ]
+
+
+@needs_reference("tokenizers")
+def test_cli_seed_samples_stops_and_batches_equal_the_api(hub):
+    """The command line against the API: --seed reproduces; --num-samples at temperature 1 samples each copy of the
+    prompt as one seeded batch (the samples differ); several --stop strings cut at the first that appears, in a
+    single stream and in each row of a batch; a repeated --prompt is a batch whose rows equal the prompts alone."""
+    home, _ = hub
+    model, tok = generate.load(snapshot(home, "phi-2"), dtype="float32")
+    prompt = tok.encode(PROMPT)
     args = ("--model", "test/phi-2", "--prompt", PROMPT, "--max-new-tokens", 20, "--dtype", "float32")
     a, b = run_cli(home, *args, "--temperature", 1, "--seed", 3), run_cli(home, *args, "--temperature", 1, "--seed", 3)
-    assert a.returncode == 0 and a.stdout == b.stdout
-    full = tok.decode(prompt + greedy)[len(tok.decode(prompt)) :]
-    stop = full[len(full) // 2 : len(full) // 2 + 3]
-    r = run_cli(home, *args, "--temperature", 0, "--stop", stop)
-    assert r.stdout == full[: full.index(stop)] + "\n"
-    r = run_cli(home, *args, "--temperature", 0, "--num-samples", 2)
-    assert r.stdout == f"=== 0 ===\n{tok.decode(greedy)}\n=== 1 ===\n{tok.decode(greedy)}\n"
+    want = tok.decode(
+        list(generate.generate(model, prompt, 20, temperature=1, generator=torch.Generator().manual_seed(3)))
+    )
+    assert a.returncode == 0 and a.stdout == b.stdout == want + "\n"
+    r = run_cli(home, *args, "--temperature", 1, "--seed", 5, "--num-samples", 2)
+    steps = generate.generate_batch(
+        model, [prompt, prompt], 20, temperature=1, generator=torch.Generator().manual_seed(5)
+    )
+    texts = batch_texts(tok, list(steps), model.eos_ids)
+    assert texts[0] != texts[1] and r.stdout == f"=== 0 ===\n{texts[0]}\n=== 1 ===\n{texts[1]}\n"
+    # stops: the later of two stop strings in the text must not matter; in a batch each row is cut on its own
+    full = tok.decode(list(generate.generate(model, prompt, 20, temperature=0)))
+    first, later = full[len(full) // 2 : len(full) // 2 + 3], full[-3:]
+    assert full.index(first) < full.index(later)
+    r = run_cli(home, *args, "--temperature", 0, "--stop", later, "--stop", first)
+    assert r.stdout == full[: full.index(first)] + "\n"
+    other = "import numpy as np"
+    other_full = tok.decode(list(generate.generate(model, tok.encode(other), 20, temperature=0)))
+    r = run_cli(home, *args, "--prompt", other, "--temperature", 0)  # a repeated --prompt: a batch of two
+    assert r.stdout == f"=== 0 ===\n{full}\n=== 1 ===\n{other_full}\n"
+    stop2 = other_full[4:7]
+    assert stop2 not in full[: full.index(first)] and first not in other_full[: other_full.index(stop2)]
+    r = run_cli(home, *args, "--prompt", other, "--temperature", 0, "--stop", first, "--stop", stop2)
+    assert r.stdout == f"=== 0 ===\n{full[: full.index(first)]}\n=== 1 ===\n{other_full[: other_full.index(stop2)]}\n"
 
 
 @needs_reference("tokenizers")
@@ -1413,19 +1578,8 @@ def test_cli_stops_at_generation_config_eos_and_prompt_file(hub, tmp_path):
     finally:
         (snap / "generation_config.json").write_text(json.dumps(gen))
     (tmp_path / "prompts.txt").write_text("def print_prime(n):\nHello there\n")
-    r = run_cli(
-        home,
-        "--model",
-        "test/phi3-4k",
-        "--prompt-file",
-        tmp_path / "prompts.txt",
-        "--temperature",
-        0,
-        "--max-new-tokens",
-        8,
-        "--dtype",
-        "float32",
-    )
+    args = ("--temperature", 0, "--max-new-tokens", 8, "--dtype", "float32")
+    r = run_cli(home, "--model", "test/phi3-4k", "--prompt-file", tmp_path / "prompts.txt", *args)
     alone = [
         tok.decode(list(generate.generate(model, tok.encode(p), 8, temperature=0)))
         for p in ("def print_prime(n):", "Hello there")
@@ -1433,53 +1587,137 @@ def test_cli_stops_at_generation_config_eos_and_prompt_file(hub, tmp_path):
     assert r.stdout == f"=== 0 ===\n{alone[0]}\n=== 1 ===\n{alone[1]}\n"
 
 
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a prime."}]
+CHAT_ARGS = ("--system", "Be brief.", "--max-new-tokens", 16, "--temperature", 0, "--dtype", "float32")
+
+
 @needs_reference("tokenizers")
 @pytest.mark.parametrize("name,family", [("phi3-4k", "phi3"), ("phi4-mini", "phi4mini")])
-def test_cli_chat_uses_the_family_template(name, family, hub):
+def test_cli_chat_uses_the_family_template_and_stops_at_the_end_of_turn(name, family, hub, monkeypatch):
+    """--chat renders what apply_chat_template renders and generates what the API generates from it. The end-of-turn
+    token (<|end|>) ends the reply: here it is forced as the 4th token (random weights never pick it)."""
     home, _ = hub
     model, tok = generate.load(snapshot(home, name), dtype="float32")
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a prime."}]
     want_text = transformers.AutoTokenizer.from_pretrained(TOK / family).apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True
+        CHAT, tokenize=False, add_generation_prompt=True
     )
     assert generate.chat_prompt(tok, "Name a prime.", "Be brief.") == want_text
-    end = tok.added["<|end|>"]["id"]  # <|end|> closes a turn in chat mode
     ids = tok.encode(want_text)
-    want = list(generate.generate(model, ids, 16, temperature=0, eos_ids=model.eos_ids | {end}))
+    end = tok.added["<|end|>"]["id"]
+    want = list(generate.generate(model, ids, 16, temperature=0, eos_ids=model.eos_ids))
+    assert len(want) == 16 and end not in want
+    r = run_cli(home, "--model", f"test/{name}", "--chat", "--prompt", "Name a prime.", *CHAT_ARGS)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == tok.decode(want) + "\n"
+    sample, calls = generate.sample, []
+
+    def end_at_the_4th(*args, **kw):
+        calls.append(1)
+        token = sample(*args, **kw)
+        return torch.full_like(token, end) if len(calls) == 4 else token
+
+    monkeypatch.setattr(generate, "sample", end_at_the_4th)
+    r = run_cli(home, "--model", f"test/{name}", "--chat", "--prompt", "Name a prime.", *CHAT_ARGS)
+    assert r.stdout == tok.decode(want[:3]) + "\n" and len(calls) == 4  # nothing sampled after the end token
+
+
+@needs_reference("tokenizers")
+@pytest.mark.parametrize("name,family", [("phi3-4k", "phi3"), ("phi4-mini", "phi4mini")])
+def test_cli_interactive_keeps_the_conversation(name, family, hub):
+    """--interactive over two turns: the second prompt is the whole conversation (the first turn and its reply), as
+    apply_chat_template renders it; the reply equals the API's greedy reply to that prompt."""
+    home, _ = hub
+    model, tok = generate.load(snapshot(home, name), dtype="float32")
+    template = transformers.AutoTokenizer.from_pretrained(TOK / family)
+    end = tok.added["<|end|>"]["id"]
+
+    def reply(messages):
+        ids = tok.encode(template.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        return tok.decode(list(generate.generate(model, ids, 16, temperature=0, eos_ids=model.eos_ids | {end})))
+
+    first = reply(CHAT)
+    second = reply(CHAT + [{"role": "assistant", "content": first}, {"role": "user", "content": "And another?"}])
+    assert second != reply(CHAT[:1] + [{"role": "user", "content": "And another?"}])  # the history matters
+    r = run_cli(home, "--model", f"test/{name}", "--interactive", *CHAT_ARGS, stdin="Name a prime.\nAnd another?\n\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{first}\n{second}\n"
+
+
+@needs_reference("tokenizers")
+def test_cli_revision_picks_the_snapshot_of_a_branch_or_commit(hub, tmp_path):
+    """--revision: a branch (refs/v2) or a commit id in the offline cache picks that snapshot, main is the default."""
+    home, _ = hub
+    for name, commit, refs in (("phi-2", "a" * 40, ["main"]), ("phi3-4k", "b" * 40, ["v2"])):
+        shutil.copytree(
+            snapshot(home, name), hub_repo(tmp_path, "test/two-revisions", commit, refs), dirs_exist_ok=True
+        )
+    args = ("--model", "test/two-revisions", "--prompt", PROMPT, "--max-new-tokens", 8, "--temperature", 0)
+    want = {}
+    for name in ("phi-2", "phi3-4k"):
+        model, tok = generate.load(snapshot(home, name), dtype="float32")
+        prompt = tok.encode(PROMPT, bos=tok.add_bos)
+        want[name] = continuation(tok, prompt, list(generate.generate(model, prompt, 8))) + "\n"
+    assert want["phi-2"] != want["phi3-4k"]
+    assert run_cli(tmp_path, *args).stdout == want["phi-2"]
+    assert run_cli(tmp_path, *args, "--revision", "v2").stdout == want["phi3-4k"]
+    assert run_cli(tmp_path, *args, "--revision", "b" * 40).stdout == want["phi3-4k"]
+    r = run_cli(tmp_path, *args, "--revision", "v3")
+    assert_one_line_error(
+        r,
+        "generate.py",
+        "'test/two-revisions' is not a local directory and is not in the Hugging Face cache "
+        "(offline, or the Hub is unreachable)",
+        1,
+    )
+
+
+@needs_reference("tokenizers")
+def test_cli_compile_runs_inductor_across_the_longrope_switch(hub, fresh_compiler):
+    """--compile for real (inductor, the CPU path of generate.compile_decode): on a LongRoPE model whose prompt is
+    below the original context (32) and whose generation crosses it, the tokens equal transformers' generate()."""
+    home, refs = hub
+    _, tok = generate.load(snapshot(home, "phi3-longrope"), dtype="float32")
+    prompt = tok.encode(PROMPT, bos=tok.add_bos)
+    want = hf_greedy(refs["phi3-longrope"], prompt, 24)
+    assert len(prompt) < 32 < len(prompt) + len(want)
     r = run_cli(
         home,
         "--model",
-        f"test/{name}",
-        "--chat",
-        "--system",
-        "Be brief.",
+        "test/phi3-longrope",
         "--prompt",
-        "Name a prime.",
+        PROMPT,
         "--max-new-tokens",
-        16,
+        24,
         "--temperature",
         0,
         "--dtype",
         "float32",
+        "--compile",
     )
     assert r.returncode == 0, r.stderr
-    assert r.stdout == tok.decode(ids + want)[len(tok.decode(ids)) :] + "\n"
+    assert r.stdout == continuation(tok, prompt, want) + "\n"
+    assert "after the first step (which compiles:" in r.stderr
+
+
+@needs_reference("tokenizers")
+def test_cli_dtype_auto_takes_the_checkpoints_dtype_float16_as_bfloat16_on_the_cpu(hub, tmp_path):
+    """--dtype auto reads config.json's torch_dtype; float16 becomes bfloat16 on the CPU (float16 matmuls are slow
+    there), and the tokens equal the API's on a bfloat16 load of the same checkpoint."""
+    home, _ = hub
+    d = tmp_path / "fp16"
+    shutil.copytree(snapshot(home, "phi-2"), d)
+    model = phi.Phi.from_pretrained(d, dtype=torch.float16)
+    model.save_pretrained(d)
+    assert json.loads((d / "config.json").read_text())["torch_dtype"] == "float16"
+    auto, tok = generate.load(d, dtype="auto", device="cpu")
+    assert auto.embed.weight.dtype == torch.bfloat16
+    bf16, _ = generate.load(d, dtype="bfloat16", device="cpu")
+    want = tok.decode(list(generate.generate(bf16, tok.encode(PROMPT), 8)))
     r = run_cli(
-        home,
-        "--model",
-        f"test/{name}",
-        "--interactive",
-        "--system",
-        "Be brief.",
-        "--max-new-tokens",
-        16,
-        "--temperature",
-        0,
-        "--dtype",
-        "float32",
-        stdin="Name a prime.\n\n",
+        tmp_path, "--model", d, "--prompt", PROMPT, "--max-new-tokens", 8, "--temperature", 0, "--device", "cpu"
     )
-    assert r.returncode == 0 and r.stdout == tok.decode(ids + want)[len(tok.decode(ids)) :] + "\n"
+    assert r.returncode == 0 and r.stdout == want + "\n", r.stderr
+    assert "torch.bfloat16, cpu" in r.stderr
 
 
 @needs_reference("tokenizers")
@@ -1488,24 +1726,46 @@ def test_cli_chat_uses_the_family_template(name, family, hub):
     [
         (
             ("--model", "nobody/nothing"),
-            "'nobody/nothing' is not a local directory and is not in the Hugging Face cache",
+            "'nobody/nothing' is not a local directory and is not in the Hugging Face cache "
+            "(offline, or the Hub is unreachable)",
         ),
         (("--temperature", "-1"), "--temperature must be >= 0 (0 = greedy), got -1.0"),
         (("--top-p", "0"), "--top-p must be in (0, 1], got 0.0"),
         (("--top-p", "1.5"), "--top-p must be in (0, 1], got 1.5"),
         (("--top-k", "-2"), "--top-k must be >= 0, got -2"),
         (("--attn", "flash", "--device", "cpu"), "--attn flash needs a CUDA device, got cpu"),
-        (("--device", "cuda", "--dtype", "bfloat16"), "torch.bfloat16 is not supported on cuda"),
+        pytest.param(
+            ("--device", "cuda", "--dtype", "bfloat16"),
+            "torch.bfloat16 is not supported on cuda: Torch not compiled with CUDA enabled",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here: the run would succeed"),
+        ),
         (("--prompt", "word " * 300), "the prompt is 301 tokens, longer than the model's context of 128"),
+        (
+            ("--dtype", "float64"),
+            "argument --dtype: invalid choice: 'float64' (choose from 'auto', 'float32', 'bfloat16', 'float16')",
+        ),
+        (("--max-new-tokens", "many"), "argument --max-new-tokens: invalid int value: 'many'"),
     ],
 )
 def test_cli_bad_input_gives_one_clear_line(args, message, hub):
     home, _ = hub
     r = run_cli(home, "--model", "test/phi-2", "--temperature", "0", "--max-new-tokens", 4, *args)
-    assert r.returncode != 0
-    assert "Traceback" not in r.stderr
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("generate.py: error: ") and message in last, r.stderr
+    assert_one_line_error(r, "generate.py", message, 1)
+
+
+@needs_reference("tokenizers")
+def test_cli_runs_as_a_program(hub):
+    """python generate.py in its own process, offline through HF_HOME / HF_HUB_OFFLINE: the in-process runs' output,
+    and exit code 1 with one line for bad input."""
+    home, _ = hub
+    args = ["--model", "test/phi-2", "--prompt", PROMPT, "--max-new-tokens", 8, "--temperature", 0]
+    env = python_env(HF_HOME=home, HF_HUB_OFFLINE=1, PYTHONIOENCODING="utf-8")
+    for extra, code in (([], 0), (["--top-k", "-2"], 1)):
+        argv = [sys.executable, str(ROOT / "generate.py"), *map(str, args + extra)]
+        r = subprocess.run(argv, capture_output=True, env=env, cwd=home)
+        r = subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(), r.stderr.decode())
+        assert (r.returncode, r.stdout) == (code, run_cli(home, *args, *extra).stdout), r.stderr
+    assert_one_line_error(r, "generate.py", "--top-k must be >= 0, got -2", 1)
 
 
 def test_cli_missing_weights_is_one_clear_line(tmp_path):
@@ -1523,11 +1783,8 @@ def test_cli_missing_weights_is_one_clear_line(tmp_path):
         )
     )
     r = run_cli(tmp_path, "--model", tmp_path, "--prompt", "x")
-    assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1] == (
-        f"generate.py: error: {tmp_path}: no model.safetensors, "
-        "model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json"
-    )
+    message = f"{tmp_path}: no model.safetensors, model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json"
+    assert_one_line_error(r, "generate.py", message, 1)
 
 
 # ===============================================================================================================
@@ -1549,43 +1806,34 @@ TINY = dict(
 
 
 def run_train(tmp_path, *args, torchrun=0):
+    """train.py on the tiny config and the json corpus, with the given arguments: train.main(argv) in this process,
+    or with torchrun=N in N processes (torch.distributed.run, gloo). (exit code, stdout, stderr)."""
     cfg = tmp_path / "tiny.json"
     cfg.write_text(json.dumps(TINY))
-    base = [
-        "--config",
-        cfg,
-        "--data",
-        CORPUS,
-        "--block-size",
-        64,
-        "--batch-size",
-        8,
-        "--log-every",
-        5,
-        "--sample-tokens",
-        0,
-        "--warmup-steps",
-        5,
-    ]
-    launcher = [sys.executable] + (
-        [
+    base = ["--config", cfg, "--data", CORPUS, "--block-size", 64, "--batch-size", 8, "--log-every", 5]
+    argv = [str(a) for a in base + ["--sample-tokens", 0, "--warmup-steps", 5, *args]]
+    if torchrun:
+        port = str(29500 + os.getpid() % 1000)
+        launch = [
+            sys.executable,
             "-m",
             "torch.distributed.run",
             "--nproc_per_node",
             str(torchrun),
             "--master_port",
-            str(29500 + os.getpid() % 1000),
+            port,
         ]
-        if torchrun
-        else []
-    )
-    return subprocess.run(
-        launcher + [str(ROOT / "train.py"), *map(str, base + list(args))],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
-    )
+        env = python_env(OMP_NUM_THREADS=1)
+        return subprocess.run(
+            launch + [str(ROOT / "train.py")] + argv, capture_output=True, text=True, cwd=tmp_path, env=env
+        )
+    out, errs = io.StringIO(), io.StringIO()
+    with contextlib.chdir(tmp_path), contextlib.redirect_stdout(out), contextlib.redirect_stderr(errs):
+        try:
+            code = train.main(argv)
+        except SystemExit as e:  # argparse's errors
+            code = e.code
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), errs.getvalue())
 
 
 def weights(d):
@@ -1594,13 +1842,23 @@ def weights(d):
     return load_file(Path(d) / "model.safetensors")
 
 
+LOG_LINE = (
+    r"step (\d+)/\d+ \[#* *\] \| loss ([\d.]+) \| grad norm ([\d.e+-]+) \| lr [\d.e+-]+ \| [\d,]+ tok/s \| ETA \d+:\d\d"
+)
+
+
+def logged(r):
+    """{step: (loss, gradient norm)} from train.py's log lines."""
+    return {int(m[1]): (float(m[2]), float(m[3])) for m in re.finditer(LOG_LINE, r.stderr)}
+
+
 def test_train_loss_goes_down_and_checkpoint_loads_everywhere(tmp_path):
     r = run_train(tmp_path, "--out", tmp_path / "out", "--max-steps", 40, "--eval-every", 20, "--lr", "3e-3")
     assert r.returncode == 0, r.stderr
     val = [float(x) for x in re.findall(r"validation loss ([\d.]+)", r.stderr)]
-    first = float(re.search(r"step 5/40 .*\| loss ([\d.]+)", r.stderr)[1])
+    first = logged(r)[5][0]
     assert len(val) == 2 and val[1] < val[0] < first and val[1] < first - 1.0, r.stderr
-    assert re.search(r"step 40/40 \[#{20}\] \| loss [\d.]+ \| lr [\d.e+-]+ \| [\d,]+ tok/s \| ETA 0:00", r.stderr)
+    assert re.search(r"step 40/40 \[#{20}\] .* \| ETA 0:00", r.stderr) and sorted(logged(r)) == list(range(5, 41, 5))
     model_dir = tmp_path / "out" / "model"
     ours, tok = generate.load(model_dir, dtype="float32")
     ref = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -1608,47 +1866,211 @@ def test_train_loss_goes_down_and_checkpoint_loads_everywhere(tmp_path):
     with torch.no_grad():
         assert record("train checkpoint vs transformers", err(ours(ids), ref(ids).logits)) <= TOL
     g = run_cli(tmp_path, "--model", model_dir, "--prompt", "def ", "--max-new-tokens", 20, "--temperature", 0)
-    assert g.returncode == 0 and len(g.stdout) > 1, g.stderr
+    want = tok.decode(list(generate.generate(ours, tok.encode("def "), 20)))
+    assert g.returncode == 0 and g.stdout == want + "\n", g.stderr
     hf_tok = transformers.AutoTokenizer.from_pretrained(model_dir)  # the byte tokenizer loads there too
     assert hf_tok.encode("déf  x\n", add_special_tokens=False) == tok.encode("déf  x\n") == list("déf  x\n".encode())
 
 
-def test_resume_continues_exactly(tmp_path):
-    """5 steps + resume 5 steps == 10 steps straight: weights bit-identical (dropout on, so RNG state matters)."""
-    common = ("--max-steps", 10, "--eval-every", 0, "--dropout", 0.1)
-    a = run_train(tmp_path, "--out", tmp_path / "a", "--save-every", 5, *common)
+def test_resume_continues_exactly_from_the_latest_checkpoint(tmp_path):
+    """A run killed after its checkpoint at step 8 (ckpt-000010 and model gone, a half-written checkpoint left
+    behind), resumed with --resume OUT: it continues from the latest complete checkpoint, and its final weights are
+    bit-identical to the uninterrupted run's (dropout on, so the RNG state matters too)."""
+    out, common = tmp_path / "a", ("--max-steps", 10, "--eval-every", 0, "--dropout", 0.1, "--log-every", 1)
+    a = run_train(tmp_path, "--out", out, "--save-every", 4, *common)
     assert a.returncode == 0, a.stderr
-    b = run_train(tmp_path, "--out", tmp_path / "b", "--resume", tmp_path / "a" / "ckpt-000005", *common)
+    assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-000004", "ckpt-000008", "ckpt-000010"]
+    straight = weights(out / "model")
+    shutil.rmtree(out / "ckpt-000010")
+    shutil.rmtree(out / "model")
+    (out / ".ckpt-000012.tmp").mkdir()  # a save interrupted before its rename
+    (out / ".ckpt-000012.tmp" / "model.safetensors").write_bytes(b"half")
+    b = run_train(tmp_path, "--out", out, "--resume", out, *common)
     assert b.returncode == 0, b.stderr
-    wa, wb = weights(tmp_path / "a" / "model"), weights(tmp_path / "b" / "model")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    w5 = weights(tmp_path / "a" / "ckpt-000005")
-    assert not all(torch.equal(wa[k], w5[k]) for k in wa)
+    assert f"resuming from {out / 'ckpt-000008'} at step 8" in b.stderr and sorted(logged(b)) == [9, 10]
+    resumed = weights(out / "model")
+    assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in straight)
+    w8 = weights(out / "ckpt-000008")
+    assert not all(torch.equal(straight[k], w8[k]) for k in straight)
+
+
+def test_checkpoint_write_interrupted_before_the_rename_keeps_the_previous_one(tmp_path, monkeypatch):
+    """train.save_checkpoint writes into a temporary directory and renames it into place: a save that dies while
+    writing (here: the weights file is half written, then the process is interrupted) leaves the previous checkpoint
+    as it was, and --resume finds it."""
+    tok_dir = tmp_path / "tok"
+    train.write_byte_tokenizer(tok_dir)
+    model = phi.Phi.from_config(tiny_config())
+    train.save_checkpoint(tmp_path / "ckpt-000001", model, tok_dir, {"step": 1})
+    before = weights(tmp_path / "ckpt-000001")
+
+    def dies_while_writing(self, path, **kw):
+        Path(path).mkdir()
+        (Path(path) / "model.safetensors").write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(phi.Phi, "save_pretrained", dies_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(tmp_path / "ckpt-000001", model, tok_dir, {"step": 2})
+    after = weights(tmp_path / "ckpt-000001")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert train.latest_checkpoint(tmp_path) == tmp_path / "ckpt-000001"
+    assert torch.load(tmp_path / "ckpt-000001" / "training_state.pt")["step"] == 1
+
+
+def test_grad_accum_equals_one_big_batch(tmp_path):
+    """--grad-accum 2 x 4 sequences == 8 sequences at once: the same gradient norm (a sum of micro-batch losses
+    instead of their mean would double it) and the same weights after two steps."""
+    common = ("--max-steps", 2, "--eval-every", 0, "--log-every", 1)
+    big = run_train(tmp_path, "--out", tmp_path / "big", "--batch-size", 8, *common)
+    acc = run_train(tmp_path, "--out", tmp_path / "acc", "--batch-size", 4, "--grad-accum", 2, *common)
+    assert big.returncode == 0 and acc.returncode == 0, big.stderr + acc.stderr
+    for step in (1, 2):
+        (loss1, norm1), (loss2, norm2) = logged(big)[step], logged(acc)[step]
+        assert loss1 == pytest.approx(loss2, rel=1e-4) and norm1 == pytest.approx(norm2, rel=1e-4)
+    w1, w2 = weights(tmp_path / "big" / "model"), weights(tmp_path / "acc" / "model")
+    assert record("grad-accum 2x4 vs batch 8, two steps", max(err(w1[k], w2[k]) for k in w1)) <= 1e-6
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_torchrun_two_processes_equal_one(mode, tmp_path):
-    """torchrun with gloo on the CPU, 2 x 4 sequences == 1 process x 8 sequences, for one step (DDP, and FSDP)."""
-    one = run_train(tmp_path, "--out", tmp_path / "one", "--max-steps", 1, "--eval-every", 0, "--batch-size", 8)
+    """torchrun with gloo on the CPU, 2 processes x 4 sequences == 1 process x 8 sequences: the same gradient norm
+    (each process's loss is a mean over its rows and DDP/FSDP average the gradients: a sum over processes would
+    double it) and the same weights after two steps; then a resume of the 2-process checkpoint in 2 processes
+    equals the uninterrupted run."""
+    fsdp = ["--fsdp"] if mode == "fsdp" else []
+    common = ("--eval-every", 0, "--log-every", 1, "--max-steps", 2)
+    one = run_train(tmp_path, "--out", tmp_path / "one", "--batch-size", 8, *common)
     assert one.returncode == 0, one.stderr
     two = run_train(
-        tmp_path,
-        "--out",
-        tmp_path / "two",
-        "--max-steps",
-        1,
-        "--eval-every",
-        0,
-        "--batch-size",
-        4,
-        *(["--fsdp"] if mode == "fsdp" else []),
-        torchrun=2,
+        tmp_path, "--out", tmp_path / "two", "--batch-size", 4, "--save-every", 1, *fsdp, *common, torchrun=2
     )
     assert two.returncode == 0, two.stderr
     assert "2 process(es)" in two.stderr
+    for step in (1, 2):
+        assert logged(two)[step][1] == pytest.approx(logged(one)[step][1], rel=1e-4)
     w1, w2 = weights(tmp_path / "one" / "model"), weights(tmp_path / "two" / "model")
-    e = max((w1[k] - w2[k]).abs().max().item() for k in w1)
-    assert record(f"torchrun {mode} 2 vs 1 process, one step", e) <= 1e-6
+    assert record(f"torchrun {mode} 2 vs 1 process, two steps", max(err(w1[k], w2[k]) for k in w1)) <= 1e-6
+    resumed = run_train(
+        tmp_path,
+        "--out",
+        tmp_path / "three",
+        "--batch-size",
+        4,
+        "--resume",
+        tmp_path / "two" / "ckpt-000001",
+        *fsdp,
+        *common,
+        torchrun=2,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    w3 = weights(tmp_path / "three" / "model")
+    assert all(torch.equal(w2[k], w3[k]) for k in w2)
+
+
+def test_mixed_precision_training_bf16_and_fp16_grad_scaler(tmp_path):
+    """--dtype bfloat16 and float16 autocast: the first step's loss and gradient norm close to float32's (fp16 goes
+    through the GradScaler: its gradients are scaled by 65536 and must be unscaled before the norm and clipping),
+    yet not bit-equal (autocast is on); the weights stay float32 and still train."""
+    runs = {}
+    for dtype in ("float32", "bfloat16", "float16"):
+        r = run_train(
+            tmp_path,
+            "--out",
+            tmp_path / dtype,
+            "--dtype",
+            dtype,
+            "--max-steps",
+            10,
+            "--log-every",
+            1,
+            "--eval-every",
+            0,
+        )
+        assert r.returncode == 0, r.stderr
+        runs[dtype] = logged(r)
+        assert all(w.dtype == torch.float32 for w in weights(tmp_path / dtype / "model").values())
+    for dtype, tol in (("bfloat16", 2e-2), ("float16", 2e-3)):
+        (loss, norm), (loss32, norm32) = runs[dtype][1], runs["float32"][1]
+        assert loss == pytest.approx(loss32, rel=tol) and norm == pytest.approx(norm32, rel=5 * tol)
+        assert [n for _, n in runs[dtype].values()] != [n for _, n in runs["float32"].values()]  # autocast is on
+        assert runs[dtype][10][0] < loss - 0.5
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    """--checkpointing (model.gradient_checkpointing) recomputes each block in the backward pass instead of keeping
+    its activations: each block runs twice, and the loss and every gradient equal the plain run's (dropout on: the
+    recomputation replays the same random mask)."""
+    cfg = tiny_config(model_type="phi3", resid_pdrop=0.1, embd_pdrop=0.1, attention_dropout=0.0)
+    torch.manual_seed(0)
+    model = phi.Phi.from_config(cfg).train()
+    ids, grads, losses, calls = ids_for(16), {}, {}, []
+    forward = model.layers[0].forward  # (forward hooks do not fire in the recomputation)
+    model.layers[0].forward = lambda *a: calls.append(1) or forward(*a)
+    for on in (False, True):
+        model.gradient_checkpointing = on
+        calls.clear()
+        torch.manual_seed(1)
+        model.zero_grad()
+        loss = model(ids, labels=ids)[1]
+        loss.backward()
+        assert len(calls) == (2 if on else 1)
+        losses[on], grads[on] = loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert losses[True] == losses[False]
+    assert max(err(grads[True][n], grads[False][n]) for n in grads[True]) <= 1e-6
+
+
+def test_token_files_are_reused_across_runs(tmp_path, monkeypatch):
+    """The corpus is tokenized once into train.bin/val.bin under a hash of its files and the tokenizer: a second run
+    reads them without tokenizing, a changed file makes new ones."""
+    tok_dir = tmp_path / "tok"
+    train.write_byte_tokenizer(tok_dir)
+    tok = generate.load_tokenizer(tok_dir)
+    corpus = tmp_path / "corpus.py"
+    corpus.write_text("def f(x):\n    return x\n" * 200)
+    encode, calls = tok.encode, []
+    monkeypatch.setattr(tok, "encode", lambda *a, **kw: calls.append(1) or encode(*a, **kw))
+    first = train.token_files([str(corpus)], tok, tmp_path, 32)
+    n = len(calls)
+    again = train.token_files([str(corpus)], tok, tmp_path, 32)
+    assert n and len(calls) == n and np_equal(first, again)
+    corpus.write_text("class A:\n    pass\n" * 300)
+    changed = train.token_files([str(corpus)], tok, tmp_path, 32)
+    assert len(calls) > n and len(list(tmp_path.glob("tokens-*"))) == 2
+    assert bytes(changed[0][:10]) != bytes(first[0][:10])
+
+
+def np_equal(a, b):
+    return all((x == y).all() for x, y in zip(a, b))
+
+
+@needs_reference("configs")
+@pytest.mark.parametrize(
+    "preset,real", [("phi-1.5", "phi-1.json"), ("phi-2", "phi-2.json"), ("phi3-mini", "Phi-3-mini-4k-instruct.json")]
+)
+def test_train_presets_have_the_real_models_shapes(preset, real):
+    """`train.py --config phi-2` etc. build the named model's architecture (phi-1.5 has phi-1's shape)."""
+    ours, want = train.preset_config(preset), phi.PhiConfig.from_hf(json.loads((REF / "configs" / real).read_text()))
+    for key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        assert getattr(ours, key) == getattr(want, key), key
+    assert (ours.num_key_value_heads, ours.head_dim, ours.rotary_dim) == (
+        want.num_key_value_heads,
+        want.head_dim,
+        want.rotary_dim,
+    )
+    assert (ours.hidden_act, ours.max_position_embeddings) == (want.hidden_act, want.max_position_embeddings)
+
+
+def test_train_demo_preset_is_the_default(tmp_path):
+    """`python train.py` trains the "demo" preset (the README's first command): its saved config has that shape."""
+    r = run_train(tmp_path, "--out", tmp_path / "out", "--max-steps", 1, "--eval-every", 0)  # --config tiny.json
+    assert r.returncode == 0, r.stderr
+    args = train.parse_args([])
+    assert args.config == "demo" and args.init == "scratch"
+    cfg = train.preset_config("demo")
+    r = run_train(tmp_path, "--out", tmp_path / "demo", "--config", "demo", "--max-steps", 1, "--eval-every", 0)
+    saved_cfg = json.loads((tmp_path / "demo" / "model" / "config.json").read_text())
+    assert (saved_cfg["hidden_size"], saved_cfg["num_hidden_layers"]) == (cfg.hidden_size, cfg.num_hidden_layers)
 
 
 def toy_classification(path, n=200, seed=0):
@@ -1750,9 +2172,21 @@ def test_token_labels_sit_on_each_words_first_non_space_token(tmp_path, name):
     label_map = {}
     ids, labels = train.labelled_examples([tmp_path / "t.jsonl"], tok, "token-cls", 512, label_map)[0]
     assert len(ids) == len(labels)
-    at = [i for i, y in enumerate(labels) if y != -100]
-    assert [labels[i] for i in at] == [label_map[t] for w, t in zip(words, tags) if w]
-    assert all(tok.decode([ids[i]]).strip() for i in at), [tok.decode([ids[i]]) for i in at]
+    # where each label must sit, from the reference tokenizer's character offsets: each word is encoded as its own
+    # piece (" " + word after the first), and the label goes to the token that holds the word's first character
+    want, start = {}, 0
+    for i, (word, tag) in enumerate(zip(words, tags)):
+        piece = ("" if i == 0 else " ") + word
+        enc = oracle(name).encode(piece, add_special_tokens=False)
+        assert ids[start : start + len(enc.ids)] == enc.ids
+        if word:
+            first = len(piece) - len(piece.lstrip())
+            want[start + next(k for k, (a, b) in enumerate(enc.offsets) if a <= first < b)] = label_map[tag]
+        start += len(enc.ids)
+    assert start == len(ids)
+    assert {i: y for i, y in enumerate(labels) if y != -100} == want
+    if name != "codegen":  # " 417" is a lone space, then digits: the label is not on the piece's first token
+        assert ids.index(oracle(name).encode(" 417", add_special_tokens=False).ids[0]) not in want
 
 
 def test_train_bad_input_one_clear_error_nothing_overwritten(tmp_path):
@@ -1775,23 +2209,25 @@ def test_train_bad_input_one_clear_error_nothing_overwritten(tmp_path):
         ),
     ]
     for args, message in cases:
-        r = run_train(tmp_path, "--out", out, "--max-steps", 2, *args)
-        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-        assert r.stderr.strip().splitlines()[-1] == f"train.py: error: {message}"
+        assert_one_line_error(run_train(tmp_path, "--out", out, "--max-steps", 2, *args), "train.py", message, 2)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
     ok = run_train(tmp_path, "--out", tmp_path / "run", "--max-steps", 2, "--eval-every", 0, "--save-every", 2)
     assert ok.returncode == 0, ok.stderr
     before = weights(tmp_path / "run" / "model")
+    latest = tmp_path / "run" / "ckpt-000002"
     for args, message in [
-        (("--task", "seq-cls"), "was trained with --task causal-lm, not seq-cls"),
-        (("--block-size", 32), "was trained with --block-size 64, not 32"),
+        (("--task", "seq-cls"), f"--resume {latest} was trained with --task causal-lm, not seq-cls"),
+        (("--block-size", 32), f"--resume {latest} was trained with --block-size 64, not 32"),
+        (
+            ("--task", "tagging"),
+            "argument --task: invalid choice: 'tagging' (choose from 'causal-lm', 'seq-cls', 'token-cls')",
+        ),
     ]:
         r = run_train(tmp_path, "--out", tmp_path / "run", "--resume", tmp_path / "run", "--max-steps", 4, *args)
-        assert r.returncode == 2 and message in r.stderr.strip().splitlines()[-1], r.stderr
+        assert_one_line_error(r, "train.py", message, 2)
     r = run_train(tmp_path, "--out", out, "--resume", tmp_path / "empty")
-    assert (
-        r.stderr.strip().splitlines()[-1]
-        == f"train.py: error: --resume {tmp_path / 'empty'}: no checkpoint with a training_state.pt there"
+    assert_one_line_error(
+        r, "train.py", f"--resume {tmp_path / 'empty'}: no checkpoint with a training_state.pt there", 2
     )
     after = weights(tmp_path / "run" / "model")
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -1801,15 +2237,15 @@ def test_train_bad_input_one_clear_error_nothing_overwritten(tmp_path):
 # Speed machinery (correctness only: the speed itself is measured by bench.py)
 
 
-def test_compiled_decode_step_compiles_once_and_matches(tmp_path):
+def test_compiled_decode_step_compiles_once_and_matches(tmp_path, fresh_compiler):
     """The decode step has static shapes (it attends over all cache slots under a mask and reads the fill level
     only on the device): torch.compile traces it once for a whole generation, in one graph, and it still equals
     the full forward pass (sliding window and GQA included)."""
     import torch._dynamo.testing
 
-    model = phi.Phi.from_pretrained(saved(hf_model("phi3-gqa-window"), tmp_path))
+    model = from_transformers("phi3-gqa-window", tmp_path)[0]
     counter = torch._dynamo.testing.CompileCounter()
-    step = torch.compile(generate.decode_one_token, backend=counter, fullgraph=True)
+    step = compiled_step(backend=counter)
     ids = ids_for(24)
     with torch.no_grad():
         full = model(ids)
@@ -1819,7 +2255,7 @@ def test_compiled_decode_step_compiles_once_and_matches(tmp_path):
     assert err(got, full[:, 8:]) <= TOL
 
 
-def test_compiled_batch1_decode_streams_weights_and_matches(monkeypatch):
+def test_compiled_batch1_decode_streams_weights_and_matches(monkeypatch, fresh_compiler):
     """Batch-1 decoding under torch.compile (inductor) multiplies by every weight as multiply-and-sum (generate.matvec):
     the logits equal the full forward pass, for biased Linears, a row longer than 4096 (summed in 4 chunks of 2050)
     and int8 weights. The caller's grad mode is left on: a compiled step run with grad enabled used to lose its
@@ -1832,23 +2268,13 @@ def test_compiled_batch1_decode_streams_weights_and_matches(monkeypatch):
 
     matvec = generate.matvec
     monkeypatch.setattr(generate, "matvec", counted)
-    cfg = phi.PhiConfig(
-        model_type="phi",
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=8200,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        head_dim=16,
-        initializer_range=0.1,
-    )
+    cfg = tiny_config(intermediate_size=8200, num_hidden_layers=1)
     torch.manual_seed(0)
     model = generate.speed_up(phi.Phi.from_config(cfg).eval(), cpu_kernels=True)
     ids = ids_for(16, B=1)
     for m in (model, generate.quantize_int8(generate.speed_up(phi.Phi.from_config(cfg).eval(), cpu_kernels=True))):
-        torch._dynamo.reset()
-        step = torch.compile(generate.decode_one_token, fullgraph=True)
+        torch._dynamo.reset()  # the int8 model: a new graph
+        step = compiled_step()
         with torch.no_grad():
             full = m(ids)
         cache = phi.KVCache(cfg, 1, 16)
@@ -1861,7 +2287,7 @@ def test_compiled_batch1_decode_streams_weights_and_matches(monkeypatch):
         )
 
 
-def test_bf16_matvec_widens_in_int32_pairs_exactly(monkeypatch):
+def test_bf16_matvec_widens_in_int32_pairs_exactly(monkeypatch, fresh_compiler):
     """bf16 weights and input: matvec widens them two at a time (generate.bf16_halves, bit operations on int32 pairs), eager
     and compiled, from generate.PAIRS_MIN_WEIGHTS weights on. Against fp32 products of the same bf16 numbers, the result is
     off by the final bf16 rounding only; rows whose chunks have an odd length (4097 = 17 x 241, and 63) and smaller
@@ -1869,7 +2295,6 @@ def test_bf16_matvec_widens_in_int32_pairs_exactly(monkeypatch):
     halves = []
     bf16_halves = generate.bf16_halves
     monkeypatch.setattr(generate, "bf16_halves", lambda t: halves.append(t.shape) or bf16_halves(t))
-    torch._dynamo.reset()
     compiled = torch.compile(generate.matvec, fullgraph=True, dynamic=False)
     g = torch.Generator().manual_seed(0)
     for N, K, pairs in [(2**14, 64, True), (128, 8200, True), (40, 8200, False), (256, 4097, False), (40, 63, False)]:
@@ -1882,95 +2307,71 @@ def test_bf16_matvec_widens_in_int32_pairs_exactly(monkeypatch):
             assert got.dtype == torch.bfloat16 and got.shape == (1, N)
             assert record(f"bf16 matvec {name}, {N}x{K} (max err / bf16 rounding bound)", err(got, want) / bound) <= 1
             assert len(halves) == (2 if pairs else 0)  # x and the weight; the compiled call counts too
-    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("model_type", ["phi", "phi3"])
-def test_compiled_batch1_decode_of_a_bf16_model_matches_eager(model_type, monkeypatch):
+def test_compiled_batch1_decode_of_a_bf16_model_matches_eager(model_type, monkeypatch, fresh_compiler):
     """A bf16 model (parallel block with biases; Phi-3 block with GQA): the compiled batch-1 step, whose products go
-    through the int32-pair widening (threshold at 0 here), gives the eager step's logits up to bf16 rounding (the eager
-    step rounds every op's output to bf16, inductor only what it stores). A wrong widening would be of their size."""
+    through the int32-pair widening (threshold at 0 here), is as close to the exact result (the same bf16 weights in
+    fp32) as the eager bf16 step is: the eager step rounds every op's output to bf16, inductor only what it stores,
+    so its error may be smaller but not larger (bound: 1.1x the eager step's). A wrong widening (a weight's halves
+    swapped, a lost bit) would be many times that."""
     monkeypatch.setattr(generate, "PAIRS_MIN_WEIGHTS", 0)
-    cfg = phi.PhiConfig(
+    cfg = tiny_config(
         model_type=model_type,
-        vocab_size=96,
-        hidden_size=64,
         intermediate_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=16,
-        initializer_range=0.1,
         max_position_embeddings=64,
         original_max_position_embeddings=64,
     )
     torch.manual_seed(0)
     model = generate.speed_up(phi.Phi.from_config(cfg).eval().bfloat16(), cpu_kernels=True)
+    exact = copy.deepcopy(model).float()
     ids = ids_for(14, B=1)
-    torch._dynamo.reset()
     out = {}
-    for name, step in [
-        ("eager", generate.decode_one_token),
-        ("compiled", torch.compile(generate.decode_one_token, fullgraph=True)),
+    for name, m, step in [
+        ("exact", exact, generate.decode_one_token),
+        ("eager", model, generate.decode_one_token),
+        ("compiled", model, compiled_step()),
     ]:
-        cache = phi.KVCache(cfg, 1, 14, dtype=torch.bfloat16)
-        with torch.no_grad():
-            out[name] = stepped_logits(model, step, ids, 6, cache).float()
-    scale = out["eager"].abs().max().item()
-    assert (
-        record(
-            f"compiled bf16 batch-1 decode vs eager ({model_type}), / max |logit|",
-            err(out["compiled"], out["eager"]) / scale,
-        )
-        <= 0.03
-    )
-    torch._dynamo.reset()
+        cache = phi.KVCache(cfg, 1, 14, dtype=m.embed.weight.dtype)
+        out[name] = stepped_logits(m, step, ids, 6, cache).float()
+    eager, compiled = err(out["eager"], out["exact"]), err(out["compiled"], out["exact"])
+    record(f"compiled bf16 batch-1 decode vs exact / eager vs exact ({model_type})", compiled / eager)
+    assert compiled <= 1.1 * eager
 
 
-def test_compiled_int8_decode_of_several_rows_matches_eager():
+def test_compiled_int8_decode_of_several_rows_matches_eager(fresh_compiler):
     """int8 weights, compiled decode step with 3 rows (PyTorch's int8 kernel, kept opaque to inductor as the custom op
     generate.int8_mm): the same tokens' logits as the eager step, and within 2% of the fp32 model."""
-    cfg = phi.PhiConfig(
-        model_type="phi",
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        head_dim=16,
-        initializer_range=0.1,
-    )
+    cfg = tiny_config(intermediate_size=256)
     torch.manual_seed(0)
     fp32 = phi.Phi.from_config(cfg).eval()
     q = generate.quantize_int8(copy.deepcopy(fp32))
     ids = ids_for(12, B=3)
-    torch._dynamo.reset()
-    steps = {"eager": generate.decode_one_token, "compiled": torch.compile(generate.decode_one_token, fullgraph=True)}
+    steps = {"eager": generate.decode_one_token, "compiled": compiled_step()}
     out = {}
     for name, step in steps.items():
         cache = phi.KVCache(cfg, 3, 12)
         out[name] = stepped_logits(q, step, ids, 8, cache)
     with torch.no_grad():
         want = fp32(ids)[:, 8:]
-    assert (
-        record("compiled vs eager int8 decode, 3 rows", err(out["compiled"], out["eager"])) <= 1e-2 * want.abs().max()
-    )
+    # the same int8 kernel (an op inductor does not look into) both ways, fp32 around it: equal up to fp32 reordering
+    assert record("compiled vs eager int8 decode, 3 rows", err(out["compiled"], out["eager"])) <= TOL
     assert ((out["compiled"] - want).norm() / want.norm()).item() <= 0.02
 
 
 @pytest.mark.parametrize("new_tokens", [20, 36])
-def test_compiled_generation_of_a_longrope_model(tmp_path, monkeypatch, new_tokens):
+def test_compiled_generation_of_a_longrope_model(tmp_path, monkeypatch, new_tokens, fresh_compiler):
     """`--compile` on a LongRoPE model (original context 32 here): a generation whose cache fits in the original
     context (8 + 20 slots) runs the compiled step for every token; one that crosses it (8 + 36) runs the plain step
     up to the crossing (which re-runs the cache with the long factors), the compiled one after it. Greedy tokens
     equal eager generation's either way (this used to fail to compile)."""
     import torch._dynamo.testing
 
-    model = phi.Phi.from_pretrained(saved(hf_model("phi4-mini"), tmp_path))
+    model = from_transformers("phi4-mini", tmp_path)[0]
     prompts = ids_for(8).tolist()
     want = torch.stack(list(generate.generate_batch(model, prompts, new_tokens, eos_ids=set())))
-    torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounter()
     compiled = torch.compile(generate.eager_decode_one_token, backend=counter, fullgraph=True)
     calls = []
@@ -1987,15 +2388,8 @@ def test_compiled_speed_report_leaves_out_the_first_step(monkeypatch, capsys):
     step that takes 1 s once, in a 2-row batch (whose first two steps produce 4 tokens)."""
     import time
 
-    cfg = phi.PhiConfig(
-        model_type="phi",
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=16,
+    cfg = tiny_config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2
     )
     model, eager, calls = phi.Phi.from_config(cfg).eval(), generate.decode_one_token, []
 
@@ -2017,7 +2411,7 @@ def test_compiled_speed_report_leaves_out_the_first_step(monkeypatch, capsys):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run it where one is lent)")
-def test_cuda_forward_and_graph_decode_match(tmp_path):
+def test_cuda_forward_and_graph_decode_match(tmp_path, fresh_compiler):
     """On CUDA: the fp32 forward equals the CPU one, and generate.compile_decode's step (torch.compile with CUDA
     graphs) is captured (no cudagraph skip: the cache's tensors have fixed addresses), is not traced again for a
     new cache, and equals the full forward pass (sliding window and GQA included)."""
@@ -2028,7 +2422,6 @@ def test_cuda_forward_and_graph_decode_match(tmp_path):
     with torch.no_grad():
         full = phi.Phi.from_pretrained(path)(ids)
         assert record("cuda vs cpu forward", err(model(ids.cuda()).cpu(), full)) <= TOL
-    torch._dynamo.reset()
     counters.clear()
     step = generate.compile_decode("cuda")
     for _ in range(2):
@@ -2070,7 +2463,7 @@ def test_speed_up_is_a_module_swap_chosen_by_the_cpu_rule(tmp_path, hub, monkeyp
         model, _ = generate.load(snapshot(hub[0], "phi-2"), dtype="float32", device="cpu")
         assert isinstance(model.layers[0].mlp.fc1, generate.FastLinear) == rule
     for value, want in (("0", "False"), ("1", "True")):
-        env = {**os.environ, "PHI_CPU_KERNELS": value, "PYTHONPATH": str(ROOT)}
+        env = python_env(PHI_CPU_KERNELS=value)
         r = subprocess.run(
             [sys.executable, "-c", "import generate; print(generate.CPU_KERNELS)"],
             env=env,
@@ -2103,7 +2496,7 @@ def test_int8_logits_close_to_fp32(name, tmp_path):
 def test_int8_prompt_multiplies_the_expanded_weights_as_fast_linear_does(tmp_path, monkeypatch):
     """With fp32 activations on the CPU an int8 model's prompt expands each weight and takes FastLinear's matmul:
     oneDNN from generate.ONEDNN_MIN_WEIGHTS on (F.linear, MKL, is 1.2-1.4x slower at 512 rows), the same logits."""
-    model = generate.speed_up(phi.Phi.from_pretrained(saved(hf_model("phi-2"), tmp_path)), cpu_kernels=True)
+    model = generate.speed_up(from_transformers("phi-2", tmp_path)[0], cpu_kernels=True)
     q = generate.quantize_int8(model)
     ids, calls, op = ids_for(12), [], generate.onednn_linear
     monkeypatch.setattr(generate, "onednn_linear", lambda *a: calls.append(a[1].dtype) or op(*a))
@@ -2116,25 +2509,21 @@ def test_int8_prompt_multiplies_the_expanded_weights_as_fast_linear_does(tmp_pat
     assert record("int8 prompt, oneDNN vs F.linear logits", err(got, want)) <= TOL
 
 
-def test_int8_cannot_be_saved_and_cli_runs(tmp_path, hub):
-    q = generate.quantize_int8(phi.Phi.from_pretrained(saved(hf_model("phi-1.5"), tmp_path)))
+def test_int8_cannot_be_saved_and_cli_equals_the_api(tmp_path, hub):
+    """An int8 model refuses to be saved (its weights are not the checkpoint's); --quantize int8 on the command line
+    generates the API's int8 tokens, which differ from the unquantized ones here (so the option is not ignored)."""
+    q = generate.quantize_int8(from_transformers("phi-1.5", tmp_path)[0])
     with pytest.raises(ValueError, match="an int8-quantized model is not saved"):
         q.save_pretrained(tmp_path / "no")
     home, _ = hub
-    r = run_cli(
-        home,
-        "--model",
-        "test/phi-2",
-        "--prompt",
-        "def f(x):",
-        "--max-new-tokens",
-        8,
-        "--quantize",
-        "int8",
-        "--temperature",
-        0,
-    )
-    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    want = {}
+    for quantize in (None, "int8"):
+        model, tok = generate.load(snapshot(home, "phi3-4k"), quantize=quantize)
+        prompt = tok.encode("def f(x):", bos=tok.add_bos)
+        want[quantize] = continuation(tok, prompt, list(generate.generate(model, prompt, 24)))
+    assert want[None] != want["int8"]
+    args = ("--model", "test/phi3-4k", "--prompt", "def f(x):", "--max-new-tokens", 24, "--temperature", 0)
+    assert run_cli(home, *args, "--quantize", "int8").stdout == want["int8"] + "\n"
 
 
 def test_train_stops_on_a_non_finite_loss(tmp_path):
@@ -2153,7 +2542,7 @@ def test_train_stops_on_a_non_finite_loss(tmp_path):
         "--grad-clip",
         0,
     )
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert_one_line_error(r, "train.py", r.stderr.strip().splitlines()[-1].removeprefix("train.py: error: "), 2)
     assert re.fullmatch(
         r"train.py: error: the loss is (nan|inf) at step \d+: stopping \(try a lower --lr, or bfloat16 "
         r"instead of float16\); the last good checkpoint is kept",
@@ -2163,7 +2552,9 @@ def test_train_stops_on_a_non_finite_loss(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["phi-2", "phi4-mini"])
-def test_onednn_linears_match_transformers_in_forward_backward_and_compiled_decode(name, tmp_path, monkeypatch):
+def test_onednn_linears_match_transformers_in_forward_backward_and_compiled_decode(
+    name, tmp_path, monkeypatch, fresh_compiler
+):
     """fp32 Linears on the CPU from generate.ONEDNN_MIN_WEIGHTS weights on are oneDNN matmuls (a custom op with its own
     backward). With that threshold at 0, every one is: logits, loss and every parameter's gradient equal
     transformers' (phi4-mini: lm_head tied to the embedding), the compiled 3-row decode step equals the full forward,
@@ -2172,8 +2563,8 @@ def test_onednn_linears_match_transformers_in_forward_backward_and_compiled_deco
     op = generate.onednn_linear
     monkeypatch.setattr(generate, "ONEDNN_MIN_WEIGHTS", 0)
     monkeypatch.setattr(generate, "onednn_linear", lambda *a: calls.append(a[1].shape) or op(*a))
-    ref = hf_model(name).train()
-    ours = generate.speed_up(phi.Phi.from_pretrained(saved(ref, tmp_path)), cpu_kernels=True).train()
+    ours, ref = from_transformers(name, tmp_path)
+    ours, ref = generate.speed_up(ours, cpu_kernels=True).train(), ref.train()
     ids = ids_for(12)
     logits, loss = ours(ids, labels=ids)
     n = 4 * ours.config.num_hidden_layers + 1  # qkv, out, fc1, fc2 per layer, lm_head
@@ -2195,8 +2586,7 @@ def test_onednn_linears_match_transformers_in_forward_backward_and_compiled_deco
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert ours(ids).dtype == torch.bfloat16 and not calls
     ids3 = ids_for(12, B=3)
-    torch._dynamo.reset()
-    step = torch.compile(generate.decode_one_token, fullgraph=True)
+    step = compiled_step()
     cache = phi.KVCache(ours.config, 3, 12)
     got = stepped_logits(ours, step, ids3, 8, cache)
     with torch.no_grad():

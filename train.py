@@ -31,6 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
 import generate
 import phi
@@ -54,6 +60,11 @@ PRESETS = {
 }
 # fmt: on
 TASKS = {"causal-lm": phi.Phi, "seq-cls": phi.PhiForSequenceClassification, "token-cls": phi.PhiForTokenClassification}
+
+
+# Checkpoints hold full (unsharded) states keyed by parameter name, whatever the run's parallelism: a checkpoint of
+# a one-process, DDP or FSDP run resumes in any of them.
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 class TrainError(Exception):
@@ -347,6 +358,12 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--sample-tokens", type=int, default=200, help="causal-lm: sample this many tokens at the end")
     p.add_argument("--seed", type=int, default=1337)
+
+    def error(message):  # argparse's own errors too: one line on stderr, exit code 2
+        print(f"train.py: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+    p.error = error
     return p.parse_args(argv)
 
 
@@ -361,6 +378,19 @@ def main(argv=None):
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def unsharded(model, fsdp, master):
+    """The model itself, or with FSDP a full copy gathered from the shards: every rank must call this, rank 0 gets
+    the copy (the others None)."""
+    if not fsdp:
+        return model
+    state = get_model_state_dict(model, options=FULL)
+    if not master:
+        return None
+    full = type(model).from_config(model.config)
+    full.load_state_dict(state)
+    return full
 
 
 def setup_distributed(args):
@@ -452,8 +482,6 @@ def train(args):
     raw = model
     if world > 1:
         if args.fsdp:
-            if resume:
-                raise TrainError("--resume with --fsdp is not supported yet (its optimizer state is sharded)")
             from torch.distributed.fsdp import fully_shard
 
             for block in model.layers:
@@ -474,10 +502,12 @@ def train(args):
     g = torch.Generator().manual_seed(args.seed)  # the data position
     step = 0
     if resume:
-        opt.load_state_dict(state["optimizer"])
+        set_optimizer_state_dict(raw, opt, state["optimizer"], options=FULL)  # FSDP: each rank takes its shards
         g.set_state(state["data_rng"])
         torch.set_rng_state(state["torch_rng"])
         step = state["step"]
+        if master:
+            print(f"resuming from {resume} at step {step}", file=sys.stderr)
     if args.compile:
         model = torch.compile(model)
     amp = torch.autocast(device.type, dtype=getattr(torch, args.dtype)) if args.dtype != "float32" else nullcontext()
@@ -523,24 +553,27 @@ def train(args):
 
     tokens_per_step = args.batch_size * args.grad_accum * world * (args.block_size if args.task == "causal-lm" else 1)
     t0, last_log, losses = time.time(), time.time(), []
+    full, steps_left = raw, step < args.max_steps  # full: the model as saved (FSDP: gathered at each checkpoint)
     while step < args.max_steps:
         lr = lr_at(step, args)
         for group in opt.param_groups:
             group["lr"] = lr
+        step_loss = 0.0  # the mean over the micro-batches
         for micro in range(args.grad_accum):
             sync = micro == args.grad_accum - 1 or world == 1 or args.fsdp
             with model.no_sync() if not sync else nullcontext():
                 loss = loss_of(next_batch(train_data, g)) / args.grad_accum
                 scaler.scale(loss).backward()
-            losses.append(loss.item() * args.grad_accum)
+            step_loss += loss.item()
+        losses.append(step_loss)
         if not math.isfinite(losses[-1]):
             raise TrainError(
                 f"the loss is {losses[-1]} at step {step}: stopping (try a lower --lr, or bfloat16 "
                 f"instead of float16); the last good checkpoint is kept"
             )
-        scaler.unscale_(opt)
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        scaler.unscale_(opt)  # the gradients' own scale, for the norm and clipping
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)  # inf: only measures
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
@@ -560,7 +593,7 @@ def train(args):
             bar = "#" * (20 * step // args.max_steps)
             line = (
                 f"step {step}/{args.max_steps} [{bar:20}] | loss {sum(losses[-args.log_every :]) / len(losses[-args.log_every :]):.4f} "
-                f"| lr {lr:.2e} | {tok_s:,.0f} tok/s{mfu} | ETA {int(eta) // 60}:{int(eta) % 60:02d}"
+                f"| grad norm {norm:.5g} | lr {lr:.2e} | {tok_s:,.0f} tok/s{mfu} | ETA {int(eta) // 60}:{int(eta) % 60:02d}"
             )
             print(line, file=sys.stderr, flush=True)
             last_log = time.time()
@@ -576,33 +609,29 @@ def train(args):
             state = dict(
                 step=step,
                 task=args.task,
-                optimizer=opt.state_dict(),
+                optimizer=get_optimizer_state_dict(raw, opt, options=FULL),  # by parameter name, unsharded
                 data_rng=g.get_state(),
                 torch_rng=torch.get_rng_state(),
                 args=vars(args),
                 label_map=label_map,
             )
-            if args.fsdp and world > 1:  # gather the shards into one full state
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-                full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            full = unsharded(raw, args.fsdp and world > 1, master)
             if master:
-                if args.fsdp and world > 1:
-                    raw = type(raw).from_config(raw.config)
-                    raw.load_state_dict(full)
-                save_checkpoint(out / f"ckpt-{step:06d}", raw, tok_dir, state)
+                save_checkpoint(out / f"ckpt-{step:06d}", full, tok_dir, state)
+    if not steps_left:  # resumed at --max-steps: no step ran, nothing was gathered
+        full = unsharded(raw, args.fsdp and world > 1, master)
     if master:
-        save_checkpoint(out / "model", raw, tok_dir, None)
+        save_checkpoint(out / "model", full, tok_dir, None)
         print(
             f"saved {out / 'model'} (a Hugging Face model directory: python generate.py --model {out / 'model'})",
             file=sys.stderr,
         )
         if args.task == "causal-lm" and args.sample_tokens:
-            raw.eval()
+            full.eval()
             prompt = tok.encode("def ", allowed_special=set())
             gen = torch.Generator(device).manual_seed(args.seed)
             ids = generate.generate(
-                raw, prompt, args.sample_tokens, temperature=0.8, top_k=50, generator=gen, eos_ids={tok.eos_id}
+                full, prompt, args.sample_tokens, temperature=0.8, top_k=50, generator=gen, eos_ids={tok.eos_id}
             )
             print("sample:\n" + tok.decode(prompt + list(ids)))
     if world > 1:
