@@ -456,11 +456,12 @@ def checkpoint_dir(name_or_dir, revision=None) -> Path:
     return d
 
 
-def load(name_or_dir, dtype="auto", device=None, revision=None, attn="sdpa", quantize=None):
+def load(name_or_dir, dtype="auto", device=None, revision=None, attn="sdpa", quantize=None, adapter=None):
     """(model, tokenizer) from a Hub id or a local directory. dtype "auto" takes the checkpoint's own (float16
     becomes bfloat16 on the CPU, where float16 matmuls are slow); device None picks CUDA when there is one;
     quantize="int8" stores the weights as int8 (weight-only, per channel); with dtype "auto" on the CPU the rest of
-    the model and the activations are then float32 (converting bf16 activations costs more than it saves)."""
+    the model and the activations are then float32 (converting bf16 activations costs more than it saves).
+    adapter: a PEFT LoRA adapter (Hub id or directory), merged into the weights before any quantization."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     d = checkpoint_dir(name_or_dir, revision)
     if not (d / "config.json").is_file():
@@ -468,7 +469,10 @@ def load(name_or_dir, dtype="auto", device=None, revision=None, attn="sdpa", qua
     if quantize == "int8" and dtype == "auto" and device.type == "cpu":
         dtype = "float32"
     dtype = resolve_dtype(dtype, phi.PhiConfig.from_hf(phi._read_json(d / "config.json")).torch_dtype, device)
-    model = speed_up(phi.Phi.from_pretrained(d, dtype=dtype, device=device, attn=attn))
+    model = phi.Phi.from_pretrained(d, dtype=dtype, device=device, attn=attn)
+    if adapter is not None:
+        merge_adapter(model, adapter)
+    model = speed_up(model)
     if quantize == "int8":
         quantize_int8(model)
     elif quantize is not None:
@@ -476,6 +480,118 @@ def load(name_or_dir, dtype="auto", device=None, revision=None, attn="sdpa", qua
     tok = load_tokenizer(d)
     model.eos_ids = eos_ids(d, model.config, tok)
     return model, tok
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# LoRA adapters in PEFT's format (adapter_config.json + adapter_model.safetensors), merged into the weights
+#
+# A LoRA adds scale * B @ A to a Linear's weight (A: r x in, B: out x r; scale = lora_alpha / r, or / sqrt(r) with
+# use_rslora). PEFT names each by the Hugging Face module it adapts: "base_model.model.<module>.lora_A.weight".
+# phi's q_proj, k_proj and v_proj are row slices of our one qkv Linear: each one's B @ A lands on its rows.
+
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
+PEFT_PREFIX = "base_model.model."
+
+
+def lora_modules(model: nn.Module) -> dict:
+    """Hugging Face module name -> (our Linear's module name, first row, rows) for every Linear of the model."""
+    with torch.device("meta"):  # a plain copy: the names do not depend on swapped-in modules
+        plain = type(model)(model.config)
+    out = {}
+    for ours, hf in plain.hf_names(model.config.model_type).items():
+        module = plain.get_submodule(ours.rpartition(".")[0])
+        if not isinstance(module, nn.Linear) or not ours.endswith(".weight"):
+            continue
+        sizes = [module.out_features] if len(hf) == 1 else plain.get_submodule(ours.rsplit(".", 2)[0]).sizes
+        for name, first, rows in zip(hf, [sum(sizes[:i]) for i in range(len(sizes))], sizes):
+            out[name.removesuffix(".weight")] = (ours.removesuffix(".weight"), first, rows)
+    return out
+
+
+def read_adapter(name_or_dir, revision=None):
+    """(adapter_config.json as a dict, its tensors, directory) of a PEFT adapter, from a directory or the Hub."""
+    d = Path(name_or_dir)
+    if not d.is_dir():
+        d = _download(str(name_or_dir), ADAPTER_FILES, revision)
+    if not (d / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{d}: no adapter_config.json (is this a PEFT adapter?)")
+    cfg = _read_json(d / "adapter_config.json")
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{d}: peft_type {cfg.get('peft_type')!r} is not supported (LoRA adapters only)")
+    for key in ("use_dora", "fan_in_fan_out", "lora_bias"):
+        if cfg.get(key):
+            raise ValueError(f"{d}: {key} is not supported (plain LoRA only)")
+    if cfg.get("bias", "none") != "none":
+        raise ValueError(f"{d}: bias {cfg['bias']!r} is not supported (LoRA adapters with bias 'none' only)")
+    if (d / "adapter_model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        tensors = load_file(d / "adapter_model.safetensors")
+    elif (d / "adapter_model.bin").is_file():
+        tensors = torch.load(d / "adapter_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{d}: no adapter_model.safetensors or adapter_model.bin")
+    return cfg, tensors, d
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank_pattern / alpha_pattern: the value of the first key that matches the module name's end."""
+    return next((v for k, v in patterns.items() if re.search(rf"(^|\.){k}$", module)), default)
+
+
+@torch.no_grad()
+def merge_adapter(model: nn.Module, name_or_dir, revision=None):
+    """Add a PEFT LoRA adapter to the model's weights, in place (modules_to_save, e.g. a classifier's score, are
+    replaced). Anything that does not fit this model is one ValueError naming it."""
+    cfg, tensors, d = read_adapter(name_or_dir, revision)
+    modules = lora_modules(model)
+    kind = model.config.model_type
+    targets = cfg.get("target_modules") or []
+    if isinstance(targets, list):
+        for t in targets:
+            if not any(m == t or m.endswith("." + t) for m in modules):
+                raise ValueError(
+                    f"{d}: target module {t!r} does not exist in this {kind} model (an adapter for "
+                    f"another architecture?); its Linears: {sorted({m.rsplit('.', 1)[-1] for m in modules})}"
+                )
+    pairs, params = {}, dict(model.named_parameters())
+    for key, value in tensors.items():
+        name = key.removeprefix(PEFT_PREFIX)
+        m = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[\w-]+)?\.weight", name)
+        if m:
+            pairs.setdefault(m[1], {})[m[2]] = value
+            continue
+        ours = next((o for o, hf in model.hf_names(kind).items() if hf == (name,)), None)  # a module to save
+        if ours is None or ours not in params:
+            raise ValueError(f"{d}: {key} has no counterpart in this {kind} model")
+        if params[ours].shape != value.shape:
+            raise ValueError(
+                f"{d}: {key} has shape {tuple(value.shape)}, this model's {ours} {tuple(params[ours].shape)}"
+            )
+        params[ours].copy_(value)
+    for module, ab in pairs.items():
+        if module not in modules:
+            raise ValueError(
+                f"{d}: the adapter adapts {module}, which this {kind} model does not have (an adapter "
+                "for another architecture?)"
+            )
+        if set(ab) != {"A", "B"}:
+            have, lack = ("A", "B") if "A" in ab else ("B", "A")
+            raise ValueError(f"{d}: {module} has a lora_{have} but no lora_{lack}")
+        ours, first, rows = modules[module]
+        weight = model.get_submodule(ours).weight
+        r = _pattern_value(cfg.get("rank_pattern") or {}, module, cfg.get("r"))
+        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", r))
+        want_a, want_b = (r, weight.shape[1]), (rows, r)
+        if tuple(ab["A"].shape) != want_a or tuple(ab["B"].shape) != want_b:
+            raise ValueError(
+                f"{d}: {module}: lora_A {tuple(ab['A'].shape)} and lora_B {tuple(ab['B'].shape)}, expected {want_a} "
+                f"and {want_b} (rank {r} from adapter_config.json, this model's {rows} x {weight.shape[1]} weight)"
+            )
+        scale = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+        delta = ab["B"].to(weight.device, torch.float32) @ ab["A"].to(weight.device, torch.float32)
+        weight[first : first + rows] = (weight[first : first + rows].float() + scale * delta).to(weight.dtype)
+    return model
 
 
 def resolve_dtype(dtype, checkpoint_dtype, device):
@@ -853,6 +969,7 @@ def main(argv=None):
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "flash"])
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
     p.add_argument("--quantize", choices=["int8"], help="weight-only int8 (per channel): faster memory-bound decode")
+    p.add_argument("--adapter", help="a PEFT LoRA adapter (Hub id or directory), merged into the weights at load")
 
     def error(message):  # argparse's own errors too: one line on stderr, exit code 1
         print(f"generate.py: error: {message}", file=sys.stderr)
@@ -902,7 +1019,7 @@ def run(args):
         prompts += [line.rstrip("\n") for line in Path(args.prompt_file).read_text().splitlines() if line.strip()]
     if not prompts and not args.interactive:
         prompts = ["def print_prime(n):"]
-    model, tok = load(args.model, args.dtype, args.device, args.revision, args.attn, args.quantize)
+    model, tok = load(args.model, args.dtype, args.device, args.revision, args.attn, args.quantize, args.adapter)
     print(
         f"loaded {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
         f"{model.embed.weight.dtype}, {model.embed.weight.device}",

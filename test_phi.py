@@ -353,18 +353,9 @@ def test_su_and_yarn_match_transformers_442(kind, tmp_path):
 
 def test_yarn_and_longrope_differ_only_in_scale():
     """The YaRN class's magnitude (0.1 ln s + 1) vs LongRoPE's sqrt(1 + ln s / ln o), with s = 256/32."""
-    cfg = dict(
-        model_type="phi3",
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        max_position_embeddings=256,
-        original_max_position_embeddings=32,
-    )
-    su = phi.Rotary(phi.PhiConfig.from_hf({**cfg, "rope_scaling": rope("su", 16)}))
-    yarn = phi.Rotary(phi.PhiConfig.from_hf({**cfg, "rope_scaling": rope("yarn", 16)}))
+    cfg = dict(model_type="phi3", max_position_embeddings=256, original_max_position_embeddings=32)
+    su = phi.Rotary(tiny_config(**cfg, rope_scaling=rope("su", 16)))
+    yarn = phi.Rotary(tiny_config(**cfg, rope_scaling=rope("yarn", 16)))
     import math
 
     assert su.scale == pytest.approx(math.sqrt(1 + math.log(8) / math.log(32)))
@@ -2596,3 +2587,58 @@ def test_onednn_linears_match_transformers_in_forward_backward_and_compiled_deco
     with torch.no_grad():
         assert record(f"oneDNN compiled 3-row decode {name}", err(got, ours(ids3)[:, 8:])) <= TOL
     assert calls
+
+
+# ===============================================================================================================
+# LoRA adapters (PEFT format): peft + transformers as the oracle
+
+PEFT_TARGETS = {
+    "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+}
+
+
+def peft_adapter(ref, path, targets, task="CAUSAL_LM", r=4, **kw):
+    """A PEFT LoRA adapter on transformers' model ref with random A and B (B is zero at peft's own init), saved to
+    path: (the peft model, path)."""
+    import peft
+
+    cfg = peft.LoraConfig(
+        r=r, lora_alpha=2 * r + 1, target_modules=targets, task_type=task, init_lora_weights=False, **kw
+    )
+    torch.manual_seed(5)
+    model = peft.get_peft_model(copy.deepcopy(ref), cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.1)
+    model.save_pretrained(path)
+    return model, path
+
+
+@pytest.mark.parametrize(
+    "name,targets,kw",
+    [
+        ("phi-2", PEFT_TARGETS["phi"], {}),
+        ("phi-2", ["k_proj", "fc2"], dict(use_rslora=True)),
+        ("phi3-gqa-window", PEFT_TARGETS["phi3"], {}),
+        (
+            "phi4-mini",
+            ["qkv_proj", "down_proj"],
+            dict(use_rslora=True, rank_pattern={"down_proj": 2}, alpha_pattern={"down_proj": 3}),
+        ),
+    ],
+)
+def test_peft_made_adapter_gives_peft_logits(name, targets, kw, tmp_path):
+    """A LoRA adapter made by peft (random A and B; all targets or a subset; lora_alpha/r or rslora's
+    lora_alpha/sqrt(r); per-module rank and alpha) merged by generate.load(..., adapter=) gives the logits peft gives
+    transformers (fp32); phi's q_proj/k_proj/v_proj land on row slices of our fused qkv."""
+    ref = hf_model(name)
+    saved(ref, tmp_path / "base")
+    tuned, adapter = peft_adapter(ref, tmp_path / "adapter", targets, **kw)
+    ours = generate.merge_adapter(phi.Phi.from_pretrained(tmp_path / "base"), adapter)
+    ids = ids_for(20)
+    with torch.no_grad():
+        want = tuned(ids).logits
+        assert err(want, ref(ids).logits) > 10 * TOL  # the adapter changes the logits
+        assert record(f"peft adapter {name} {'+'.join(targets)}", err(ours(ids), want)) <= TOL

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -60,6 +61,8 @@ PRESETS = {
 }
 # fmt: on
 TASKS = {"causal-lm": phi.Phi, "seq-cls": phi.PhiForSequenceClassification, "token-cls": phi.PhiForTokenClassification}
+PEFT_TASKS = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS", "token-cls": "TOKEN_CLS"}
+LORA_TARGETS = ("qkv", "out", "fc1", "fc2", "lm_head")  # our Linears' names (the README maps them to Hugging Face's)
 
 
 # Checkpoints hold full (unsharded) states keyed by parameter name, whatever the run's parallelism: a checkpoint of
@@ -257,11 +260,15 @@ def labelled_batch(examples, g, rows, rank, world, device, pad_id):
 # Checkpoints
 
 
-def save_checkpoint(path: Path, model, tok_dir: Path, state: dict | None):
-    """model directory + tokenizer files (+ training_state.pt), written to a temporary directory, then renamed."""
+def save_checkpoint(path: Path, model, tok_dir: Path, state: dict | None, lora: dict | None = None):
+    """model directory (with lora: the PEFT adapter only) + tokenizer files (+ training_state.pt), written to a
+    temporary directory, then renamed."""
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    if lora:
+        save_adapter(tmp, model, lora)
+    else:
+        model.save_pretrained(tmp)
     for f in tokenizer_files(tok_dir):
         shutil.copy(f, tmp / f.name)
     if state is not None:
@@ -271,6 +278,104 @@ def save_checkpoint(path: Path, model, tok_dir: Path, state: dict | None):
         path.rename(old)
     tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# LoRA: a frozen base, low-rank adapters trained on top (swapped in for its Linears, as generate.py's speed layer
+# swaps its own), saved in PEFT's format: generate.py, peft and transformers load them
+
+
+class LoRALinear(nn.Module):
+    """A frozen Linear (or generate.Int8Linear) plus a trainable low-rank update: base(x) + scale * B(A(dropout(x))),
+    A (r, in) and B (out, r) in fp32. A starts random (kaiming uniform, as peft), B at zero: step 0 is the base."""
+
+    def __init__(self, base, r, alpha, dropout):
+        super().__init__()
+        out_features, in_features = base.weight.shape
+        self.base, self.scale, self.dropout = base, alpha / r, nn.Dropout(dropout)
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x):
+        return self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+
+
+def add_lora(model, lora: dict):
+    """Freeze the model, wrap the target Linears in LoRALinear; a classifier's score trains fully (peft's
+    modules_to_save)."""
+    model.requires_grad_(False)
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if name in lora["targets"] and isinstance(child, (nn.Linear, generate.Int8Linear)):
+                setattr(module, name, LoRALinear(child, lora["r"], lora["alpha"], lora["dropout"]))
+    if hasattr(model, "score"):
+        model.score.requires_grad_(True)
+    return model
+
+
+def adapter_tensors(model) -> dict:
+    """The trained tensors under PEFT's names: for each LoRALinear one LoRA per Hugging Face module it holds (phi's
+    qkv: q_proj, k_proj and v_proj share A, each takes its rows of B, so the three add up to ours exactly), and a
+    classifier's score."""
+    held = {}
+    for hf, (ours, first, rows) in generate.lora_modules(model).items():
+        held.setdefault(ours, []).append((hf, first, rows))
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            for hf, first, rows in held[name]:
+                out[f"{generate.PEFT_PREFIX}{hf}.lora_A.weight"] = m.lora_A
+                out[f"{generate.PEFT_PREFIX}{hf}.lora_B.weight"] = m.lora_B[first : first + rows]
+    if hasattr(model, "score"):
+        for n, p in model.score.named_parameters():
+            out[f"{generate.PEFT_PREFIX}score.{n}"] = p
+    return {k: v.detach().float().contiguous().cpu() for k, v in out.items()}
+
+
+def save_adapter(d: Path, model, lora: dict):
+    from safetensors.torch import save_file
+
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = adapter_tensors(model)
+    save_file(tensors, d / "adapter_model.safetensors")
+    targets = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors if ".lora_" in k})
+    config = dict(
+        peft_type="LORA",
+        task_type=PEFT_TASKS[lora["task"]],
+        base_model_name_or_path=lora["base"],
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=targets,
+        modules_to_save=["score"] if hasattr(model, "score") else None,
+        bias="none",
+        fan_in_fan_out=False,
+        use_rslora=False,
+        init_lora_weights=True,
+        inference_mode=True,
+    )
+    (d / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+@torch.no_grad()
+def load_lora(model, d: Path):
+    """Our own adapter back into the LoRALinear modules (to resume): A from the first of a module's LoRAs (they
+    share it), B joined from their rows; a classifier's score."""
+    saved = generate.read_adapter(d)[1]
+    missing = [name for name in adapter_tensors(model) if name not in saved]
+    if missing:
+        raise TrainError(f"{d}: the adapter has no {missing[0]} (not made with this run's --lora settings?)")
+    held = {}
+    for hf, (ours, _, _) in generate.lora_modules(model).items():
+        held.setdefault(ours, []).append(generate.PEFT_PREFIX + hf)
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            m.lora_A.copy_(saved[held[name][0] + ".lora_A.weight"])
+            m.lora_B.copy_(torch.cat([saved[hf + ".lora_B.weight"] for hf in held[name]]))
+    if hasattr(model, "score"):
+        for n, p in model.score.named_parameters():
+            p.copy_(saved[f"{generate.PEFT_PREFIX}score.{n}"])
 
 
 def latest_checkpoint(d: Path):
@@ -358,6 +463,12 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--sample-tokens", type=int, default=200, help="causal-lm: sample this many tokens at the end")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--lora", type=int, default=0, metavar="R", help="train rank-R LoRA adapters on a frozen --init")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default 2 x R)")
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--lora-targets", default="qkv,out,fc1,fc2", help=f"Linears to adapt, of {','.join(LORA_TARGETS)}")
+    p.add_argument("--quantize", choices=["int8"], help="with --lora: store the frozen base as int8 (per channel)")
+    p.add_argument("--merge", action="store_true", help="with --lora: also write OUT/model with the adapter merged")
 
     def error(message):  # argparse's own errors too: one line on stderr, exit code 2
         print(f"train.py: error: {message}", file=sys.stderr)
@@ -415,19 +526,54 @@ def preset_config(name):
 
 
 def build_model(args, cfg, device, tok_vocab, pad_id, num_labels):
-    """The model to train: from a --resume checkpoint, a --init checkpoint, or a fresh one of config cfg."""
+    """The model to train: from a --resume checkpoint, a --init checkpoint, or a fresh one of config cfg. With --lora
+    the base is --init's, frozen in the compute dtype (it needs no fp32 master copy), int8 with --quantize int8."""
     cls = TASKS[args.task]
     if cfg is None:
-        src = Path(args.resume) if args.resume else generate.checkpoint_dir(args.init)
+        src = Path(args.resume) if args.resume and not args.lora else generate.checkpoint_dir(args.init)
         over = {"num_labels": num_labels} if num_labels else {}
-        return cls.from_pretrained(src, dtype=torch.float32, device=device, **over).train()
+        dtype = getattr(torch, args.dtype) if args.lora else torch.float32
+        model = generate.speed_up(cls.from_pretrained(src, dtype=dtype, device=device, **over).train())
+        if args.lora:
+            if args.quantize == "int8":
+                generate.quantize_int8(model)
+            add_lora(model, lora_settings(args))
+            if args.resume:
+                load_lora(model, Path(args.resume))
+        return model
     cfg.vocab_size = -(-tok_vocab // 64) * 64  # round up to a multiple of 64 (faster matmuls)
     cfg.max_position_embeddings = max(cfg.max_position_embeddings, args.block_size)
     cfg.embd_pdrop = cfg.resid_pdrop = args.dropout
     cfg.bos_token_id = cfg.eos_token_id = cfg.pad_token_id = pad_id
     cfg.num_labels = num_labels or cfg.num_labels
     torch.manual_seed(args.seed)
-    return cls.from_config(cfg, device=device).train()
+    return generate.speed_up(cls.from_config(cfg, device=device).train())
+
+
+def lora_settings(args):
+    return dict(
+        r=args.lora,
+        alpha=args.lora_alpha if args.lora_alpha is not None else 2 * args.lora,
+        dropout=args.lora_dropout,
+        targets=args.lora_targets.split(","),
+        task=args.task,
+        base=args.init,
+    )
+
+
+def check_lora_args(args):
+    if not args.lora:
+        for flag, on in (("--quantize", args.quantize), ("--merge", args.merge)):
+            if on:
+                raise TrainError(f"{flag} needs --lora (a frozen base to quantize or merge into)")
+        return
+    if args.lora < 1 or args.init == "scratch":
+        raise TrainError("--lora R needs R >= 1 and --init (the checkpoint to adapt)")
+    bad = [t for t in args.lora_targets.split(",") if t not in LORA_TARGETS]
+    if bad:
+        raise TrainError(f"--lora-targets {bad[0]}: not one of {', '.join(LORA_TARGETS)}")
+    if args.fsdp:
+        raise TrainError("--lora with --fsdp is not supported (the base is frozen: DDP, or one process, is enough)")
 
 
 def train(args):
@@ -435,11 +581,12 @@ def train(args):
     master = rank == 0
     out = Path(args.out)
     files = data_files(args.data)  # bad input is caught before anything is written
+    check_lora_args(args)
     state, resume = None, latest_checkpoint(Path(args.resume)) if args.resume else None
     if resume:
         args.resume = str(resume)
         state = torch.load(resume / "training_state.pt", weights_only=False)
-        for key in ("task", "config", "init", "block_size"):
+        for key in ("task", "config", "init", "block_size", "lora", "lora_targets", "quantize"):
             if state["args"][key] != getattr(args, key):
                 raise TrainError(
                     f"--resume {resume} was trained with --{key.replace('_', '-')} "
@@ -473,7 +620,7 @@ def train(args):
     # --- model and optimizer
     if device.type == "cpu":
         keep_freed_memory()
-    model = generate.speed_up(build_model(args, scratch_config, device, tok.vocab_size, pad_id, num_labels))
+    model = build_model(args, scratch_config, device, tok.vocab_size, pad_id, num_labels)
     if model.config.vocab_size < tok.vocab_size:
         raise TrainError(
             f"the tokenizer has {tok.vocab_size} tokens, the model's vocabulary only {model.config.vocab_size}"
@@ -491,8 +638,9 @@ def train(args):
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device] if device.type == "cuda" else None
             )
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]  # matrices decay; biases, norms don't
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    trained = [p for p in model.parameters() if p.requires_grad]  # with --lora: the adapters (and a score)
+    decay = [p for p in trained if p.dim() >= 2]  # matrices decay; biases, norms don't
+    no_decay = [p for p in trained if p.dim() < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr,
@@ -553,6 +701,7 @@ def train(args):
 
     tokens_per_step = args.batch_size * args.grad_accum * world * (args.block_size if args.task == "causal-lm" else 1)
     t0, last_log, losses = time.time(), time.time(), []
+    lora = lora_settings(args) if args.lora else None
     full, steps_left = raw, step < args.max_steps  # full: the model as saved (FSDP: gathered at each checkpoint)
     while step < args.max_steps:
         lr = lr_at(step, args)
@@ -617,23 +766,32 @@ def train(args):
             )
             full = unsharded(raw, args.fsdp and world > 1, master)
             if master:
-                save_checkpoint(out / f"ckpt-{step:06d}", full, tok_dir, state)
+                save_checkpoint(out / f"ckpt-{step:06d}", full, tok_dir, state, lora)
     if not steps_left:  # resumed at --max-steps: no step ran, nothing was gathered
         full = unsharded(raw, args.fsdp and world > 1, master)
-    if master:
+    if master and lora:
+        save_checkpoint(out / "adapter", full, tok_dir, None, lora)
+        print(f"saved {out / 'adapter'} (a PEFT LoRA adapter for {args.init})", file=sys.stderr)
+    if master and (args.merge or not lora):
+        if args.merge:  # the base as stored (its own dtype, not int8) + the adapter, through generate's merge
+            d = generate.checkpoint_dir(args.init)
+            dtype = phi.PhiConfig.from_hf(phi._read_json(d / "config.json")).torch_dtype or "float32"
+            over = {"num_labels": raw.config.num_labels} if args.task != "causal-lm" else {}
+            full = TASKS[args.task].from_pretrained(d, dtype=getattr(torch, dtype), **over)
+            generate.merge_adapter(full, out / "adapter")
         save_checkpoint(out / "model", full, tok_dir, None)
         print(
             f"saved {out / 'model'} (a Hugging Face model directory: python generate.py --model {out / 'model'})",
             file=sys.stderr,
         )
-        if args.task == "causal-lm" and args.sample_tokens:
-            full.eval()
-            prompt = tok.encode("def ", allowed_special=set())
-            gen = torch.Generator(device).manual_seed(args.seed)
-            ids = generate.generate(
-                full, prompt, args.sample_tokens, temperature=0.8, top_k=50, generator=gen, eos_ids={tok.eos_id}
-            )
-            print("sample:\n" + tok.decode(prompt + list(ids)))
+    if master and args.task == "causal-lm" and args.sample_tokens:
+        full.eval()
+        prompt = tok.encode("def ", allowed_special=set())
+        gen = torch.Generator(device).manual_seed(args.seed)
+        ids = generate.generate(
+            full, prompt, args.sample_tokens, temperature=0.8, top_k=50, generator=gen, eos_ids={tok.eos_id}
+        )
+        print("sample:\n" + tok.decode(prompt + list(ids)))
     if world > 1:
         torch.distributed.barrier()  # the others wait for rank 0's save: one that tore down first once aborted
         torch.distributed.destroy_process_group()
