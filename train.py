@@ -330,7 +330,7 @@ def adapter_tensors(model) -> dict:
     if hasattr(model, "score"):
         for n, p in model.score.named_parameters():
             out[f"{generate.PEFT_PREFIX}score.{n}"] = p
-    return {k: v.detach().float().contiguous().cpu() for k, v in out.items()}
+    return {k: v.detach().float().cpu().clone() for k, v in out.items()}  # q, k, v: one copy of A each
 
 
 def save_adapter(d: Path, model, lora: dict):
@@ -529,6 +529,7 @@ def build_model(args, cfg, device, tok_vocab, pad_id, num_labels):
     """The model to train: from a --resume checkpoint, a --init checkpoint, or a fresh one of config cfg. With --lora
     the base is --init's, frozen in the compute dtype (it needs no fp32 master copy), int8 with --quantize int8."""
     cls = TASKS[args.task]
+    torch.manual_seed(args.seed)  # what starts random (a fresh model, a new score, LoRA's A) is the same every run
     if cfg is None:
         src = Path(args.resume) if args.resume and not args.lora else generate.checkpoint_dir(args.init)
         over = {"num_labels": num_labels} if num_labels else {}
@@ -546,7 +547,6 @@ def build_model(args, cfg, device, tok_vocab, pad_id, num_labels):
     cfg.embd_pdrop = cfg.resid_pdrop = args.dropout
     cfg.bos_token_id = cfg.eos_token_id = cfg.pad_token_id = pad_id
     cfg.num_labels = num_labels or cfg.num_labels
-    torch.manual_seed(args.seed)
     return generate.speed_up(cls.from_config(cfg, device=device).train())
 
 
