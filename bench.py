@@ -13,6 +13,13 @@ Benchmarks (never tests: speed is measured here, correctness in test_phi.py). Ne
         the same measures, each a median over the turns, so that the host's drift hits every side alike
     python bench.py int8-agreement [--model out/model]
         share of prompts whose greedy continuation is the same with int8 weights as with fp32 (a trained model)
+    python bench.py finetune [--shapes phi-2,phi3-mini] [--modes full,lora,lora+int8] [--device cuda] [--json out.json]
+        one training step (bf16 autocast, micro-batch 4 x 512 tokens, activation checkpointing, fused AdamW) of
+        full fine-tuning, LoRA (r 8 on qkv, out, fc1, fc2; bf16 base) and LoRA on an int8 base, random weights of
+        the real shapes, each in a process of its own: peak memory (CPU: the process's peak RSS over its RSS before
+        building the model; CUDA: torch.cuda.max_memory_allocated) and tokens/s. Full fine-tuning that cannot fit
+        this machine's memory (16 bytes a parameter: fp32 weights, gradients, AdamW's two moments) is not run: its
+        row shows that estimate, marked "est."
     python bench.py tokenizers [--json out.json]
         encode throughput of our tiktoken tokenizers vs the Hugging Face `tokenizers` library on ~1 MB of mixed
         text, every family (needs the reference tokenizer files: PHI_REFERENCE, default ../shared/reference)
@@ -469,6 +476,128 @@ def load_peak(ckpt):
     return float(r.stdout.strip()) if r.returncode == 0 else float("nan")
 
 
+FINETUNE_VOCAB = {"phi-2": 51200, "phi3-mini": 32064}  # train.PRESETS shapes with their real vocabularies
+
+
+def finetune_row(shape, mode, device):
+    """One row of bench.py finetune, in this process (bench_finetune starts one per row): prints a JSON object."""
+    import torch
+    import torch.nn.functional as F
+
+    import phi
+    import train
+
+    cfg = phi.PhiConfig(**train.PRESETS[shape], vocab_size=FINETUNE_VOCAB.get(shape, 51200))
+    lora = mode.startswith("lora")
+    cuda = device == "cuda"
+    before = rss_mb()
+    torch.set_default_dtype(torch.bfloat16 if lora else torch.float32)  # built in its dtype: no fp32 copy first
+    with torch.device(device):
+        model = phi.Phi(cfg)
+        model.apply(model._init_weights)
+    torch.set_default_dtype(torch.float32)
+    model = generate.speed_up(model)
+    if mode == "lora+int8":
+        generate.quantize_int8(model)
+    if lora:
+        train.add_lora(model, dict(r=8, alpha=16, dropout=0.05, targets=["qkv", "out", "fc1", "fc2"]))
+    if not cuda:
+        train.keep_freed_memory()  # as train.py
+    model.gradient_checkpointing = True
+    model.train()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=1e-4, fused=True)
+    x = torch.randint(cfg.vocab_size, (4, 513), device=device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16):
+            logits = model(x[:, :-1])
+            loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+
+    seconds = timed(step)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else rss_mb("VmHWM") - before
+    params = sum(p.numel() for p in model.parameters()) + sum(
+        b.numel() for b in model.buffers() if b.dtype == torch.int8
+    )
+    print(
+        json.dumps(
+            dict(
+                shape=shape,
+                mode=mode,
+                device=device,
+                params=params,
+                trained=sum(p.numel() for p in trained),
+                peak_mb=round(peak),
+                tok_s=round(4 * 512 / seconds, 1),
+                estimate=False,
+            )
+        )
+    )
+
+
+def bench_finetune(args):
+    import subprocess
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    where = torch.cuda.get_device_name() if device == "cuda" else cpu_model()
+    available = (
+        torch.cuda.mem_get_info()[1]
+        if device == "cuda"
+        else int(next(line for line in open("/proc/meminfo") if line.startswith("MemAvailable")).split()[1]) * 1024
+    )
+    rows = []
+    print(f"finetune, {where}: bf16 autocast, micro-batch 4 x 512 tokens, activation checkpointing", file=sys.stderr)
+    for shape in args.shapes.split(","):
+        for mode in args.modes.split(","):
+            import phi
+            import train
+
+            with torch.device("meta"):
+                n = sum(
+                    p.numel()
+                    for p in phi.Phi(
+                        phi.PhiConfig(**train.PRESETS[shape], vocab_size=FINETUNE_VOCAB.get(shape, 51200))
+                    ).parameters()
+                )
+            if mode == "full" and 16 * n > 0.8 * available:
+                row = dict(
+                    shape=shape,
+                    mode=mode,
+                    device=device,
+                    params=n,
+                    trained=n,
+                    peak_mb=round(16 * n / 2**20),
+                    tok_s=None,
+                    estimate=True,
+                )
+            else:
+                r = subprocess.run(
+                    [sys.executable, __file__, "_finetune", shape, mode, device], capture_output=True, text=True
+                )
+                if r.returncode != 0:
+                    print(r.stderr[-2000:], file=sys.stderr)
+                    continue
+                row = json.loads(r.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            peak = f"{row['peak_mb'] / 1024:.1f} GB" + (" est. (16 B/param)" if row["estimate"] else "")
+            speed = "–" if row["tok_s"] is None else f"{row['tok_s']:.1f}"
+            print(
+                f"| {shape} | {mode} | {row['trained'] / 1e6:.1f}M of {row['params'] / 1e6:.0f}M | {peak} | {speed} |",
+                flush=True,
+            )
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(where=where, rows=rows), indent=1))
+
+
 def bench_int8_agreement(args):
     """Share of prompts whose greedy continuation with int8 weights equals the fp32 one, on a trained model
     (default out/model, what `python train.py` writes): prompts are line starts of the stdlib sources."""
@@ -493,8 +622,12 @@ def bench_int8_agreement(args):
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_row"]:  # bench_models runs each row as: bench.py _row SIZE DTYPE IMPL CKPT DEVICE
         sys.exit(measure_row(*sys.argv[2:]))
+    if sys.argv[1:2] == ["_finetune"]:  # bench_finetune runs each row as: bench.py _finetune SHAPE MODE DEVICE
+        sys.exit(finetune_row(*sys.argv[2:]))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["models", "pairs", "tokenizers", "int8-agreement"])
+    p.add_argument("what", choices=["models", "pairs", "finetune", "tokenizers", "int8-agreement"])
+    p.add_argument("--shapes", default="phi-2,phi3-mini", help="finetune: train.py presets")
+    p.add_argument("--modes", default="full,lora,lora+int8", help="finetune")
     p.add_argument("--rounds", type=int, default=3, help="pairs: turns of each implementation")
     p.add_argument("--model", default="out/model", help="int8-agreement: a trained checkpoint")
     p.add_argument("--prompts", type=int, default=50)
@@ -509,6 +642,8 @@ if __name__ == "__main__":
         bench_models(args)
     elif args.what == "pairs":
         bench_pairs(args)
+    elif args.what == "finetune":
+        bench_finetune(args)
     elif args.what == "int8-agreement":
         bench_int8_agreement(args)
     else:

@@ -582,6 +582,7 @@ def train(args):
     out = Path(args.out)
     files = data_files(args.data)  # bad input is caught before anything is written
     check_lora_args(args)
+    lora = lora_settings(args) if args.lora else None
     state, resume = None, latest_checkpoint(Path(args.resume)) if args.resume else None
     if resume:
         args.resume = str(resume)
@@ -661,9 +662,10 @@ def train(args):
     amp = torch.autocast(device.type, dtype=getattr(torch, args.dtype)) if args.dtype != "float32" else nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")
     if master:
-        n = sum(p.numel() for p in raw.parameters())
+        n = sum(p.numel() for p in raw.parameters()) + sum(b.numel() for b in raw.buffers() if b.dtype == torch.int8)
+        trained = f" ({sum(p.numel() for p in raw.parameters() if p.requires_grad) / 1e6:.2f}M trained)" if lora else ""
         print(
-            f"{args.task}: {n / 1e6:.2f}M parameters ({raw.config.model_type}, {raw.config.num_hidden_layers} layers, "
+            f"{args.task}: {n / 1e6:.2f}M parameters{trained} ({raw.config.model_type}, {raw.config.num_hidden_layers} layers, "
             f"{raw.config.hidden_size} wide), {device}, {args.dtype} autocast, {world} process(es)",
             file=sys.stderr,
         )
@@ -701,7 +703,6 @@ def train(args):
 
     tokens_per_step = args.batch_size * args.grad_accum * world * (args.block_size if args.task == "causal-lm" else 1)
     t0, last_log, losses = time.time(), time.time(), []
-    lora = lora_settings(args) if args.lora else None
     full, steps_left = raw, step < args.max_steps  # full: the model as saved (FSDP: gathered at each checkpoint)
     while step < args.max_steps:
         lr = lr_at(step, args)
