@@ -534,10 +534,11 @@ def build_model(args, cfg, device, tok_vocab, pad_id, num_labels):
         src = Path(args.resume) if args.resume and not args.lora else generate.checkpoint_dir(args.init)
         over = {"num_labels": num_labels} if num_labels else {}
         dtype = getattr(torch, args.dtype) if args.lora else torch.float32
-        model = generate.speed_up(cls.from_pretrained(src, dtype=dtype, device=device, **over).train())
+        load_on = torch.device("cpu") if args.quantize else device  # int8: quantized on the CPU, then moved
+        model = generate.speed_up(cls.from_pretrained(src, dtype=dtype, device=load_on, **over).train())
         if args.lora:
-            if args.quantize == "int8":
-                generate.quantize_int8(model)
+            if args.quantize == "int8":  # (the GPU never holds the bf16 base)
+                generate.quantize_int8(model).to(device)
             add_lora(model, lora_settings(args))
             if args.resume:
                 load_lora(model, Path(args.resume))
@@ -587,11 +588,12 @@ def train(args):
     if resume:
         args.resume = str(resume)
         state = torch.load(resume / "training_state.pt", weights_only=False)
+        defaults = vars(parse_args([]))  # for keys a checkpoint of an older train.py does not have
         for key in ("task", "config", "init", "block_size", "lora", "lora_targets", "quantize"):
-            if state["args"][key] != getattr(args, key):
+            was = state["args"].get(key, defaults[key])
+            if was != getattr(args, key):
                 raise TrainError(
-                    f"--resume {resume} was trained with --{key.replace('_', '-')} "
-                    f"{state['args'][key]}, not {getattr(args, key)}"
+                    f"--resume {resume} was trained with --{key.replace('_', '-')} {was}, not {getattr(args, key)}"
                 )
     # --- tokenizer: the checkpoint's own, a given one, or bytes
     scratch_config = None if resume or args.init != "scratch" else preset_config(args.config)
