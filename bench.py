@@ -490,6 +490,10 @@ def finetune_row(shape, mode, device):
     cfg = phi.PhiConfig(**train.PRESETS[shape], vocab_size=FINETUNE_VOCAB.get(shape, 51200))
     lora = mode.startswith("lora")
     cuda = device == "cuda"
+    if not cuda and lora:  # as train.py
+        train.return_freed_memory()
+    elif not cuda:
+        train.keep_freed_memory()
     before = rss_mb()
     torch.set_default_dtype(torch.bfloat16 if lora else torch.float32)  # built in its dtype: no fp32 copy first
     with torch.device(device):
@@ -501,8 +505,6 @@ def finetune_row(shape, mode, device):
         generate.quantize_int8(model)
     if lora:
         train.add_lora(model, dict(r=8, alpha=16, dropout=0.05, targets=["qkv", "out", "fc1", "fc2"]))
-    if not cuda and os.environ.get("PHI_BENCH_KEEP_FREED", "1") == "1":
-        train.keep_freed_memory()  # as train.py
     model.gradient_checkpointing = True
     model.train()
     trained = [p for p in model.parameters() if p.requires_grad]
