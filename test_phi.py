@@ -2791,6 +2791,64 @@ def test_lora_classifier_adapter_loads_in_peft_and_resumes_exactly(tmp_path):
     assert not all(torch.equal(wa[k], w4[k]) for k in wa)
 
 
+def test_lora_token_classifier_adapter_loads_in_peft(tmp_path):
+    """--task token-cls --lora: a TOKEN_CLS adapter with the score as modules_to_save, which peft loads into
+    transformers' PhiForTokenClassification with our logits."""
+    base = tiny_checkpoint(tmp_path / "base")
+    toy_classification(tmp_path)
+    r = run_train(
+        tmp_path,
+        "--init",
+        base,
+        "--task",
+        "token-cls",
+        "--data",
+        tmp_path / "tok.jsonl",
+        "--lora",
+        4,
+        "--eval-every",
+        0,
+        "--lr",
+        "3e-3",
+        "--max-steps",
+        6,
+        "--out",
+        tmp_path / "out",
+    )
+    assert r.returncode == 0, r.stderr
+    adapter = tmp_path / "out" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["task_type"] == "TOKEN_CLS"
+    tuned = peft_on_transformers(base, adapter, "ForTokenClassification", num_labels=2)
+    ours = generate.merge_adapter(phi.PhiForTokenClassification.from_pretrained(base, num_labels=2), adapter)
+    ids = ids_for(12, vocab=256)
+    with torch.no_grad():
+        assert record("train --lora token-cls: ours vs peft", err(ours(ids), tuned(ids).logits)) <= TOL
+
+
+def test_lora_bad_arguments_one_clear_error(tmp_path):
+    base = tiny_checkpoint(tmp_path / "base")
+    tied = tiny_checkpoint(tmp_path / "tied", "phi3", tie_word_embeddings=True)
+    for args, message in [
+        (("--lora", 4), "--lora R needs R >= 1 and --init (the checkpoint to adapt)"),
+        (("--init", base, "--quantize", "int8"), "--quantize needs --lora (a frozen base to quantize or merge into)"),
+        (
+            ("--init", base, "--lora", 4, "--lora-targets", "qkv,q_proj"),
+            "--lora-targets q_proj: not one of qkv, out, fc1, fc2, lm_head",
+        ),
+        (
+            ("--init", base, "--lora", 4, "--fsdp"),
+            "--lora with --fsdp is not supported (the base is frozen: DDP, or one process, is enough)",
+        ),
+        (
+            ("--init", tied, "--lora", 4, "--lora-targets", "lm_head"),
+            "--lora-targets lm_head: this model's lm_head is its embedding (tied); leave lm_head out",
+        ),
+    ]:
+        r = run_train(tmp_path, "--out", tmp_path / "out", "--max-steps", 2, *args)
+        assert_one_line_error(r, "train.py", message, 2)
+    assert not (tmp_path / "out" / "adapter").exists()
+
+
 def test_lora_on_an_int8_base_trains_and_applies_to_the_bf16_base(tmp_path):
     """--lora with --quantize int8: the frozen base is int8 (per channel), the adapters train in bf16 autocast; the
     loss falls, and the adapter, merged into the base loaded in bf16, lowers the loss there too."""

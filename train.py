@@ -6,6 +6,8 @@ Train a small Phi from scratch, or fine-tune a real one, on one GPU (or several 
     python train.py --init microsoft/phi-1_5 --data my_code/ --max-steps 1000 --dtype bfloat16
     python train.py --init out/model --task seq-cls --data reviews.jsonl        # {"text": ..., "label": ...}
     torchrun --nproc_per_node 2 train.py ...         # DDP (nccl on GPU, gloo on CPU); --fsdp shards instead
+    python train.py --init microsoft/phi-2 --lora 16 --quantize int8 --dtype bfloat16 --checkpointing --merge
+                                                     # LoRA on a frozen int8 base: OUT/adapter (PEFT), OUT/model
 
 Every checkpoint (out/ckpt-NNNNNN, and out/model at the end) is a Hugging Face model directory (config.json,
 model.safetensors, tokenizer files) plus training_state.pt (optimizer, schedule step, RNG and data position),
@@ -304,6 +306,8 @@ class LoRALinear(nn.Module):
 def add_lora(model, lora: dict):
     """Freeze the model, wrap the target Linears in LoRALinear; a classifier's score trains fully (peft's
     modules_to_save)."""
+    if "lm_head" in lora["targets"] and model.config.tie_word_embeddings:
+        raise TrainError("--lora-targets lm_head: this model's lm_head is its embedding (tied); leave lm_head out")
     model.requires_grad_(False)
     for module in list(model.modules()):
         for name, child in module.named_children():
