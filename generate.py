@@ -542,7 +542,7 @@ def _pattern_value(patterns: dict, module: str, default):
 @torch.no_grad()
 def merge_adapter(model: nn.Module, name_or_dir, revision=None):
     """Add a PEFT LoRA adapter to the model's weights, in place (modules_to_save, e.g. a classifier's score, are
-    replaced). Anything that does not fit this model is one ValueError naming it."""
+    replaced). Anything that does not fit this model is one ValueError naming it, raised before any weight changes."""
     cfg, tensors, d = read_adapter(name_or_dir, revision)
     modules = lora_modules(model)
     kind = model.config.model_type
@@ -554,7 +554,7 @@ def merge_adapter(model: nn.Module, name_or_dir, revision=None):
                     f"{d}: target module {t!r} does not exist in this {kind} model (an adapter for "
                     f"another architecture?); its Linears: {sorted({m.rsplit('.', 1)[-1] for m in modules})}"
                 )
-    pairs, params = {}, dict(model.named_parameters())
+    pairs, params, saves, deltas = {}, dict(model.named_parameters()), [], []
     for key, value in tensors.items():
         name = key.removeprefix(PEFT_PREFIX)
         m = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[\w-]+)?\.weight", name)
@@ -568,7 +568,7 @@ def merge_adapter(model: nn.Module, name_or_dir, revision=None):
             raise ValueError(
                 f"{d}: {key} has shape {tuple(value.shape)}, this model's {ours} {tuple(params[ours].shape)}"
             )
-        params[ours].copy_(value)
+        saves.append((params[ours], value))
     for module, ab in pairs.items():
         if module not in modules:
             raise ValueError(
@@ -588,9 +588,12 @@ def merge_adapter(model: nn.Module, name_or_dir, revision=None):
                 f"{d}: {module}: lora_A {tuple(ab['A'].shape)} and lora_B {tuple(ab['B'].shape)}, expected {want_a} "
                 f"and {want_b} (rank {r} from adapter_config.json, this model's {rows} x {weight.shape[1]} weight)"
             )
-        scale = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
-        delta = ab["B"].to(weight.device, torch.float32) @ ab["A"].to(weight.device, torch.float32)
-        weight[first : first + rows] = (weight[first : first + rows].float() + scale * delta).to(weight.dtype)
+        deltas.append((weight[first : first + rows], alpha / (math.sqrt(r) if cfg.get("use_rslora") else r), ab))
+    for param, value in saves:  # everything fits: change the weights
+        param.copy_(value)
+    for rows, scale, ab in deltas:  # rows of the weight += scale * B @ A, computed in fp32
+        delta = ab["B"].to(rows.device, torch.float32) @ ab["A"].to(rows.device, torch.float32)
+        rows.copy_(rows.float() + scale * delta)
     return model
 
 

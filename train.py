@@ -318,19 +318,24 @@ def add_lora(model, lora: dict):
     return model
 
 
+def held_modules(model) -> dict:
+    """Our Linear's module name -> [(PEFT's name of a Hugging Face module it holds, first row, rows)]."""
+    held = {}
+    for hf, (ours, first, rows) in generate.lora_modules(model).items():
+        held.setdefault(ours, []).append((generate.PEFT_PREFIX + hf, first, rows))
+    return held
+
+
 def adapter_tensors(model) -> dict:
     """The trained tensors under PEFT's names: for each LoRALinear one LoRA per Hugging Face module it holds (phi's
     qkv: q_proj, k_proj and v_proj share A, each takes its rows of B, so the three add up to ours exactly), and a
     classifier's score."""
-    held = {}
-    for hf, (ours, first, rows) in generate.lora_modules(model).items():
-        held.setdefault(ours, []).append((hf, first, rows))
-    out = {}
+    held, out = held_modules(model), {}
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
-            for hf, first, rows in held[name]:
-                out[f"{generate.PEFT_PREFIX}{hf}.lora_A.weight"] = m.lora_A
-                out[f"{generate.PEFT_PREFIX}{hf}.lora_B.weight"] = m.lora_B[first : first + rows]
+            for peft_name, first, rows in held[name]:
+                out[f"{peft_name}.lora_A.weight"] = m.lora_A
+                out[f"{peft_name}.lora_B.weight"] = m.lora_B[first : first + rows]
     if hasattr(model, "score"):
         for n, p in model.score.named_parameters():
             out[f"{generate.PEFT_PREFIX}score.{n}"] = p
@@ -370,13 +375,11 @@ def load_lora(model, d: Path):
     missing = [name for name in adapter_tensors(model) if name not in saved]
     if missing:
         raise TrainError(f"{d}: the adapter has no {missing[0]} (not made with this run's --lora settings?)")
-    held = {}
-    for hf, (ours, _, _) in generate.lora_modules(model).items():
-        held.setdefault(ours, []).append(generate.PEFT_PREFIX + hf)
+    held = held_modules(model)
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
-            m.lora_A.copy_(saved[held[name][0] + ".lora_A.weight"])
-            m.lora_B.copy_(torch.cat([saved[hf + ".lora_B.weight"] for hf in held[name]]))
+            m.lora_A.copy_(saved[held[name][0][0] + ".lora_A.weight"])
+            m.lora_B.copy_(torch.cat([saved[peft_name + ".lora_B.weight"] for peft_name, _, _ in held[name]]))
     if hasattr(model, "score"):
         for n, p in model.score.named_parameters():
             p.copy_(saved[f"{generate.PEFT_PREFIX}score.{n}"])
