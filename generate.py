@@ -411,8 +411,8 @@ def render_chat(fmt, messages, add_generation_prompt=True, tok=None) -> str:
     out = []
     for m in messages:
         role, content = m["role"], m["content"]
-        if role not in ("system", "user", "assistant"):
-            raise ValueError(f"chat message role {role!r} is not one of system, user, assistant")
+        if role not in ("system", "user", "assistant") and not (role == "tool" and fmt in ("phi3", "phi4-mini")):
+            raise ValueError(f"chat message role {role!r} is not one of system, user, assistant (tool: Phi-3/4-mini)")
         if fmt == "phi3":
             out.append(f"<|{role}|>\n{content}<|end|>\n")
         elif fmt == "phi4":
