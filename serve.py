@@ -52,11 +52,13 @@ FIELDS = {  # name -> (types, check, what it must be)
 
 
 def checked(body: dict) -> dict:
+    """The body, once every known field is of its type and in its range (null counts as absent)."""
     for name, (types, ok, what) in FIELDS.items():
         value = body.get(name)
-        if value is not None and (isinstance(value, bool) and types is not bool or not isinstance(value, types)):
-            raise BadRequest(f"'{name}' must be {what}, got {json.dumps(value)}", name)
-        if value is not None and not ok(value):
+        if value is None:
+            continue
+        a_bool_for_a_number = isinstance(value, bool) and types is not bool  # (True is an int to isinstance)
+        if a_bool_for_a_number or not isinstance(value, types) or not ok(value):
             raise BadRequest(f"'{name}' must be {what}, got {json.dumps(value)}", name)
     return body
 
@@ -118,6 +120,9 @@ def parse_tool_calls(text: str):
 
 
 class Server:
+    """The model, its tokenizer, and the request being served: request_id and usage belong to the one request that
+    holds the lock (requests are served one at a time)."""
+
     def __init__(self, model, tok, name):
         self.model, self.tok, self.name = model, tok, name
         self.lock = threading.Lock()  # one generation at a time: concurrent requests queue here
