@@ -17,6 +17,7 @@ import re
 import struct
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import tiktoken
@@ -936,6 +937,89 @@ def generate(
         yield t
 
 
+# -----------------------------------------------------------------------------------------------------------------
+# Speculative decoding (batch 1, greedy): cheap drafts, verified by the model in one forward over the KV cache
+
+
+def lookup_draft(context: list, k: int, max_ngram=3) -> list:
+    """Prompt lookup: the (up to) k tokens that followed the latest earlier occurrence of the context's last n-gram,
+    for n = max_ngram .. 1 (no second model: text that repeats what came before drafts itself)."""
+    for n in range(min(max_ngram, len(context) - 1), 0, -1):
+        tail = context[-n:]
+        for i in range(len(context) - n - 1, -1, -1):
+            if context[i : i + n] == tail:
+                return context[i + n : i + n + k]
+    return []
+
+
+def catch_up(model, cache, ids):
+    """Make the cache hold exactly ids: roll it back past what differs or is extra, run what is missing."""
+    have = int(cache.slot)
+    if have > len(ids):
+        cache.slot.fill_(len(ids))
+    elif have < len(ids):
+        model(torch.tensor([ids[have:]], device=model.embed.weight.device), cache=cache)
+
+
+@torch.no_grad()
+def generate_speculative(model, prompt_ids, max_new_tokens=128, k=4, draft=None, eos_ids=None, stats=None, **_):
+    """Greedy decoding of one prompt, token for token what generate(..., temperature=0) yields, in fewer model
+    calls: each step proposes up to k tokens (the draft model's greedy continuation, or prompt lookup when draft is
+    None), runs the last token and the proposals through the model in one forward over the KV cache, keeps the
+    proposals up to the first the model disagrees with plus the model's own next token, and rolls the cache back
+    past the rest. A LongRoPE model's verify step never crosses the original context part-way (a rejected token
+    past it would leave keys rotated with the long factors before the sequence got there)."""
+    stops, ids = stop_ids(model, eos_ids), list(prompt_ids)
+    dev, context = model.embed.weight.device, model.config.max_position_embeddings
+    if len(ids) > context:
+        raise ValueError(f"the prompt is {len(ids)} tokens, longer than the model's context of {context}")
+    max_new_tokens = min(max_new_tokens, context - len(ids))
+    cache = phi.KVCache(model.config, 1, len(ids) + max_new_tokens, dtype=model.embed.weight.dtype, device=dev)
+    dcache = draft and phi.KVCache(
+        draft.config, 1, len(ids) + max_new_tokens, dtype=draft.embed.weight.dtype, device=dev
+    )
+    stats = {} if stats is None else stats
+    stats.update(prompt_tokens=len(ids), new_tokens=0, drafted=0, accepted=0)
+    t0 = time.perf_counter()
+    last = int(prefill(model, torch.tensor([ids], device=dev), None, cache).argmax(-1))
+    stats["prefill_s"], t0 = time.perf_counter() - t0, time.perf_counter()
+    try:
+        while True:
+            if last in stops:
+                return
+            yield last
+            ids.append(last)
+            stats["new_tokens"] += 1
+            start = int(cache.slot)  # the cache holds ids[:-1]; `last` goes in with the proposals
+            budget = min(k, max_new_tokens - stats["new_tokens"] - 1, cache.ids.shape[1] - start - 1)
+            if budget < 0:
+                return
+            if model.rotary.scaled and not cache.long and start < model.rotary.original:
+                budget = min(budget, model.rotary.original - start - 1)
+            if draft is None:
+                proposals = lookup_draft(ids, budget)
+            else:
+                catch_up(draft, dcache, ids[:-1])
+                proposals, token = [], last
+                for _ in range(budget):
+                    token = int(draft(torch.tensor([[token]], device=dev), cache=dcache)[0, -1].argmax())
+                    proposals.append(token)
+            logits = model(torch.tensor([[last] + proposals], device=dev), cache=cache)[0]
+            wanted = logits.argmax(-1).tolist()  # the model's own next token after each of them
+            n = next((i for i, (d, w) in enumerate(zip(proposals, wanted)) if d != w), len(proposals))
+            stats["drafted"], stats["accepted"] = stats["drafted"] + len(proposals), stats["accepted"] + n
+            cache.slot.fill_(start + 1 + n)  # keep `last` and the accepted proposals
+            for token in proposals[:n]:
+                if token in stops:
+                    return
+                yield token
+                ids.append(token)
+                stats["new_tokens"] += 1
+            last = wanted[n]
+    finally:
+        stats["decode_s"] = time.perf_counter() - t0
+
+
 def cut_at_stop(text, stops):
     """(text to show, stopped): text up to the first stop string; while none has appeared, hold back a tail that
     could still become one."""
@@ -973,6 +1057,8 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
     p.add_argument("--quantize", choices=["int8"], help="weight-only int8 (per channel): faster memory-bound decode")
     p.add_argument("--adapter", help="a PEFT LoRA adapter (Hub id or directory), merged into the weights at load")
+    p.add_argument("--speculate", type=int, default=0, metavar="K", help="greedy speculative decoding, K drafts a step")
+    p.add_argument("--draft", help="with --speculate: a smaller checkpoint that drafts (default: prompt lookup)")
 
     def error(message):  # argparse's own errors too: one line on stderr, exit code 1
         print(f"generate.py: error: {message}", file=sys.stderr)
@@ -1002,6 +1088,10 @@ def check_args(args):
         raise ValueError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
     if args.max_new_tokens < 1 or args.num_samples < 1:
         raise ValueError("--max-new-tokens and --num-samples must be >= 1")
+    if args.speculate < 0 or args.draft and not args.speculate:
+        raise ValueError("--speculate K needs K >= 1 (and --draft needs --speculate)")
+    if args.speculate and (args.temperature != 0 or args.repetition_penalty != 1.0):
+        raise ValueError("--speculate decodes greedily: it needs --temperature 0 and no --repetition-penalty")
     if args.attn == "flash":
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if not device.startswith("cuda"):
@@ -1051,7 +1141,18 @@ def run(args):
     texts = [chat_prompt(tok, p, args.system) if args.chat else p for p in prompts]
     batch = [tok.encode(t, bos=tok.add_bos) for t in texts for _ in range(args.num_samples)]
     stats = {}
-    if len(batch) == 1:
+    if args.speculate:
+        if len(batch) != 1:
+            raise ValueError("--speculate decodes one prompt at a time (batch 1)")
+        draft = load(args.draft, args.dtype, args.device, args.revision)[0] if args.draft else None
+        if draft is not None and draft.config.vocab_size != model.config.vocab_size:
+            raise ValueError(
+                f"--draft {args.draft}: vocabulary {draft.config.vocab_size}, the model's {model.config.vocab_size}"
+            )
+        produce = partial(generate_speculative, k=args.speculate, draft=draft)
+        stream_one(model, tok, batch[0], sampling, args.stop, stats, produce)
+        print(f"speculative: {stats['accepted']} of {stats['drafted']} drafts accepted", file=sys.stderr)
+    elif len(batch) == 1:
         stream_one(model, tok, batch[0], sampling, args.stop, stats)
     else:
         outs = [[] for _ in batch]
@@ -1070,10 +1171,10 @@ def chat_prompt(tok, user, system=None, history=()):
     return tok.render_chat(messages + [{"role": "user", "content": user}], add_generation_prompt=True)
 
 
-def stream_one(model, tok, prompt_ids, sampling, stops, stats):
-    """Print the continuation as it comes; returns its text (cut at a stop string)."""
+def stream_one(model, tok, prompt_ids, sampling, stops, stats, produce=None):
+    """Print the continuation as it comes (tokens from generate, or produce); returns its text (cut at a stop)."""
     stream, text, shown = tok.stream(context=prompt_ids), "", 0
-    for t in generate(model, prompt_ids, stats=stats, **sampling):
+    for t in (produce or generate)(model, prompt_ids, stats=stats, **sampling):
         text += stream.push(t)
         visible, stopped = cut_at_stop(text, stops)
         print(visible[shown:], end="", flush=True)

@@ -3213,3 +3213,63 @@ def test_serve_n_choices_and_seed_and_the_program(server, hub):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# ===============================================================================================================
+# Speculative decoding (greedy, batch 1)
+
+
+@pytest.mark.parametrize("name", ["phi-2", "phi3-gqa-window", "phi4-mini"])
+def test_speculative_greedy_equals_plain_greedy(name, tmp_path):
+    """generate_speculative yields plain greedy decoding's tokens, token for token, whatever drafts (prompt lookup,
+    the model itself: every draft accepted, another model: most rejected) and k; phi4-mini's generation crosses its
+    original context (32); an EOS id stops it where plain decoding stops."""
+    model = from_transformers(name, tmp_path)[0]
+    prompt = ids_for(6, B=1)[0].tolist() * 3  # it repeats itself: prompt lookup finds drafts
+    n = 40
+    want = list(generate.generate(model, prompt, n, eos_ids=set()))
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    for k in (1, 4):
+        for draft_name, draft in (("lookup", None), ("itself", model), ("other", other)):
+            stats = {}
+            got = list(generate.generate_speculative(model, prompt, n, k=k, draft=draft, eos_ids=set(), stats=stats))
+            assert got == want, (k, draft_name)
+            assert stats["new_tokens"] == n and stats["accepted"] <= stats["drafted"]
+            if draft_name == "itself":
+                assert stats["accepted"] == stats["drafted"] > 0
+    stop = want[7]
+    got = list(generate.generate_speculative(model, prompt, n, k=4, eos_ids={stop}))
+    assert got == want[: want.index(stop)]
+    if name == "phi4-mini":  # no verify step runs part of its tokens below the original context, part above
+        spans, orig = [], model.rotary.original
+
+        def seen(module, args, kwargs):
+            cache = kwargs.get("cache")
+            if cache is not None:
+                spans.append((int(cache.slot), args[0].shape[1], cache.long))
+
+        hook = model.register_forward_pre_hook(seen, with_kwargs=True)
+        list(generate.generate_speculative(model, prompt, n, k=4, draft=copy.deepcopy(model), eos_ids=set()))
+        hook.remove()  # (the draft, a copy, is not watched: its steps need not keep this rule)
+        assert all(long or s + t <= orig or s >= orig for s, t, long in spans), spans
+        assert any(s >= orig and not long for s, t, long in spans)  # the step that crossed it
+
+
+@needs_reference("tokenizers")
+def test_cli_speculate_equals_plain_greedy(hub):
+    """--speculate K (prompt lookup) and --speculate K --draft MODEL print what plain greedy decoding prints, and
+    say how many drafts were accepted; sampling with --speculate is refused."""
+    home, _ = hub
+    args = ("--model", "test/phi3-4k", "--prompt", PROMPT + "\n" + PROMPT, "--max-new-tokens", 24, "--temperature", 0)
+    want = run_cli(home, *args).stdout
+    for extra in (("--speculate", 3), ("--speculate", 2, "--draft", "test/phi3-4k")):
+        r = run_cli(home, *args, *extra)
+        assert r.returncode == 0 and r.stdout == want, r.stderr
+        assert re.search(r"speculative: \d+ of \d+ drafts accepted", r.stderr)
+    r = run_cli(home, "--model", "test/phi3-4k", "--speculate", 3, "--temperature", 1)
+    assert_one_line_error(
+        r, "generate.py", "--speculate decodes greedily: it needs --temperature 0 and no --repetition-penalty", 1
+    )
