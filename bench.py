@@ -20,6 +20,10 @@ Benchmarks (never tests: speed is measured here, correctness in test_phi.py). Ne
         building the model; CUDA: torch.cuda.max_memory_allocated) and tokens/s. Full fine-tuning that cannot fit
         this machine's memory (16 bytes a parameter: fp32 weights, gradients, AdamW's two moments) is not run: its
         row shows that estimate, marked "est."
+    python bench.py speculative [--model out/model] [--k 4] [--new-tokens 128]
+        greedy speculative decoding with prompt lookup against plain greedy decoding (batch 1, eager) on a trained
+        model (default out/model, what `python train.py` writes): an editing workload (the prompt holds code the
+        continuation repeats) and a plain one; tokens/s of each, the acceptance rate, and a check that the tokens agree
     python bench.py tokenizers [--json out.json]
         encode throughput of our tiktoken tokenizers vs the Hugging Face `tokenizers` library on ~1 MB of mixed
         text, every family (needs the reference tokenizer files: PHI_REFERENCE, default ../shared/reference)
@@ -604,6 +608,41 @@ def bench_finetune(args):
         Path(args.json).write_text(json.dumps(dict(where=where, rows=rows), indent=1))
 
 
+def bench_speculative(args):
+    import torch
+
+    torch.set_num_threads(torch.get_num_threads())
+    model, tok = generate.load(args.model)
+    code = (Path(sysconfig.get_paths()["stdlib"]) / "json" / "decoder.py").read_text().splitlines()
+    block = "\n".join(code[40:46])  # (the demo model's context is 256 bytes)
+    workloads = {  # editing: the prompt holds the code, then starts it again; plain: a fresh start
+        "editing": block + "\n\n" + code[40] + "\n",
+        "plain": "def ",
+    }
+    print(f"speculative, {cpu_model()}: {args.model}, greedy, batch 1, k {args.k}, {args.new_tokens} new tokens")
+    print("| workload | plain tok/s | speculative tok/s | speed-up | drafts accepted |")
+    print("|---|---:|---:|---:|---:|")
+    for name, text in workloads.items():
+        prompt = tok.encode(text)
+        runs = {}
+        for mode in ("plain", "speculative", "plain", "speculative"):  # taking turns; the better of two each
+            stats = {}
+            if mode == "plain":
+                out = list(generate.generate(model, prompt, args.new_tokens, eos_ids=set(), stats=stats))
+            else:
+                out = list(
+                    generate.generate_speculative(model, prompt, args.new_tokens, k=args.k, eos_ids=set(), stats=stats)
+                )
+            rate = len(out) / (stats["prefill_s"] + stats["decode_s"])
+            if mode in runs:
+                assert out == runs[mode][0], "speculative decoding changed the tokens"
+            runs[mode] = (out, max(rate, runs.get(mode, (None, 0, {}))[1]), stats)
+        assert runs["plain"][0] == runs["speculative"][0], "speculative decoding changed the tokens"
+        st = runs["speculative"][2]
+        plain, spec = runs["plain"][1], runs["speculative"][1]
+        print(f"| {name} | {plain:.1f} | {spec:.1f} | {spec / plain:.2f}x | {st['accepted']} of {st['drafted']} |")
+
+
 def bench_int8_agreement(args):
     """Share of prompts whose greedy continuation with int8 weights equals the fp32 one, on a trained model
     (default out/model, what `python train.py` writes): prompts are line starts of the stdlib sources."""
@@ -631,13 +670,14 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["_finetune"]:  # bench_finetune runs each row as: bench.py _finetune SHAPE MODE DEVICE
         sys.exit(finetune_row(*sys.argv[2:]))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["models", "pairs", "finetune", "tokenizers", "int8-agreement"])
+    p.add_argument("what", choices=["models", "pairs", "finetune", "speculative", "tokenizers", "int8-agreement"])
+    p.add_argument("--k", type=int, default=4, help="speculative: drafts a step")
     p.add_argument("--shapes", default="phi-2,phi3-mini", help="finetune: train.py presets")
     p.add_argument("--modes", default="full,lora,lora+int8", help="finetune")
     p.add_argument("--rounds", type=int, default=3, help="pairs: turns of each implementation")
     p.add_argument("--model", default="out/model", help="int8-agreement: a trained checkpoint")
     p.add_argument("--prompts", type=int, default=50)
-    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=32, help="int8-agreement, speculative")
     p.add_argument("--sizes", default="tiny,160m,1.4b")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--impls", default=",".join(IMPLS))
@@ -648,6 +688,8 @@ if __name__ == "__main__":
         bench_models(args)
     elif args.what == "pairs":
         bench_pairs(args)
+    elif args.what == "speculative":
+        bench_speculative(args)
     elif args.what == "finetune":
         bench_finetune(args)
     elif args.what == "int8-agreement":

@@ -968,7 +968,9 @@ def generate_speculative(model, prompt_ids, max_new_tokens=128, k=4, draft=None,
     None), runs the last token and the proposals through the model in one forward over the KV cache, keeps the
     proposals up to the first the model disagrees with plus the model's own next token, and rolls the cache back
     past the rest. A LongRoPE model's verify step never crosses the original context part-way (a rejected token
-    past it would leave keys rotated with the long factors before the sequence got there)."""
+    past it would leave keys rotated with the long factors before the sequence got there). The number of drafts
+    follows how many were accepted (one more than the last step kept, up to k); after two steps that kept none it
+    drafts nothing for four steps (plain one-token steps), so text that does not repeat costs little extra."""
     stops, ids = stop_ids(model, eos_ids), list(prompt_ids)
     dev, context = model.embed.weight.device, model.config.max_position_embeddings
     if len(ids) > context:
@@ -980,6 +982,7 @@ def generate_speculative(model, prompt_ids, max_new_tokens=128, k=4, draft=None,
     )
     stats = {} if stats is None else stats
     stats.update(prompt_tokens=len(ids), new_tokens=0, drafted=0, accepted=0)
+    size, misses, rest = k, 0, 0  # drafts to propose next; steps in a row that kept none; steps left without
     t0 = time.perf_counter()
     last = int(prefill(model, torch.tensor([ids], device=dev), None, cache).argmax(-1))
     stats["prefill_s"], t0 = time.perf_counter() - t0, time.perf_counter()
@@ -991,7 +994,7 @@ def generate_speculative(model, prompt_ids, max_new_tokens=128, k=4, draft=None,
             ids.append(last)
             stats["new_tokens"] += 1
             start = int(cache.slot)  # the cache holds ids[:-1]; `last` goes in with the proposals
-            budget = min(k, max_new_tokens - stats["new_tokens"] - 1, cache.ids.shape[1] - start - 1)
+            budget = min(0 if rest else size, max_new_tokens - stats["new_tokens"] - 1, cache.ids.shape[1] - start - 1)
             if budget < 0:
                 return
             if model.rotary.scaled and not cache.long and start < model.rotary.original:
@@ -1008,6 +1011,13 @@ def generate_speculative(model, prompt_ids, max_new_tokens=128, k=4, draft=None,
             wanted = logits.argmax(-1).tolist()  # the model's own next token after each of them
             n = next((i for i, (d, w) in enumerate(zip(proposals, wanted)) if d != w), len(proposals))
             stats["drafted"], stats["accepted"] = stats["drafted"] + len(proposals), stats["accepted"] + n
+            if proposals:  # follow the acceptance: back off when drafts keep failing
+                size = min(k, n + 1)  # one more than this step kept
+                misses = 0 if n else misses + 1
+                if misses == 2:  # two steps in a row kept none: four plain steps
+                    rest, misses = 4, 0
+            elif rest:
+                rest -= 1
             cache.slot.fill_(start + 1 + n)  # keep `last` and the accepted proposals
             for token in proposals[:n]:
                 if token in stops:
