@@ -961,12 +961,50 @@ def catch_up(model, cache, ids):
         model(torch.tensor([ids[have:]], device=model.embed.weight.device), cache=cache)
 
 
+def verdict(logits, proposals, q, temperature, top_k, top_p, generator):
+    """(n, token): how many proposals the model keeps, given its logits (n + 1, V) after `last` and each proposal,
+    and its own token after the kept ones. Greedy: proposals up to the first that is not the model's argmax. Sampling:
+    the speculative-sampling rule (Leviathan et al. 2023, Chen et al. 2023), under which the tokens are distributed as
+    the model's own samples: a proposal d drawn from q is kept with probability min(1, p(d) / q(d)); the first one
+    rejected is replaced by a draw from max(p - q, 0), renormalised; all kept, one more draw from p. q is None for
+    prompt lookup: a draft taken for certain (q(d) = 1, so max(p - q, 0) is p without d)."""
+    if temperature == 0:
+        wanted = logits.argmax(-1).tolist()
+        n = next((i for i, (d, w) in enumerate(zip(proposals, wanted)) if d != w), len(proposals))
+        return n, wanted[n]
+    p = process_logits(logits, None, temperature, top_k, top_p).softmax(-1)  # (n + 1, V)
+    for i, d in enumerate(proposals):
+        qd = 1.0 if q is None else q[i][d].item()
+        if torch.rand((), generator=generator, device=p.device).item() * qd < p[i, d].item():
+            continue  # kept
+        residual = p[i].clone() if q is None else (p[i] - q[i]).clamp(min=0)
+        if q is None:
+            residual[d] = 0
+        if residual.sum() <= 0:  # (only if p(d) = 1, where d was kept: never divide by 0)
+            residual = p[i]
+        return i, int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
+    return len(proposals), int(torch.multinomial(p[-1], 1, generator=generator))
+
+
 @torch.no_grad()
-def generate_speculative(model, prompt_ids, max_new_tokens=128, k=4, draft=None, eos_ids=None, stats=None, **_):
-    """Greedy decoding of one prompt, token for token what generate(..., temperature=0) yields, in fewer model
-    calls: each step proposes up to k tokens (the draft model's greedy continuation, or prompt lookup when draft is
-    None), runs the last token and the proposals through the model in one forward over the KV cache, keeps the
-    proposals up to the first the model disagrees with plus the model's own next token, and rolls the cache back
+def generate_speculative(
+    model,
+    prompt_ids,
+    max_new_tokens=128,
+    k=4,
+    draft=None,
+    eos_ids=None,
+    stats=None,
+    temperature=0.0,
+    top_k=0,
+    top_p=1.0,
+    generator=None,
+    **_,
+):
+    """Decoding of one prompt in fewer model calls, with the output of generate(): greedy, token for token; sampled,
+    the same distribution (see verdict). Each step proposes up to k tokens (the draft model's continuation, or prompt
+    lookup when draft is None), runs the last token and the proposals through the model in one forward over the KV
+    cache, keeps the proposals up to the first the model rejects plus a token of its own, and rolls the cache back
     past the rest. A LongRoPE model's verify step never crosses the original context part-way (a rejected token
     past it would leave keys rotated with the long factors before the sequence got there). The number of drafts
     follows how many were accepted (one more than the last step kept, up to k); after two steps that kept none it
@@ -984,7 +1022,8 @@ def generate_speculative(model, prompt_ids, max_new_tokens=128, k=4, draft=None,
     stats.update(prompt_tokens=len(ids), new_tokens=0, drafted=0, accepted=0)
     size, misses, rest = k, 0, 0  # drafts to propose next; steps in a row that kept none; steps left without
     t0 = time.perf_counter()
-    last = int(prefill(model, torch.tensor([ids], device=dev), None, cache).argmax(-1))
+    logits = prefill(model, torch.tensor([ids], device=dev), None, cache)
+    last = int(sample(logits, None, temperature, top_k, top_p, 1.0, generator))
     stats["prefill_s"], t0 = time.perf_counter() - t0, time.perf_counter()
     try:
         while True:
@@ -999,17 +1038,20 @@ def generate_speculative(model, prompt_ids, max_new_tokens=128, k=4, draft=None,
                 return
             if model.rotary.scaled and not cache.long and start < model.rotary.original:
                 budget = min(budget, model.rotary.original - start - 1)
+            q = None  # the draft model's distributions, when it samples its proposals
             if draft is None:
                 proposals = lookup_draft(ids, budget)
             else:
                 catch_up(draft, dcache, ids[:-1])
-                proposals, token = [], last
+                proposals, q, token = [], [], last
                 for _ in range(budget):
-                    token = int(draft(torch.tensor([[token]], device=dev), cache=dcache)[0, -1].argmax())
+                    dl = draft(torch.tensor([[token]], device=dev), cache=dcache)[0, -1:]  # (1, V)
+                    if temperature:
+                        q.append(process_logits(dl, None, temperature, top_k, top_p).softmax(-1)[0])
+                    token = int(sample(dl, None, temperature, top_k, top_p, 1.0, generator))
                     proposals.append(token)
             logits = model(torch.tensor([[last] + proposals], device=dev), cache=cache)[0]
-            wanted = logits.argmax(-1).tolist()  # the model's own next token after each of them
-            n = next((i for i, (d, w) in enumerate(zip(proposals, wanted)) if d != w), len(proposals))
+            n, after = verdict(logits, proposals, q, temperature, top_k, top_p, generator)
             stats["drafted"], stats["accepted"] = stats["drafted"] + len(proposals), stats["accepted"] + n
             if proposals:  # follow the acceptance: back off when drafts keep failing
                 size = min(k, n + 1)  # one more than this step kept
@@ -1025,7 +1067,7 @@ def generate_speculative(model, prompt_ids, max_new_tokens=128, k=4, draft=None,
                 yield token
                 ids.append(token)
                 stats["new_tokens"] += 1
-            last = wanted[n]
+            last = after
     finally:
         stats["decode_s"] = time.perf_counter() - t0
 
@@ -1067,7 +1109,7 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
     p.add_argument("--quantize", choices=["int8"], help="weight-only int8 (per channel): faster memory-bound decode")
     p.add_argument("--adapter", help="a PEFT LoRA adapter (Hub id or directory), merged into the weights at load")
-    p.add_argument("--speculate", type=int, default=0, metavar="K", help="greedy speculative decoding, K drafts a step")
+    p.add_argument("--speculate", type=int, default=0, metavar="K", help="speculative decoding, K drafts a step")
     p.add_argument("--draft", help="with --speculate: a smaller checkpoint that drafts (default: prompt lookup)")
 
     def error(message):  # argparse's own errors too: one line on stderr, exit code 1
@@ -1100,8 +1142,8 @@ def check_args(args):
         raise ValueError("--max-new-tokens and --num-samples must be >= 1")
     if args.speculate < 0 or args.draft and not args.speculate:
         raise ValueError("--speculate K needs K >= 1 (and --draft needs --speculate)")
-    if args.speculate and (args.temperature != 0 or args.repetition_penalty != 1.0):
-        raise ValueError("--speculate decodes greedily: it needs --temperature 0 and no --repetition-penalty")
+    if args.speculate and args.repetition_penalty != 1.0:
+        raise ValueError("--speculate does not take a --repetition-penalty")
     if args.attn == "flash":
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if not device.startswith("cuda"):
