@@ -641,6 +641,33 @@ def bench_speculative(args):
         st = runs["speculative"][2]
         plain, spec = runs["plain"][1], runs["speculative"][1]
         print(f"| {name} | {plain:.1f} | {spec:.1f} | {spec / plain:.2f}x | {st['accepted']} of {st['drafted']} |")
+    verify_cost(args.verify_size)
+
+
+def verify_cost(size, ks=(1, 2, 4, 8)):
+    """Time of a (K+1)-token verify step over a 256-token KV cache, relative to a 1-token step (eager, batch 1,
+    random weights of `size`, bf16): accepting a tokens a step gives at most (a + 1) / that ratio the plain speed."""
+    import torch
+
+    import phi
+
+    cfg = model_config(size)
+    torch.manual_seed(0)
+    model = generate.speed_up(phi.Phi.from_config(cfg, dtype=torch.bfloat16).eval())
+    cache = phi.KVCache(cfg, 1, 256 + 16, dtype=torch.bfloat16)
+    generate.prefill(model, torch.randint(cfg.vocab_size, (1, 256)), None, cache)
+
+    def step(T):
+        with torch.no_grad():
+            model(torch.randint(cfg.vocab_size, (1, T)), cache=cache)
+        cache.slot.fill_(256)  # rolled back, as a rejected verify is
+
+    times = {}
+    for T in [1] + [k + 1 for k in ks]:
+        step(T)
+        times[T] = min(timed(lambda: step(T)) for _ in range(5))
+    row = ", ".join(f"K={k}: {times[k + 1] / times[1]:.2f}x" for k in ks)
+    print(f"verify step / 1-token step at {size} bf16 ({times[1] * 1e3:.0f} ms a token): {row}")
 
 
 def bench_int8_agreement(args):
@@ -672,6 +699,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["models", "pairs", "finetune", "speculative", "tokenizers", "int8-agreement"])
     p.add_argument("--k", type=int, default=4, help="speculative: drafts a step")
+    p.add_argument("--verify-size", default="1.4b", help="speculative: the size whose verify-step cost is measured")
     p.add_argument("--shapes", default="phi-2,phi3-mini", help="finetune: train.py presets")
     p.add_argument("--modes", default="full,lora,lora+int8", help="finetune")
     p.add_argument("--rounds", type=int, default=3, help="pairs: turns of each implementation")
