@@ -476,8 +476,10 @@ def load(name_or_dir, dtype="auto", device=None, revision=None, attn="sdpa", qua
     model = speed_up(model)
     if quantize == "int8":
         quantize_int8(model)
+    elif quantize == "int4":
+        quantize_int4(model)
     elif quantize is not None:
-        raise ValueError(f"quantize '{quantize}' is unknown (int8 or none)")
+        raise ValueError(f"quantize '{quantize}' is unknown (int8, int4 or none)")
     tok = load_tokenizer(d)
     model.eos_ids = eos_ids(d, model.config, tok)
     return model, tok
@@ -781,6 +783,46 @@ int8_mm.register_fake(lambda x, weight, scale: x.new_empty(x.shape[0], weight.sh
 def quantize_int8(model: nn.Module):
     """Replace every Linear of the blocks and the lm_head (not a classifier's score) by an Int8Linear, in place."""
     return swap_linears(model, Int8Linear, skip=("score",))
+
+
+class Int4Linear(nn.Module):
+    """A Linear whose weight is stored as 4-bit numbers in groups of `group` input columns, each group with a bf16
+    scale and zero point (gpt-fast's scheme: w ≈ (q - 8) * scale + zero, q in 0..15, asymmetric per group), packed
+    two to a byte for PyTorch's CPU int4 kernel, which multiplies bf16 activations by them without expanding the
+    weight: half a byte per weight (plus 4 bytes a group). CPU only."""
+
+    def __init__(self, linear: nn.Linear, group: int):
+        super().__init__()
+        w = linear.weight.detach().float()
+        out_features, in_features = w.shape
+        g = w.reshape(out_features, in_features // group, group)
+        lo, hi = g.amin(-1), g.amax(-1)
+        scale = (hi - lo).clamp(min=1e-6) / 15
+        q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+        self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.flatten(1), 1))
+        zeros = lo + 8 * scale  # (the kernel computes (q - 8) * scale + zero)
+        sz = torch.stack([scale, zeros], -1).transpose(0, 1).contiguous()  # (in / group, out, 2)
+        self.register_buffer("scales_and_zeros", sz.bfloat16())
+        self.bias, self.group, self.in_features = linear.bias, group, in_features
+
+    def forward(self, x):
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.weight, self.group, self.scales_and_zeros)
+        y = y.view(*x.shape[:-1], -1).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+def quantize_int4(model: nn.Module, group: int = 128):
+    """Replace the blocks' and the lm_head's Linears by Int4Linear (groups of `group` columns, or the largest of 128,
+    64, 32 that divides a Linear's inputs; a Linear none divides stays as it is), in place. CPU only."""
+    if next(model.parameters()).device.type != "cpu":
+        raise ValueError("int4 weights need the CPU (PyTorch's int4 kernel used here is the CPU one)")
+
+    def int4(linear):
+        fits = [g for g in (group, 64, 32) if linear.in_features % g == 0]
+        return Int4Linear(linear, fits[0]) if fits else linear
+
+    return swap_linears(model, int4, skip=("score",))
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -1107,7 +1149,9 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "flash"])
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
-    p.add_argument("--quantize", choices=["int8"], help="weight-only int8 (per channel): faster memory-bound decode")
+    p.add_argument(
+        "--quantize", choices=["int8", "int4"], help="weight-only int8 (per channel) or int4 (groups of 128)"
+    )
     p.add_argument("--adapter", help="a PEFT LoRA adapter (Hub id or directory), merged into the weights at load")
     p.add_argument("--speculate", type=int, default=0, metavar="K", help="speculative decoding, K drafts a step")
     p.add_argument("--draft", help="with --speculate: a smaller checkpoint that drafts (default: prompt lookup)")

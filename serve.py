@@ -302,7 +302,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None)
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
-    p.add_argument("--quantize", choices=["int8"])
+    p.add_argument("--quantize", choices=["int8", "int4"])
     args = p.parse_args(argv)
     try:
         model, tok = generate.load(args.model, args.dtype, args.device, quantize=args.quantize, adapter=args.adapter)
