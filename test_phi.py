@@ -2510,14 +2510,19 @@ def test_speed_up_is_a_module_swap_chosen_by_the_cpu_rule(tmp_path, hub, monkeyp
         assert r.stdout.strip() == want, r.stderr
 
 
+def transformers_init(name, path):
+    """Case `name` with transformers' own random init (not hf_model's larger weights), saved to path."""
+    kind, kw, _ = CASES[name]
+    torch.manual_seed(0)
+    hf_cfg = getattr(transformers, HF_CLASSES[kind] + "Config")(**{**BASE, **kw})
+    return saved(getattr(transformers, HF_CLASSES[kind] + "ForCausalLM")(hf_cfg), path)
+
+
 @pytest.mark.parametrize("name", ["phi-2", "phi3-4k", "phi4-mini"])
 def test_int8_logits_close_to_fp32(name, tmp_path):
     """Weight-only int8 (per-channel symmetric) on transformers' own random init: logits within 2% of fp32
     (||int8 - fp32|| / ||fp32||), with fp32 and with bf16 activations."""
-    kind, kw, _ = CASES[name]
-    torch.manual_seed(0)
-    hf_cfg = getattr(transformers, HF_CLASSES[kind] + "Config")(**{**BASE, **kw})
-    path = saved(getattr(transformers, HF_CLASSES[kind] + "ForCausalLM")(hf_cfg), tmp_path)
+    path = transformers_init(name, tmp_path)
     ids = ids_for(48)
     with torch.no_grad():
         want = phi.Phi.from_pretrained(path)(ids)
@@ -3341,10 +3346,7 @@ def test_int4_logits_close_to_fp32(name, tmp_path):
     """Weight-only int4 (groups of 128, 64 or 32 columns; asymmetric) on transformers' own random init: logits within
     15% of fp32 (||int4 - fp32|| / ||fp32||; measured 6-13% on these tiny models, where a group is a Linear's whole
     row; int8 is within 2%)."""
-    kind, kw, _ = CASES[name]
-    torch.manual_seed(0)
-    hf_cfg = getattr(transformers, HF_CLASSES[kind] + "Config")(**{**BASE, **kw})
-    path = saved(getattr(transformers, HF_CLASSES[kind] + "ForCausalLM")(hf_cfg), tmp_path)
+    path = transformers_init(name, tmp_path)
     ids = ids_for(48)
     with torch.no_grad():
         want = phi.Phi.from_pretrained(path)(ids)
