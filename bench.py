@@ -11,8 +11,8 @@ Benchmarks (never tests: speed is measured here, correctness in test_phi.py). Ne
     python bench.py pairs [--sizes ...] [--dtypes ...] [--rounds 3] [--json out.json]
         ours (eager and compiled decode) and transformers (eager and SDPA) taking turns in one process on the CPU:
         the same measures, each a median over the turns, so that the host's drift hits every side alike
-    python bench.py int8-agreement [--model out/model]
-        share of prompts whose greedy continuation is the same with int8 weights as with fp32 (a trained model)
+    python bench.py int8-agreement [--model out/model] [--bits 4]
+        share of prompts whose greedy continuation is the same with int8 (int4) weights as with fp32 (a trained model)
     python bench.py finetune [--shapes phi-2,phi3-mini] [--modes full,lora,lora+int8] [--device cuda] [--json out.json]
         one training step (bf16 autocast, micro-batch 4 x 512 tokens, activation checkpointing, fused AdamW) of
         full fine-tuning, LoRA (r 8 on qkv, out, fc1, fc2; bf16 base) and LoRA on an int8 base, random weights of
@@ -671,12 +671,12 @@ def verify_cost(size, ks=(1, 2, 4, 8)):
 
 
 def bench_int8_agreement(args):
-    """Share of prompts whose greedy continuation with int8 weights equals the fp32 one, on a trained model
-    (default out/model, what `python train.py` writes): prompts are line starts of the stdlib sources."""
+    """Share of prompts whose greedy continuation with int8 (or --bits 4: int4) weights equals the fp32 one, on a
+    trained model (default out/model, what `python train.py` writes): prompts are line starts of the stdlib sources."""
     import torch
 
     model, tok = generate.load(args.model, dtype="float32")
-    q = generate.quantize_int8(generate.load(args.model, dtype="float32")[0])
+    q = generate.load(args.model, dtype="float32", quantize=f"int{args.bits}")[0]
     lines = [line for line in mixed_text(200_000).splitlines() if len(line.strip()) > 12][::37][: args.prompts]
     same = 0
     with torch.no_grad():
@@ -686,7 +686,7 @@ def bench_int8_agreement(args):
             b = list(generate.generate(q, prompt, args.new_tokens, temperature=0, eos_ids=set()))
             same += a == b
     print(
-        f"int8 vs fp32 greedy continuations ({args.new_tokens} tokens) identical on {same} of {len(lines)} prompts "
+        f"int{args.bits} vs fp32 greedy continuations ({args.new_tokens} tokens) identical on {same} of {len(lines)} prompts "
         f"({same / len(lines):.0%}), model {args.model}"
     )
 
@@ -699,6 +699,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["models", "pairs", "finetune", "speculative", "tokenizers", "int8-agreement"])
     p.add_argument("--k", type=int, default=4, help="speculative: drafts a step")
+    p.add_argument("--bits", type=int, default=8, choices=[8, 4], help="int8-agreement: int8 or int4 weights")
     p.add_argument("--verify-size", default="1.4b", help="speculative: the size whose verify-step cost is measured")
     p.add_argument("--shapes", default="phi-2,phi3-mini", help="finetune: train.py presets")
     p.add_argument("--modes", default="full,lora,lora+int8", help="finetune")
