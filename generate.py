@@ -1056,6 +1056,8 @@ def generate_speculative(
     if len(ids) > context:
         raise ValueError(f"the prompt is {len(ids)} tokens, longer than the model's context of {context}")
     max_new_tokens = min(max_new_tokens, context - len(ids))
+    if max_new_tokens < 1:
+        return
     cache = phi.KVCache(model.config, 1, len(ids) + max_new_tokens, dtype=model.embed.weight.dtype, device=dev)
     dcache = draft and phi.KVCache(
         draft.config, 1, len(ids) + max_new_tokens, dtype=draft.embed.weight.dtype, device=dev
