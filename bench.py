@@ -483,6 +483,13 @@ def load_peak(ckpt):
 FINETUNE_VOCAB = {"phi-2": 51200, "phi3-mini": 32064}  # train.PRESETS shapes with their real vocabularies
 
 
+def finetune_config(shape):
+    import phi
+    import train
+
+    return phi.PhiConfig(**train.PRESETS[shape], vocab_size=FINETUNE_VOCAB.get(shape, 51200))
+
+
 def finetune_row(shape, mode, device):
     """One row of bench.py finetune, in this process (bench_finetune starts one per row): prints a JSON object."""
     import torch
@@ -491,7 +498,7 @@ def finetune_row(shape, mode, device):
     import phi
     import train
 
-    cfg = phi.PhiConfig(**train.PRESETS[shape], vocab_size=FINETUNE_VOCAB.get(shape, 51200))
+    cfg = finetune_config(shape)
     lora = mode.startswith("lora")
     cuda = device == "cuda"
     if not cuda and lora:  # as train.py
@@ -557,6 +564,8 @@ def bench_finetune(args):
 
     import torch
 
+    import phi
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     where = torch.cuda.get_device_name() if device == "cuda" else cpu_model()
     available = (
@@ -568,16 +577,8 @@ def bench_finetune(args):
     print(f"finetune, {where}: bf16 autocast, micro-batch 4 x 512 tokens, activation checkpointing", file=sys.stderr)
     for shape in args.shapes.split(","):
         for mode in args.modes.split(","):
-            import phi
-            import train
-
             with torch.device("meta"):
-                n = sum(
-                    p.numel()
-                    for p in phi.Phi(
-                        phi.PhiConfig(**train.PRESETS[shape], vocab_size=FINETUNE_VOCAB.get(shape, 51200))
-                    ).parameters()
-                )
+                n = sum(p.numel() for p in phi.Phi(finetune_config(shape)).parameters())
             if mode == "full" and 16 * n > 0.8 * available:
                 row = dict(
                     shape=shape,

@@ -558,13 +558,14 @@ def merge_adapter(model: nn.Module, name_or_dir, revision=None):
                     f"another architecture?); its Linears: {sorted({m.rsplit('.', 1)[-1] for m in modules})}"
                 )
     pairs, params, saves, deltas = {}, dict(model.named_parameters()), [], []
+    single = {hf[0]: ours for ours, hf in model.hf_names(kind).items() if len(hf) == 1}  # modules to save
     for key, value in tensors.items():
         name = key.removeprefix(PEFT_PREFIX)
         m = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[\w-]+)?\.weight", name)
         if m:
             pairs.setdefault(m[1], {})[m[2]] = value
             continue
-        ours = next((o for o, hf in model.hf_names(kind).items() if hf == (name,)), None)  # a module to save
+        ours = single.get(name)
         if ours is None or ours not in params:
             raise ValueError(f"{d}: {key} has no counterpart in this {kind} model")
         if params[ours].shape != value.shape:

@@ -394,15 +394,22 @@ def latest_checkpoint(d: Path):
     return found[-1].parent
 
 
+def glibc():
+    """The C library, for mallopt; None where it is not glibc."""
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def keep_freed_memory():
     """On the CPU, keep freed memory in the process. glibc gives every freed block over 32 MB back to the OS, so
     each step's largest tensors (logits and their gradient, tokens x vocab floats; the embedding and lm_head
     gradients) arrive as fresh pages that the kernel faults in and zeroes 4 kB at a time: about a quarter of a
     160M-model step on 2 cores. No mmap-ed blocks and no trimming make malloc reuse them (what jemalloc or tcmalloc,
     which PyTorch's CPU tuning guide suggests, also do). glibc only; elsewhere nothing changes."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    libc = glibc()
+    if libc is None:
         return
     libc.mallopt(-4, 0)  # M_MMAP_MAX: serve big blocks from the heap, not from mmap
     libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: keep the heap's free top instead of returning it
@@ -414,11 +421,9 @@ def return_freed_memory():
     which blocks of that size come from the heap, where freed ones stay: fragmentation that grew a phi-2 LoRA step
     (activation checkpointing) by ~100 MB a layer, 3 GB in all. A fixed threshold turns that adjustment off. glibc
     only; elsewhere nothing changes."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(-3, 2**20)  # M_MMAP_THRESHOLD
+    libc = glibc()
+    if libc is not None:
+        libc.mallopt(-3, 2**20)  # M_MMAP_THRESHOLD
 
 
 def lr_at(step, args):
