@@ -111,8 +111,25 @@ SIZES = {  # phi-style (parallel block, partial rotary); 1.4b is phi-1.5's shape
     "1.4b": dict(
         vocab_size=51200, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32
     ),
+    # phimoe (Phi-3.5-MoE's block: GQA 4:1, biased q/k/v/o and lm_head, LayerNorm, top-2 of E SwiGLU experts)
+    "moe-tiny": dict(
+        vocab_size=1024,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_local_experts=8,
+    ),
+    "moe-1b": dict(  # 0.98B stored, 0.19B active per token (16 experts of 3 x 1024 x 1024 in each of 18 layers)
+        vocab_size=32064,
+        hidden_size=1024,
+        intermediate_size=1024,
+        num_hidden_layers=18,
+        num_attention_heads=16,
+        num_local_experts=16,
+    ),
 }
-NEW_TOKENS = {"tiny": 200, "160m": 64, "1.4b": 16}
+NEW_TOKENS = {"tiny": 200, "160m": 64, "1.4b": 16, "moe-tiny": 200, "moe-1b": 32}
 
 
 IMPLS = ("ours", "ours+compile", "ours+int8", "ours+int8+compile", "hf-eager", "hf-sdpa")
@@ -143,9 +160,11 @@ class Bandwidth:
 
 
 def decode_bytes(model):
-    """Bytes read per decoded token: every weight but the embedding table (one row of it)."""
+    """Bytes read per decoded token: every weight but the embedding table (one row of it); of a mixture of experts'
+    experts, the two a token is routed to."""
+    n_experts = getattr(getattr(model, "config", None), "num_local_experts", 0)
     return sum(
-        t.numel() * t.element_size()
+        t.numel() * t.element_size() * (2 / n_experts if ".experts." in n else 1)
         for n, t in list(model.named_parameters()) + list(model.named_buffers())
         if not n.startswith(("embed.", "model.embed_tokens."))
     )
@@ -155,6 +174,17 @@ def model_config(size):
     import phi
 
     s = SIZES[size]
+    if size.startswith("moe"):
+        return phi.PhiConfig(
+            model_type="phimoe",
+            num_key_value_heads=s["num_attention_heads"] // 4,
+            head_dim=s["hidden_size"] // s["num_attention_heads"],
+            hidden_act="silu",
+            max_position_embeddings=2048,
+            attention_bias=True,
+            lm_head_bias=True,
+            **s,
+        )
     return phi.PhiConfig(
         model_type="phi",
         num_key_value_heads=s["num_attention_heads"],
@@ -333,7 +363,12 @@ def load_impl(impl, ckpt, dtype, device):
     if impl.startswith("ours"):
         model = generate.speed_up(phi.Phi.from_pretrained(ckpt, dtype=dtype, device=device))  # CPU kernels
         return generate.quantize_int8(model) if "int8" in impl else model
-    model = transformers.PhiForCausalLM.from_pretrained(ckpt, dtype=dtype, attn_implementation=impl[3:])
+    cls = (
+        transformers.PhimoeForCausalLM
+        if "phimoe" in (ckpt / "config.json").read_text()
+        else transformers.PhiForCausalLM
+    )
+    model = cls.from_pretrained(ckpt, dtype=dtype, attn_implementation=impl[3:])
     return model.to(device).eval()
 
 
@@ -362,7 +397,7 @@ def measure_row(size, dtype_name, impl, ckpt, device):
         )
         out["bandwidth_gbs"] = [before, after]
     out["train"] = None
-    if size != "1.4b" and impl in ("ours", "hf-eager", "hf-sdpa"):
+    if size not in ("1.4b", "moe-1b") and impl in ("ours", "hf-eager", "hf-sdpa"):
         out["train"] = train_step(model.float().train(), dtype, cfg, hf=impl.startswith("hf"), device=device)
     out["peak_mb"] = rss_mb("VmHWM") - base if device == "cpu" else torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(out))
@@ -441,6 +476,8 @@ def train_step(model, dtype, cfg, hf, device="cpu"):
 
     if not hf and device == "cpu":
         train.keep_freed_memory()
+    if not hf:
+        train.train_routers(model)  # a mixture of experts routes as train.py trains it
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randint(cfg.vocab_size, (4, 257), device=device)
     amp = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)

@@ -505,7 +505,9 @@ def lora_modules(model: nn.Module) -> dict:
         module = plain.get_submodule(ours.rpartition(".")[0])
         if not isinstance(module, nn.Linear) or not ours.endswith(".weight"):
             continue
-        sizes = [module.out_features] if len(hf) == 1 else plain.get_submodule(ours.rsplit(".", 2)[0]).sizes
+        # phi's q, k, v are rows of qkv (of GQA's sizes); phimoe's w1 and w3 the two halves of an expert's fc1
+        attn = plain.get_submodule(ours.rsplit(".", 2)[0])
+        sizes = attn.sizes if len(hf) == 3 else [module.out_features // len(hf)] * len(hf)
         for name, first, rows in zip(hf, [sum(sizes[:i]) for i in range(len(sizes))], sizes):
             out[name.removesuffix(".weight")] = (ours.removesuffix(".weight"), first, rows)
     return out
@@ -781,9 +783,14 @@ def int8_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch
 int8_mm.register_fake(lambda x, weight, scale: x.new_empty(x.shape[0], weight.shape[0]))
 
 
+NOT_QUANTIZED = ("score", "router")  # a classifier's score; a MoE router (a small matrix whose rounding would move
+# near-ties between experts: llama.cpp keeps it unquantized too)
+
+
 def quantize_int8(model: nn.Module):
-    """Replace every Linear of the blocks and the lm_head (not a classifier's score) by an Int8Linear, in place."""
-    return swap_linears(model, Int8Linear, skip=("score",))
+    """Replace every Linear of the blocks (experts included, not a MoE router) and the lm_head (not a classifier's
+    score) by an Int8Linear, in place."""
+    return swap_linears(model, Int8Linear, skip=NOT_QUANTIZED)
 
 
 class Int4Linear(nn.Module):
@@ -823,7 +830,7 @@ def quantize_int4(model: nn.Module, group: int = 128):
         fits = [g for g in (group, 64, 32) if linear.in_features % g == 0]
         return Int4Linear(linear, fits[0]) if fits else linear
 
-    return swap_linears(model, int4, skip=("score",))
+    return swap_linears(model, int4, skip=NOT_QUANTIZED)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -868,9 +875,36 @@ def prefill(model, ids, mask, cache):
     return model.lm_head(phi.PhiModel.forward(model, ids, mask, None, cache)[:, -1])
 
 
+def can_decode_step(model, cache) -> bool:
+    """Can a one-token decode on this cache take decode_step? Not with flash-attn, nor while a LongRoPE model can
+    still cross its original context (a cache no longer than that never does)."""
+    long_ok = not model.rotary.scaled or cache.long or cache.ids.shape[1] <= model.rotary.original
+    return model.flash_attn is None and long_ok
+
+
+def decode_step(model, input_ids, cache):
+    """One new token per row, (B, 1) -> hidden states (B, 1, C), with shapes that do not depend on how full the
+    cache is: it attends over all max_len slots under a mask, and reads the fill level (cache.slot) only on the
+    device. This is the step that torch.compile compiles once (gpt-fast's decode_one_token)."""
+    at = cache.slot.view(1).clone()  # (1,) the next slot (a copy: the view would move with slot += 1)
+    pos = torch.where(at > 0, cache.pos.index_select(1, (at - 1).clamp(min=0)) + 1, 0)  # (B, 1)
+    cache.ids.index_copy_(1, at, input_ids)
+    cache.pos.index_copy_(1, at, pos)
+    cache.valid.index_fill_(1, at, True)
+    cache.slot += 1
+    allowed = cache.valid & (cache.slots <= at)  # (B, S)
+    if model.config.sliding_window is not None:
+        allowed = allowed & (cache.slots > at - model.config.sliding_window)
+    cos, sin = model.rotary(pos, model.embed.weight.dtype, cache.long)
+    mask = allowed[:, None, None, :]  # (B, 1, 1, S)
+    return model.blocks(model.embed(input_ids), phi.AttentionInputs(cos, sin, mask, cache, at))
+
+
 @torch.no_grad()  # also under torch.compile: a compiled step run with grad enabled loses its cache writes
 def decode_one_token(model, token, cache):
-    """One new token per row (B,) -> logits (B, V)."""
+    """One new token per row (B,) -> logits (B, V): decode_step where it can run, else the model's forward."""
+    if can_decode_step(model, cache):
+        return model.lm_head(decode_step(model, token[:, None], cache)[:, -1])
     return model(token[:, None], cache=cache)[:, -1]
 
 
@@ -942,9 +976,11 @@ def generate_batch(
                 break
             if repetition_penalty != 1.0:
                 seen = torch.cat((seen, token.clamp(min=0)[:, None]), 1)
-            # the compiled step traces phi's fixed-shape decode_step only: flash-attn, and a LongRoPE model that can
-            # still cross its original context in this cache, take the plain step (phi.PhiModel.can_decode_step)
-            step_fn = decode_one_token if model.can_decode_step(cache) else eager_decode_one_token
+            # the compiled step traces the fixed-shape decode_step only: flash-attn, and a LongRoPE model that can
+            # still cross its original context in this cache, take the plain step (can_decode_step); so does a
+            # mixture of experts, whose routing picks the experts to run on the host
+            compiled_ok = can_decode_step(model, cache) and not model.config.moe
+            step_fn = decode_one_token if compiled_ok else eager_decode_one_token
             logits = step_fn(model, token.clamp(min=0), cache)
             if step == 0:  # with --compile this first step also compiles
                 stats["first_step_s"] = time.perf_counter() - t0
@@ -1217,7 +1253,9 @@ def run(args):
         f"{model.embed.weight.dtype}, {model.embed.weight.device}",
         file=sys.stderr,
     )
-    if args.compile:  # static shapes: compiled once for the whole generation
+    if args.compile and model.config.moe:  # generate_batch would take the plain step at every token
+        print("note: --compile is not used: a mixture of experts picks its experts on the host", file=sys.stderr)
+    elif args.compile:  # static shapes: compiled once for the whole generation
         decode_one_token = compile_decode(model.embed.weight.device)
     generator = None
     if args.seed is not None:

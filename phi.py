@@ -1,8 +1,8 @@
 """
 The whole Microsoft Phi family in one file: phi-1, phi-1.5, phi-2, Phi-3/3.5 mini and medium (4k and 128k LongRoPE),
-Phi-4 and Phi-4-mini. Numerically identical to Hugging Face transformers, small enough to read in one sitting.
+Phi-3.5-MoE, Phi-4 and Phi-4-mini. Numerically identical to Hugging Face transformers, small enough to read at once.
 
-There are only two architectures, and one code path with a few named switches covers both:
+There are only two block shapes, and one code path with a few named switches covers them:
 
     phi  (phi-1/1.5/2)                         phi3 (Phi-3, Phi-3.5, Phi-4, Phi-4-mini)
     parallel block: x + attn(ln(x)) + mlp(ln(x)) sequential block: x += attn(norm1(x)); x += mlp(norm2(x))
@@ -11,20 +11,17 @@ There are only two architectures, and one code path with a few named switches co
     q, k, v stored apart (we fuse them)         q, k, v fused (qkv_proj), GQA on Phi-3-medium/Phi-4/Phi-4-mini
     partial rotary (first 32 dims of a head)    full rotary; Phi-4-mini partial (0.75); LongRoPE on 128k models
     lm_head with bias                           lm_head without bias, tied to the embedding on Phi-4-mini
+phimoe (Phi-3.5-MoE) is phi3 with LayerNorm, q/k/v apart and with biases, a bias in lm_head, and for its MLP a sparse
+mixture of SwiGLU experts: a router sends each token to 2 of them (sparsemixer, not Mixtral's softmax + top-k).
 
-Reading order: config -> rotary -> KV cache -> attention, MLP, the Block -> the trunk (PhiModel.forward) ->
-Hugging Face names, loading and saving -> the three heads (causal LM, sequence and token classification).
-
-References:
-1) transformers models/phi/modeling_phi.py and models/phi3/modeling_phi3.py (5.x), and 4.42's Phi-3 rotary classes
-2) Microsoft's original remote code (modeling_mixformer_sequential.py, modeling_phi.py "phi-msft"), for legacy names
-3) nanoGPT (style), gpt-fast (KV cache, loading on the meta device)
-
-This file is the model only: plain nn.Linear everywhere. It reads local checkpoint directories; the Hub, tokenizers,
-sampling and the speed layer (quantization, CPU kernels swapped in for nn.Linear) live in generate.py.
+The model only, on plain nn.Linear; it reads local checkpoint directories. The Hub, tokenizers, sampling and the speed
+layer (quantization, CPU kernels, the compiled decode step) live in generate.py. References: 1) transformers'
+models/phi, phi3, phimoe (5.x) and 4.42's Phi-3 rotary classes 2) Microsoft's remote code (modeling_mixformer_sequential,
+"phi-msft" modeling_phi, modeling_phimoe), for legacy names 3) nanoGPT (style), gpt-fast (KV cache, meta-device loading)
 """
 
 import dataclasses
+import itertools
 import json
 import math
 import re
@@ -39,9 +36,10 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from safetensors import safe_open
 
-SUPPORTED = "phi, phi-msft, mixformer-sequential (phi-1, phi-1.5, phi-2) and phi3 (Phi-3, Phi-3.5, Phi-4, Phi-4-mini)"
-NOT_YET = {"phi3small": "Phi-3-small", "phimoe": "Phi-3.5-MoE", "phi3v": "Phi-3-vision", "phi4mm": "Phi-4-multimodal"}
+SUPPORTED = "phi, phi-msft, mixformer-sequential (phi-1/1.5/2), phi3 (Phi-3/3.5, Phi-4/4-mini), phimoe (Phi-3.5-MoE)"
+NOT_YET = {"phi3small": "Phi-3-small", "phi3v": "Phi-3-vision", "phi4mm": "Phi-4-multimodal"}
 LEGACY = ("phi-msft", "mixformer-sequential")  # Microsoft's remote-code configs (phi-1/1.5/2 before January 2024)
+MOE_KEYS = "num_local_experts num_experts_per_tok router_jitter_noise input_jitter_noise attention_bias lm_head_bias"
 
 # -----------------------------------------------------------------------------------------------------------------
 # Config
@@ -49,7 +47,7 @@ LEGACY = ("phi-msft", "mixformer-sequential")  # Microsoft's remote-code configs
 
 @dataclass
 class PhiConfig:
-    model_type: str = "phi"  # "phi" (parallel block) or "phi3" (sequential); legacy types parse to "phi"
+    model_type: str = "phi"  # "phi" (parallel block), "phi3" or "phimoe" (sequential); legacy types parse to "phi"
     vocab_size: int = 51200  # phi: 50295 tokens padded to 51200; Phi-3: 32064; Phi-4: 100352
     hidden_size: int = 2048
     intermediate_size: int = 8192
@@ -78,18 +76,26 @@ class PhiConfig:
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
     torch_dtype: str | None = None  # dtype the checkpoint was stored in
+    num_local_experts: int = 0  # phimoe: SwiGLU experts per layer, of which a router picks 2 per token
+    num_experts_per_tok: int = 2
+    router_jitter_noise: float = 0.01  # phimoe: sparsemixer's threshold (see sparsemixer)
+    input_jitter_noise: float = 0.0  # phimoe, training: the MoE input is multiplied by U(1 - this, 1 + this)
+    attention_bias: bool = False  # phimoe: biases in q/k/v/o (phi always has them, phi3 never)
+    lm_head_bias: bool = False  # phimoe: a bias in lm_head (as phi)
 
-    # The switches between the two architectures. They always change together in the real models.
+    # The switches between the architectures. They always change together in the real models.
     parallel_block = property(lambda self: self.model_type == "phi")  # attention and MLP read one LayerNorm output
-    bias = property(lambda self: self.model_type == "phi")  # biases in every Linear (and lm_head)
-    glu = property(lambda self: self.model_type == "phi3")  # SwiGLU MLP with fused gate/up projection
+    glu = property(lambda self: self.model_type != "phi")  # SwiGLU MLPs (fused gate/up), no biases; else gelu + bias
+    moe = property(lambda self: self.model_type == "phimoe")  # a sparse mixture of SwiGLU experts as the MLP
+    attn_bias = property(lambda self: self.model_type == "phi" or (self.moe and self.attention_bias))
+    head_bias = property(lambda self: self.model_type == "phi" or (self.moe and self.lm_head_bias))
     rotary_dim = property(lambda self: int(self.head_dim * self.partial_rotary_factor))
 
     @classmethod
     def from_hf(cls, d: dict, source: str = "config.json") -> "PhiConfig":
-        """Parse a Hugging Face config.json dict: phi, phi3, and the legacy phi-msft / mixformer-sequential."""
+        """Parse a Hugging Face config.json dict: phi, phi3, phimoe, and the legacy phi-msft / mixformer-sequential."""
         mt = d.get("model_type")
-        if mt not in ("phi", "phi3", *LEGACY):
+        if mt not in ("phi", "phi3", "phimoe", *LEGACY):
             raise ValueError(f"{source}: {_unsupported(mt)}; supported: {SUPPORTED}")
         if mt in LEGACY:
             d, mt = _from_legacy(d, source), "phi"
@@ -97,13 +103,14 @@ class PhiConfig:
             raise ValueError(f"{source}: qk_layernorm is a phi option, not {mt}")
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             _need(d, key, source)
-        C, H, phi = d["hidden_size"], d["num_attention_heads"], mt == "phi"
+        C, H, phi, moe = d["hidden_size"], d["num_attention_heads"], mt == "phi", mt == "phimoe"
         rp = d.get("rope_parameters") or {}  # transformers 5.x writes rope_theta etc. here
         kw = {
-            # transformers' defaults (PhiConfig / Phi3Config) where the two differ from ours
-            "max_position_embeddings": 2048 if phi else 4096,
+            # transformers' defaults (PhiConfig / Phi3Config / PhimoeConfig) where they differ from ours
+            "max_position_embeddings": 2048 if phi else 131072 if moe else 4096,
             "hidden_act": "gelu_new" if phi else "silu",
-            "rope_theta": float(rp.get("rope_theta", 10000.0)),
+            "rope_theta": float(rp.get("rope_theta", 1e6 if moe else 10000.0)),
+            "num_local_experts": 16 if moe else 0,
             "partial_rotary_factor": rp.get("partial_rotary_factor", 0.5 if phi else 1.0),
             # every key named as one of our fields, as it is
             **{f.name: d[f.name] for f in dataclasses.fields(cls) if d.get(f.name) is not None},
@@ -115,19 +122,19 @@ class PhiConfig:
             "rope_scaling": None,  # parsed below
         }
         cfg = cls(**kw)
-        if C % H or H % cfg.num_key_value_heads:
+        if moe and cfg.num_experts_per_tok != 2:  # transformers' sparsemixer picks two, whatever the config says
+            raise ValueError(f"{source}: num_experts_per_tok {cfg.num_experts_per_tok}: phimoe routes to 2 experts")
+        if C % H or H % (KV := cfg.num_key_value_heads):
             raise ValueError(
-                f"{source}: hidden_size {C} / num_attention_heads {H} / num_key_value_heads "
-                f"{cfg.num_key_value_heads} do not divide evenly"
+                f"{source}: hidden_size {C} / num_attention_heads {H} / num_key_value_heads {KV} do not divide evenly"
             )
         _parse_rope_scaling(cfg, d, source)
         return cfg
 
     def to_hf(self) -> dict:
         """A config.json dict (current layout) that transformers' AutoConfig and our from_hf both read."""
-        d = {
-            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("norm_eps", "num_labels")
-        }
+        skip = ["norm_eps", "num_labels"] + ([] if self.moe else MOE_KEYS.split())
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}  # (copies: the caller may change it)
         d["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
         if self.head_dim == self.hidden_size // self.num_attention_heads:
             del d["head_dim"]
@@ -138,9 +145,10 @@ class PhiConfig:
                 del d[key]
             return dict(d, layer_norm_eps=self.norm_eps)
         del d["qk_layernorm"]
-        if self.rope_scaling and self.rope_scaling["type"] == "su":  # the same formula; transformers 5 reads only
-            d["rope_scaling"] = dict(self.rope_scaling, type="longrope")  # "longrope" (KeyError on "su")
         original = self.original_max_position_embeddings or self.max_position_embeddings
+        if self.rope_scaling:  # transformers 5 knows "su" as "longrope" (the same formula); phimoe reads original here
+            rs = d["rope_scaling"] = dict(self.rope_scaling, type=self.rope_scaling["type"].replace("su", "longrope"))
+            rs.update({"original_max_position_embeddings": original} if self.moe else {})
         return dict(d, rms_norm_eps=self.norm_eps, original_max_position_embeddings=original)
 
 
@@ -183,15 +191,13 @@ def _parse_rope_scaling(cfg: PhiConfig, d: dict, source: str):
     rp = d.get("rope_parameters") or {}
     rs = d.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
     kind, mt = rs and (rs.get("type") or rs.get("rope_type")), cfg.model_type
-    if mt == "phi3":
+    if mt != "phi":
         original = d.get("original_max_position_embeddings", (rs or {}).get("original_max_position_embeddings"))
         cfg.original_max_position_embeddings = original
     if not kind or kind == "default":
         return
-    if mt != "phi3" or kind not in ("su", "longrope", "yarn"):
-        raise ValueError(
-            f"{source}: rope_scaling type '{kind}' is not supported for {mt} (supported: su, longrope, yarn on phi3)"
-        )
+    if mt == "phi" or kind not in ("su", "longrope", "yarn"):
+        raise ValueError(f"{source}: rope_scaling type '{kind}' is not supported for {mt} (su, longrope, yarn are)")
     for key in ("short_factor", "long_factor"):
         got = rs.get(key)
         if not isinstance(got, list) or len(got) != cfg.rotary_dim // 2:
@@ -200,11 +206,9 @@ def _parse_rope_scaling(cfg: PhiConfig, d: dict, source: str):
                 f"(rotary dim {cfg.rotary_dim} / 2), got {got if got is None else len(got)}"
             )
     if cfg.original_max_position_embeddings is None:
-        raise ValueError(
-            f"{source}: required key 'original_max_position_embeddings' is missing (needed by rope_scaling '{kind}')"
-        )
+        raise ValueError(f"{source}: required key 'original_max_position_embeddings' is missing (for rope_scaling)")
     cfg.rope_scaling = {"type": kind, "short_factor": rs["short_factor"], "long_factor": rs["long_factor"]}
-    for key in ("factor", "attention_factor"):  # optional overrides that transformers 5.x reads
+    for key in ("factor", "attention_factor", "short_mscale", "long_mscale"):  # optional overrides (mscale: phimoe)
         if rs.get(key) is not None:
             cfg.rope_scaling[key] = rs[key]
 
@@ -214,20 +218,20 @@ def _parse_rope_scaling(cfg: PhiConfig, d: dict, source: str):
 
 
 class Rotary:
-    """cos/sin tables for rotary embeddings: plain, partial, and Phi-3's LongRoPE ("su"/"longrope") and YaRN.
-
-    A plain object, not an nn.Module: its tensors stay fp32 when the model is cast to bf16/fp16 (transformers also
-    computes the angles in fp32: bf16 positions and frequencies lose precision at long context).
+    """cos/sin tables for rotary embeddings: plain, partial, and Phi-3's LongRoPE ("su"/"longrope") and YaRN. A plain
+    object, not an nn.Module: its tensors stay fp32 in a bf16 model (bf16 angles lose precision at long context).
     LongRoPE divides each frequency by a per-dimension factor: `short_factor` while the sequence fits the original
     context, `long_factor` once max(position_ids) + 1 > original_max_position_embeddings (transformers' rule), and
     multiplies cos and sin by a constant that depends only on the config:
         su / longrope: sqrt(1 + ln(s) / ln(original))    yarn: 0.1 ln(s) + 1      with s = max_positions / original
+    Phi-3.5-MoE's config gives the two constants itself (short_mscale, long_mscale). transformers 5.23's phimoe never
+    switches to long_factor (its rotary forward drops the sequence length); we follow the checkpoint's own code.
     """
 
     def __init__(self, cfg: PhiConfig):
         d, rs, theta = cfg.rotary_dim, cfg.rope_scaling, cfg.rope_theta
         base = theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d)  # (d/2,), never on meta
-        self.original, self.scale, self.scaled = cfg.original_max_position_embeddings, 1.0, rs is not None
+        self.original, self.scaled, self.scale = cfg.original_max_position_embeddings, rs is not None, 1.0
         self.inv_freq = self.inv_freq_long = 1.0 / base
         if rs is None:
             return
@@ -241,20 +245,18 @@ class Rotary:
         # the factor divides the frequency, i.e. stretches the wavelength of each dimension
         self.inv_freq = 1.0 / (torch.tensor(rs["short_factor"], dtype=torch.float32, device="cpu") * base)
         self.inv_freq_long = 1.0 / (torch.tensor(rs["long_factor"], dtype=torch.float32, device="cpu") * base)
-
-    def use_long(self, position_ids) -> bool:
-        return self.scaled and int(position_ids.max()) + 1 > self.original
+        self.scale, self.scale_long = rs.get("short_mscale", self.scale), rs.get("long_mscale", self.scale)
 
     def __call__(self, position_ids, dtype, long=False):
         """position_ids (B, T) -> cos, sin (B, 1, T, rotary_dim) in `dtype`, computed in fp32."""
         dev = position_ids.device
         if self.inv_freq.device != dev:  # built on the CPU: follow the model's device once
             self.inv_freq, self.inv_freq_long = self.inv_freq.to(dev), self.inv_freq_long.to(dev)
-        inv_freq = self.inv_freq_long if long else self.inv_freq
+        inv_freq, scale = (self.inv_freq_long, self.scale_long) if long else (self.inv_freq, self.scale)
         with torch.autocast(position_ids.device.type, enabled=False):
             freqs = position_ids[..., None].float() * inv_freq  # (B, T, d/2)
             emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, d): half-split layout, not interleaved
-            cos, sin = emb.cos() * self.scale, emb.sin() * self.scale
+            cos, sin = emb.cos() * scale, emb.sin() * scale
         return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
 
 
@@ -273,13 +275,11 @@ def apply_rotary(x, cos, sin):
 
 
 class KVCache:
-    """Preallocated keys and values of every layer (gpt-fast style), filled left to right.
-
-    k, v: one (B, n_kv_head, max_len, head_dim) tensor per layer (a compiled step writes these in place; it would
-    copy a slice of one big tensor). For each slot it also keeps whether it is a real token (left padding is not),
-    its position id and its token id: a LongRoPE model that crosses its original context re-runs everything cached
-    with the long factors, as transformers' generate does (see PhiModel.rerun_long). How many slots are filled lives
-    in a device tensor, `slot`: a decode step never reads it on the host, so torch.compile compiles it once."""
+    """Preallocated keys and values of every layer (gpt-fast style), filled left to right: k, v are one
+    (B, n_kv_head, max_len, head_dim) tensor per layer. For each slot it also keeps whether it is a real
+    token (left padding is not), its position id and its token id: a LongRoPE model that crosses its original context
+    re-runs everything cached with the long factors (PhiModel.rerun_long). The fill level lives in a device tensor,
+    `slot`, so that generate.py's fixed-shape decode step never reads it on the host (torch.compile traces it once)."""
 
     def __init__(self, cfg: PhiConfig, batch_size: int, max_len: int, dtype=torch.float32, device="cpu"):
         shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -304,16 +304,6 @@ class KVCache:
         s = slice(start, start + T)
         self.ids[:, s], self.valid[:, s], self.pos[:, s] = ids, valid, pos
         self.slot.fill_(start + T)
-
-    def append_one(self, ids):
-        """Decode: the next slot for one token per row, ids (B, 1). Returns the slot (1,) and positions (B, 1)."""
-        at = self.slot.view(1).clone()  # (a copy: the view would move with slot += 1)
-        pos = torch.where(at > 0, self.pos.index_select(1, (at - 1).clamp(min=0)) + 1, 0)  # (B, 1)
-        self.ids.index_copy_(1, at, ids)
-        self.pos.index_copy_(1, at, pos)
-        self.valid.index_fill_(1, at, True)
-        self.slot += 1
-        return at, pos
 
     def update(self, layer: int, k, v, at):
         """Write this layer's new k, v (B, n_kv, T, hd) at slot `at`; return the keys and values to attend to. A
@@ -350,9 +340,7 @@ def make_norm(cfg, dim):
 
 
 gelu_tanh = partial(F.gelu, approximate="tanh")  # transformers' "gelu_new" (phi), up to float rounding
-ACTIVATIONS = dict(
-    gelu_new=gelu_tanh, gelu_pytorch_tanh=gelu_tanh, gelu_fast=gelu_tanh, gelu=F.gelu, silu=F.silu, relu=F.relu
-)
+ACTIVATIONS = dict(gelu_new=gelu_tanh, gelu_pytorch_tanh=gelu_tanh, gelu_fast=gelu_tanh, gelu=F.gelu, silu=F.silu)
 
 
 @dataclass
@@ -373,8 +361,8 @@ class Attention(nn.Module):
         self.layer, self.n_head, self.n_kv_head = layer, cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim, self.window, self.dropout = cfg.head_dim, cfg.sliding_window, cfg.attention_dropout
         self.sizes = [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim]
-        self.qkv = nn.Linear(cfg.hidden_size, sum(self.sizes), bias=cfg.bias)  # q, k, v in one matmul
-        self.out = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=cfg.bias)
+        self.qkv = nn.Linear(cfg.hidden_size, sum(self.sizes), bias=cfg.attn_bias)  # q, k, v in one matmul
+        self.out = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=cfg.attn_bias)
         self.qk_layernorm = cfg.qk_layernorm
         if cfg.qk_layernorm:
             self.q_norm, self.k_norm = [nn.LayerNorm(self.head_dim, eps=cfg.norm_eps) for _ in range(2)]
@@ -418,8 +406,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: PhiConfig):
         super().__init__()
         # phi: fc1 -> gelu -> fc2.  phi3: fc1 holds [gate; up] (gate_up_proj), fc2 is down_proj.
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size * (2 if cfg.glu else 1), bias=cfg.bias)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.bias)
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size * (2 if cfg.glu else 1), bias=not cfg.glu)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=not cfg.glu)
         if cfg.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act '{cfg.hidden_act}' is not supported (supported: {', '.join(ACTIVATIONS)})")
         self.act, self.glu = ACTIVATIONS[cfg.hidden_act], cfg.glu
@@ -432,9 +420,50 @@ class MLP(nn.Module):
         return self.fc2(self.act(h))
 
 
+def sparsemixer(scores, jitter_eps: float):
+    """Phi-3.5-MoE's router, at inference: router logits (N, E) -> weights (N, 2), experts (N, 2). Not Mixtral's
+    softmax-then-top-2: the first expert is the argmax; experts whose score is far below the max, (max - score) /
+    max(|score|, max) > 2 * jitter_eps, are masked out; its weight is its softmax over what is left. The second
+    expert repeats this with the first masked out (the threshold still measured against every score)."""
+    weights, experts, masked = [], [], scores
+    for _ in range(2):
+        top, e = masked.max(-1, keepdim=True)  # (N, 1)
+        far = (top - scores) / scores.abs().clamp(min=top) > 2 * jitter_eps
+        weights.append(masked.masked_fill(far, float("-inf")).softmax(-1).gather(-1, e))
+        experts.append(e)
+        masked = masked.scatter(-1, e, float("-inf"))
+    return torch.cat(weights, -1), torch.cat(experts, -1)
+
+
+class MoE(nn.Module):
+    """A sparse mixture of SwiGLU experts (phimoe): each token runs through the 2 experts its router picks, weighted.
+    Each expert gathers the tokens routed to it (index_select) and adds its output back (index_add_): a decode step
+    reads only the chosen experts' weights. `route` is sparsemixer at inference; for training, train.py swaps in
+    sparsemixer's training mode (experts sampled, a gradient estimator for the router), as transformers trains."""
+
+    def __init__(self, cfg: PhiConfig):
+        super().__init__()
+        self.router = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)  # (block_sparse_moe.gate)
+        self.experts = nn.ModuleList(MLP(cfg) for _ in range(cfg.num_local_experts))
+        self.route, self.jitter, self.input_jitter = sparsemixer, cfg.router_jitter_noise, cfg.input_jitter_noise
+
+    def forward(self, x):
+        """x (B, T, C) -> (B, T, C)."""
+        if self.training and self.input_jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.input_jitter, 1.0 + self.input_jitter)
+        h = x.reshape(-1, x.shape[-1])  # (N, C) tokens
+        weights, experts = self.route(self.router(h), self.jitter)  # (N, 2), (N, 2)
+        out = torch.zeros_like(h)
+        for e in experts.unique().tolist():  # ascending, as transformers adds them up
+            token, k = (experts == e).nonzero(as_tuple=True)  # tokens routed to e, as their first or second
+            y = self.experts[e](h.index_select(0, token)) * weights[token, k, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out.view_as(x)
+
+
 class Block(nn.Module):
     """
-    parallel_block (phi):            sequential (phi3):
+    parallel_block (phi):            sequential (phi3, phimoe):
         x ─┬─ norm1 ─┬─ attn ─┐         x ─┬─ norm1 ─ attn ─(+)─┬─ norm2 ─ mlp ─(+)─>
            │         └─ mlp ──(+)─>        └────────────────────┘└─────────────────┘
            └───────────────────┘
@@ -442,7 +471,8 @@ class Block(nn.Module):
 
     def __init__(self, cfg: PhiConfig, layer: int):
         super().__init__()
-        self.norm1, self.attn, self.mlp = make_norm(cfg, cfg.hidden_size), Attention(cfg, layer), MLP(cfg)
+        self.norm1, self.attn = make_norm(cfg, cfg.hidden_size), Attention(cfg, layer)
+        self.mlp = MoE(cfg) if cfg.moe else MLP(cfg)
         self.parallel = cfg.parallel_block
         if not self.parallel:
             self.norm2 = make_norm(cfg, cfg.hidden_size)
@@ -477,20 +507,14 @@ class PhiModel(nn.Module):
         self.gradient_checkpointing = False  # training: recompute each block in backward instead of storing it
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
-        """input_ids (B, T) -> hidden states (B, T, C).
-
-        attention_mask (B, T) of 1/0 marks real tokens (left padding allowed); position ids then count real tokens
-        only, so a padded row gives the same result as the row alone (what transformers' generate does; a bare
-        transformers forward would count the pads). With a KVCache, the tokens are appended to it.
-        """
-        if cache is not None and input_ids.shape[1] == 1 and attention_mask is None and position_ids is None:
-            if self.can_decode_step(cache):
-                return self.decode_step(input_ids, cache)
+        """input_ids (B, T) -> hidden states (B, T, C). attention_mask (B, T) of 1/0 marks real tokens (left padding
+        allowed); position ids then count real tokens only, so a padded row gives the same result as the row alone
+        (as transformers' generate; a bare transformers forward counts the pads). A KVCache gets the tokens appended."""
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         start = 0 if cache is None else int(cache.slot)  # tokens already in the cache
         if position_ids is None:
             position_ids = self.positions(valid, cache, start)
-        long = self.rotary.use_long(position_ids)
+        long = self.rotary.scaled and int(position_ids.max()) + 1 > self.rotary.original  # LongRoPE's switch
         if cache is not None and start > 0 and long and not cache.long:
             return self.rerun_long(input_ids, valid, position_ids, cache)
         padded = attention_mask is not None and not bool(valid.all())
@@ -534,23 +558,6 @@ class PhiModel(nn.Module):
         allowed = allowed[None] & key_valid[:, None, :]  # (B, T, S) no pads
         return (allowed | (k_idx == q_idx))[:, None]  # a pad query sees itself: no empty softmax row (NaN)
 
-    def can_decode_step(self, cache: KVCache) -> bool:
-        """Can a one-token decode on this cache take decode_step (what torch.compile traces)? Not with flash-attn, nor
-        while a LongRoPE model can still cross its original context (a cache no longer than that never does)."""
-        long_ok = not self.rotary.scaled or cache.long or cache.ids.shape[1] <= self.rotary.original
-        return self.flash_attn is None and long_ok
-
-    def decode_step(self, input_ids, cache: KVCache):
-        """One new token per row, (B, 1) -> hidden states (B, 1, C), with shapes that do not depend on how full the
-        cache is: it attends over all max_len slots under a mask, and reads the fill level only on the device.
-        This is the step that `torch.compile` compiles once (gpt-fast's decode_one_token)."""
-        at, pos = cache.append_one(input_ids)  # (1,), (B, 1)
-        allowed = cache.valid & (cache.slots <= at)  # (B, S)
-        if self.config.sliding_window is not None:
-            allowed = allowed & (cache.slots > at - self.config.sliding_window)
-        cos, sin = self.rotary(pos, self.embed.weight.dtype, cache.long)
-        return self.blocks(self.embed(input_ids), AttentionInputs(cos, sin, allowed[:, None, None, :], cache, at))
-
     def blocks(self, x, a: AttentionInputs):
         for block in self.layers:
             if self.gradient_checkpointing and self.training:
@@ -558,10 +565,6 @@ class PhiModel(nn.Module):
             else:
                 x = block(x, a)
         return self.norm(x)
-
-    @property
-    def attn_impl(self) -> str:
-        return "sdpa" if self.flash_attn is None else "flash"
 
     def set_attention(self, impl: str):
         """ "sdpa" (default, any device) or "flash" (flash-attn 2, CUDA with fp16/bf16 only; else one line + SDPA)."""
@@ -604,11 +607,8 @@ class PhiModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu", attn="sdpa", **config_overrides):
         """Load a Hugging Face model directory (config.json + safetensors, sharded or not, or pytorch_model*.bin).
-
-        The model is built on the meta device and each tensor is read and cast straight into its slot, so peak
-        memory stays near one copy of the weights in `dtype`. Names are mapped from the checkpoint's layout
-        (current phi/phi3, or legacy phi-msft / mixformer-sequential), which is detected from its tensor names.
-        """
+        The model is built on the meta device and each tensor is read and cast straight into its slot, so peak memory
+        stays near one copy of the weights in `dtype`. Names are mapped from the checkpoint's layout (HF_LAYOUTS)."""
         path = Path(path)
         cfg = PhiConfig.from_hf(_read_json(path / "config.json"), str(path / "config.json"))
         cfg = dataclasses.replace(cfg, **config_overrides)  # e.g. num_labels for a new classification head
@@ -632,9 +632,11 @@ class PhiModel(nn.Module):
             module, _, param = name.rpartition(".")
             m = re.match(r"layers\.(\d+)\.(.+)", module)
             key, i = (f"layers.{{i}}.{m[2]}", int(m[1])) if m else (module, 0)
+            e = re.findall(r"experts\.(\d+)", key)  # an expert's index (phimoe)
+            key = re.sub(r"experts\.\d+", "experts.{e}", key)
             src = table.get(key, key)
             srcs = src if isinstance(src, tuple) else (src,)
-            names[name] = tuple(s.format(i=i, j=i + 1, last=L + 1) + "." + param for s in srcs)
+            names[name] = tuple(s.format(i=i, j=i + 1, e=e and e[0], last=L + 1) + "." + param for s in srcs)
         return names
 
     @torch.no_grad()
@@ -657,12 +659,9 @@ class PhiModel(nn.Module):
                 )
             ckpt.copy_rows(srcs, ours[our])  # q, k, v stacked along dim 0 for phi
             used.update(srcs)
-        tied, other_head = self.config.tie_word_embeddings, ("lm_head", "score", "classifier")
-        for k in ckpt.files:  # not ours, yet expected: another task's head (ignored, as transformers does) etc.
-            if k.endswith("rotary_emb.inv_freq") or (k == "lm_head.weight" and tied):
-                used.add(k)
-            elif layout in ("phi", "phi3") and k.split(".")[0] in other_head:
-                used.add(k)
+        # not ours, yet expected: another task's head or a tied lm_head (ignored, as transformers does), old buffers
+        heads = ("lm_head", "score", "classifier") if layout in ("phi", "phi3", "phimoe") else ()
+        used |= {k for k in ckpt.files if k.endswith("rotary_emb.inv_freq") or k.split(".")[0] in heads}
         extra = [k for k in ckpt.files if k not in used]
         if extra:
             raise ValueError(
@@ -671,9 +670,8 @@ class PhiModel(nn.Module):
             )
 
     def save_pretrained(self, path, max_shard_size: int | str = "5GB"):
-        """Write config.json + model.safetensors (or model-0000i-of-0000n.safetensors + index above max_shard_size)
-        in the current Hugging Face layout, which transformers' from_pretrained loads. Sharding, the index and the
-        removal of an earlier save's shards are huggingface_hub's save_torch_state_dict."""
+        """Write config.json + model.safetensors (sharded above max_shard_size, with an index: huggingface_hub's
+        save_torch_state_dict) in the current Hugging Face layout, which transformers' from_pretrained loads."""
         from huggingface_hub import save_torch_state_dict
 
         ours = self.state_dict()
@@ -682,13 +680,13 @@ class PhiModel(nn.Module):
         tensors = {}
         for our, srcs in self.hf_names(self.config.model_type).items():
             t = ours[our].detach().cpu()
-            parts = [p.clone() for p in t.split(self.layers[0].attn.sizes)] if len(srcs) == 3 else [t]  # q, k, v apart
-            tensors.update(zip(srcs, parts))
+            sizes = self.layers[0].attn.sizes if len(srcs) == 3 else [len(t) // len(srcs)] * len(srcs)
+            tensors.update(zip(srcs, [t] if len(srcs) == 1 else [p.clone() for p in t.split(sizes)]))  # q, k, v apart
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_torch_state_dict(tensors, path, max_shard_size=max_shard_size)
         cfg = self.config.to_hf()
-        cfg["architectures"] = [("Phi3" if self.config.model_type == "phi3" else "Phi") + type(self).hf_suffix]
+        cfg["architectures"] = [self.config.model_type.capitalize() + type(self).hf_suffix]  # PhimoeForCausalLM ...
         cfg["torch_dtype"] = str(self.embed.weight.dtype).removeprefix("torch.")
         (path / "config.json").write_text(json.dumps(cfg, indent=2))
 
@@ -701,37 +699,39 @@ class PhiModel(nn.Module):
 HF_LAYOUTS = {
     "phi": {  # PhiForCausalLM, transformers >= 4.37 (phi-1, phi-1.5, phi-2 today)
         "embed": "model.embed_tokens",                       "norm": "model.final_layernorm",
-        "layers.{i}.norm1": "model.layers.{i}.input_layernorm",
+        "layers.{i}.norm1": "model.layers.{i}.input_layernorm", "layers.{i}.attn.out": "model.layers.{i}.self_attn.dense",
         "layers.{i}.attn.qkv": tuple(f"model.layers.{{i}}.self_attn.{x}_proj" for x in "qkv"),
         "layers.{i}.attn.q_norm": "model.layers.{i}.self_attn.q_layernorm",
         "layers.{i}.attn.k_norm": "model.layers.{i}.self_attn.k_layernorm",
-        "layers.{i}.attn.out": "model.layers.{i}.self_attn.dense",
         "layers.{i}.mlp.fc1": "model.layers.{i}.mlp.fc1",   "layers.{i}.mlp.fc2": "model.layers.{i}.mlp.fc2",
     },
     "phi3": {  # Phi3ForCausalLM: Phi-3, Phi-3.5, Phi-4, Phi-4-mini
         "embed": "model.embed_tokens",                       "norm": "model.norm",
-        "layers.{i}.norm1": "model.layers.{i}.input_layernorm",
+        "layers.{i}.norm1": "model.layers.{i}.input_layernorm", "layers.{i}.attn.out": "model.layers.{i}.self_attn.o_proj",
         "layers.{i}.attn.qkv": "model.layers.{i}.self_attn.qkv_proj",
-        "layers.{i}.attn.out": "model.layers.{i}.self_attn.o_proj",
         "layers.{i}.norm2": "model.layers.{i}.post_attention_layernorm",
-        "layers.{i}.mlp.fc1": "model.layers.{i}.mlp.gate_up_proj",
-        "layers.{i}.mlp.fc2": "model.layers.{i}.mlp.down_proj",
+        "layers.{i}.mlp.fc1": "model.layers.{i}.mlp.gate_up_proj", "layers.{i}.mlp.fc2": "model.layers.{i}.mlp.down_proj",
     },
     "phi-msft": {  # Microsoft's remote code, December 2023
         "embed": "transformer.embd.wte",                     "norm": "lm_head.ln",      "lm_head": "lm_head.linear",
-        "layers.{i}.norm1": "transformer.h.{i}.ln",
+        "layers.{i}.norm1": "transformer.h.{i}.ln",          "layers.{i}.attn.out": "transformer.h.{i}.mixer.out_proj",
         "layers.{i}.attn.qkv": "transformer.h.{i}.mixer.Wqkv",  # already [q; k; v]
-        "layers.{i}.attn.out": "transformer.h.{i}.mixer.out_proj",
         "layers.{i}.mlp.fc1": "transformer.h.{i}.mlp.fc1",  "layers.{i}.mlp.fc2": "transformer.h.{i}.mlp.fc2",
     },
     "mixformer-sequential": {  # Microsoft's remote code, 2023 (phi-1, first phi-1.5 and phi-2)
         "embed": "layers.0.wte",                             "norm": "layers.{last}.ln", "lm_head": "layers.{last}.linear",
-        "layers.{i}.norm1": "layers.{j}.ln",
+        "layers.{i}.norm1": "layers.{j}.ln",                 "layers.{i}.attn.out": "layers.{j}.mixer.out_proj",
         "layers.{i}.attn.qkv": "layers.{j}.mixer.Wqkv",
-        "layers.{i}.attn.out": "layers.{j}.mixer.out_proj",
         "layers.{i}.mlp.fc1": "layers.{j}.mlp.fc1",          "layers.{i}.mlp.fc2": "layers.{j}.mlp.fc2",
     },
 }
+HF_LAYOUTS["phimoe"] = HF_LAYOUTS["phi3"] | {  # PhimoeForCausalLM (Phi-3.5-MoE): as on the Hub, and as saved by
+    "layers.{i}.attn.qkv": HF_LAYOUTS["phi"]["layers.{i}.attn.qkv"],  # transformers 5 (which holds it otherwise,
+    "layers.{i}.mlp.router": "model.layers.{i}.block_sparse_moe.gate",  # see Checkpoint)
+    "layers.{i}.mlp.experts.{e}.fc1": tuple(f"model.layers.{{i}}.block_sparse_moe.experts.{{e}}.w{x}" for x in "13"),
+    "layers.{i}.mlp.experts.{e}.fc2": "model.layers.{i}.block_sparse_moe.experts.{e}.w2",
+}
+CHECKPOINT_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "model.safetensors", "pytorch_model.bin")
 # fmt: on
 LAYOUT_PROBES = {"phi-msft": "transformer.embd.wte.weight", "mixformer-sequential": "layers.0.wte.weight"}
 
@@ -747,14 +747,14 @@ def _read_json(p: Path):
 
 class Checkpoint:
     """The tensors of a checkpoint directory: model.safetensors, sharded safetensors with their index, or old
-    pytorch_model*.bin. safetensors files are read through the library's safe_open, which checks the header (offsets
-    inside the file and covering it, dtypes, sizes) before any tensor is read; .bin files through torch.load(mmap=True,
-    weights_only=True), which never runs pickled code."""
+    pytorch_model*.bin. safetensors' safe_open checks the header (offsets, dtypes, sizes) before any tensor is read;
+    .bin files go through torch.load(mmap=True, weights_only=True), which never runs pickled code."""
 
-    ROWS_AT_ONCE = 2**24  # elements read per safe_open (64 MB in fp32): see read_rows
+    ROWS_AT_ONCE = 2**24  # elements read per safe_open (64 MB in fp32): see copy_rows
 
     def __init__(self, path: Path):
         self.files, self.shapes, self.bins = {}, {}, {}  # checkpoint name -> file, shape; .bin file -> tensors
+        self.parts = {}  # a name that is rows of another tensor: name -> (that tensor, index, first row)
         for f in self.find_files(path):
             kind = "safetensors" if f.suffix == ".safetensors" else "PyTorch"
             try:
@@ -768,22 +768,30 @@ class Checkpoint:
                 raise ValueError(f"{f}: not a valid {kind} file ({e})") from None
             self.shapes.update(shapes)
             self.files.update(dict.fromkeys(shapes, f))
-        # transformers 4.x named the token-classification head "classifier", 5.x "score"
+        # transformers 4.x named the token-classification head "classifier", 5.x "score"; phimoe's router "gate"
         old = {k.replace("classifier.", "score.", 1): k for k in self.files if k.startswith("classifier.")}
+        old |= {k.replace(".mlp.router.", ".block_sparse_moe.gate."): k for k in self.files if ".mlp.router." in k}
         self.renamed = {new: k for new, k in old.items() if new not in self.files}
+        # transformers 5 holds a phimoe layer's experts in two 3-D tensors (in memory; it saves the Hub's names):
+        # expert e's w1 and w3 are the halves of experts.gate_up_proj[e], its w2 is experts.down_proj[e]
+        for k in [k for k in self.files if k.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj"))]:
+            (E, rows, cols), f = self.shapes[k], self.files.pop(k)
+            ws = ("w1", "w3") if k.endswith("gate_up_proj") else ("w2",)
+            for e, (j, w) in itertools.product(range(E), enumerate(ws)):
+                name = k.replace(".mlp.", ".block_sparse_moe.").rpartition(".")[0] + f".{e}.{w}.weight"
+                self.files[name], self.shapes[name] = f, [rows // len(ws), cols]
+                self.parts[name] = (k, (e,), j * rows // len(ws))
 
     @staticmethod
     def find_files(path: Path):
-        for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-            if (path / index).is_file():
-                files = sorted(set(_read_json(path / index)["weight_map"].values()))
+        for name in CHECKPOINT_FILES:  # an index of shards first
+            if (path / name).is_file():
+                index = name.endswith(".json") and _read_json(path / name)["weight_map"]
+                files = sorted(set(index.values())) if index else [name]
                 for f in files:
                     if not (path / f).is_file():
-                        raise FileNotFoundError(f"{path / index} lists {f}, which is not in {path}")
+                        raise FileNotFoundError(f"{path / name} lists {f}, which is not in {path}")
                 return [path / f for f in files]
-        for single in ("model.safetensors", "pytorch_model.bin"):
-            if (path / single).is_file():
-                return [path / single]
         raise FileNotFoundError(
             f"{path}: no model.safetensors, model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json"
         )
@@ -801,19 +809,17 @@ class Checkpoint:
             )
         dest, row = dest.view(sum(rows), -1), 0  # (rows, everything else)
         for name, n in zip(names, rows):
-            f, part = self.files[name], dest[row : row + n]
-            if f in self.bins:
-                part.copy_(self.bins[f][name].reshape(n, -1))
-            else:
-                self.read_rows(f, name, part)
+            f, (src, index, first) = self.files[name], self.parts.get(name, (name, (), 0))
+            step = max(1, self.ROWS_AT_ONCE // max(1, dest.shape[1]))
+            for r in range(0, n, step):
+                at = (*index, slice(first + r, first + min(r + step, n)))  # a block of rows of the source tensor
+                if f in self.bins:
+                    block = self.bins[f][src][at]
+                else:
+                    with safe_open(f, framework="pt") as st:
+                        block = st.get_slice(src)[at]
+                dest[row + r : row + r + len(block)].copy_(block.reshape(-1, dest.shape[1]))
             row += n
-
-    def read_rows(self, f: Path, name: str, dest):  # dest (rows, rest): tensor `name` of safetensors file f
-        step = max(1, self.ROWS_AT_ONCE // max(1, dest.shape[1]))
-        for r in range(0, dest.shape[0], step):
-            with safe_open(f, framework="pt") as st:
-                block = st.get_slice(name)[r : r + step] if self.shapes[name] else st.get_tensor(name)
-            dest[r : r + step].copy_(block.reshape(-1, dest.shape[1]))
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -827,7 +833,7 @@ class Phi(PhiModel):
 
     def __init__(self, cfg: PhiConfig):
         super().__init__(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.head_bias)
         self.tie_weights()
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None, cache=None):
@@ -854,8 +860,7 @@ class PhiForSequenceClassification(PhiModel):
         """Returns scores (B, num_labels); with labels, (scores, loss): MSE for regression (num_labels 1 or
         problem_type), cross-entropy for integer labels, BCE-with-logits for float multi-label targets."""
         logits = self.score(super().forward(input_ids, attention_mask, position_ids))  # (B, T, num_labels)
-        B, T = input_ids.shape
-        pad = self.config.pad_token_id
+        (B, T), pad = input_ids.shape, self.config.pad_token_id
         if pad is None and B != 1:
             raise ValueError("sequence classification of a batch needs pad_token_id in config.json")
         real = torch.ones_like(input_ids) if pad is None else (input_ids != pad).long()

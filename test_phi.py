@@ -102,8 +102,48 @@ CASES = {
         ),
         [20, 48],
     ),
+    # Phi-3.5-MoE: 4 experts (16 real), q/k/v/o and lm_head biases, GQA, a window, LongRoPE with its own mscales
+    "phimoe": (
+        "phimoe",
+        dict(num_key_value_heads=2, num_local_experts=4, intermediate_size=48, attention_bias=True, lm_head_bias=True),
+        [16],
+    ),
+    "phimoe-longrope": (
+        "phimoe",
+        dict(
+            num_key_value_heads=2,
+            num_local_experts=4,
+            intermediate_size=48,
+            attention_bias=True,
+            lm_head_bias=True,
+            sliding_window=24,
+            max_position_embeddings=256,
+            original_max_position_embeddings=32,
+            rope_scaling=dict(
+                rope("longrope", 16), short_mscale=1.1, long_mscale=1.25, original_max_position_embeddings=32
+            ),
+        ),
+        [20, 48],
+    ),
 }
-HF_CLASSES = {"phi": "Phi", "phi3": "Phi3"}
+HF_CLASSES = {"phi": "Phi", "phi3": "Phi3", "phimoe": "Phimoe"}
+
+
+def remote_code_rotary(self, x, position_ids):
+    """Phi-3.5-MoE's rotary as its checkpoint's own code (modeling_phimoe.py on the Hub; transformers 4.46) computes
+    it: long_factor and long_mscale once the sequence (max position + 1) passes original_max_position_embeddings.
+    transformers 5.23's PhimoeRotaryEmbedding keeps the short factors there; the phimoe test models use this."""
+    rp = self.config.rope_parameters
+    seq_len = int(position_ids.max()) + 1
+    long = rp["rope_type"] != "default" and seq_len > rp["original_max_position_embeddings"]
+    if rp["rope_type"] == "default":
+        inv_freq, scale = self.rope_init_fn(self.config)
+    else:  # transformers' longrope formula: the long factors when seq_len > original_max_position_embeddings
+        inv_freq, _ = self.rope_init_fn(self.config, x.device, seq_len)
+        scale = rp["long_mscale"] if long else rp["short_mscale"]
+    freqs = position_ids[..., None].float() * inv_freq.to(x.device)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
 
 
 def hf_model(name, head="ForCausalLM", **over):
@@ -119,6 +159,9 @@ def hf_model(name, head="ForCausalLM", **over):
                 p.copy_(1 + 0.2 * torch.randn_like(p))
             else:
                 p.normal_(0, 0.3 if "embed" in n else 0.15)
+    if kind == "phimoe":  # the checkpoint's own rotary past the original context (see remote_code_rotary)
+        rotary = model.model.rotary_emb if hasattr(model, "model") else model.rotary_emb
+        rotary.forward = remote_code_rotary.__get__(rotary)
     return model
 
 
@@ -376,7 +419,7 @@ def classification_inputs():
     return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-@pytest.mark.parametrize("name", ["phi-2", "phi3-gqa-window"])
+@pytest.mark.parametrize("name", ["phi-2", "phi3-gqa-window", "phimoe"])
 @pytest.mark.parametrize("problem", ["single_label_classification", "regression", "multi_label_classification"])
 def test_sequence_classification_matches_transformers(name, problem, tmp_path):
     num_labels = 1 if problem == "regression" else 3
@@ -449,6 +492,8 @@ def test_classifier_head_initialised_from_causal_lm_checkpoint(tmp_path, capfd):
         ("phi4-mini", phi.Phi, "ForCausalLM"),
         ("phi3-gqa-window", phi.PhiForSequenceClassification, "ForSequenceClassification"),
         ("phi-1.5", phi.PhiForTokenClassification, "ForTokenClassification"),
+        ("phimoe-longrope", phi.Phi, "ForCausalLM"),
+        ("phimoe", phi.PhiForSequenceClassification, "ForSequenceClassification"),
     ],
 )
 def test_our_save_loads_in_transformers(name, cls, head, tmp_path):
@@ -699,7 +744,8 @@ def good_config():
     "change,message",
     [
         (dict(model_type="llama"), r"unknown model_type 'llama'; supported: phi, phi-msft"),
-        (dict(model_type="phimoe"), r"'phimoe' \(Phi-3.5-MoE\) is not supported yet"),
+        (dict(model_type="phi3v"), r"'phi3v' \(Phi-3-vision\) is not supported yet"),
+        (dict(model_type="phimoe", num_experts_per_tok=4), r"num_experts_per_tok 4: phimoe routes to 2 experts"),
         (dict(model_type=None), r"no 'model_type' key"),
         (dict(hidden_size=None), r"required key 'hidden_size' is missing"),
         (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), r"rope_scaling type 'dynamic' is not supported"),
@@ -930,7 +976,7 @@ def test_flash_requested_on_cpu_falls_back_with_one_line(tmp_path, capfd):
     assert lines == [
         "flash-attn not used: it needs CUDA and float16/bfloat16, the model is on cpu in torch.float32; using SDPA"
     ]
-    assert model.attn_impl == "sdpa"
+    assert model.flash_attn is None
 
 
 def fake_flash_attn_func(q, k, v, dropout_p=0.0, causal=False, window_size=(-1, -1)):
@@ -1355,6 +1401,11 @@ GEN_CASES = {  # name -> (CASES entry, tokenizer family, HF config overrides mat
         "phi4mini",
         dict(vocab_size=200064, bos_token_id=199999, eos_token_id=199999, pad_token_id=199999),
     ),
+    "phimoe": (  # Phi-3.5-MoE uses the Phi-3 tokenizer
+        "phimoe-longrope",
+        "phi3",
+        dict(vocab_size=32064, bos_token_id=1, eos_token_id=32000, pad_token_id=32000),
+    ),
 }
 PROMPT = "def print_prime(n):\n    # print all primes below n, one per line"  # 15-25 tokens: below LongRoPE's 32
 
@@ -1424,7 +1475,7 @@ def test_greedy_generation_matches_transformers(name, hub):
     model, tok = generate.load(snapshot(home, name), dtype="float32")
     prompt = tok.encode(PROMPT, bos=tok.add_bos)
     want = hf_greedy(refs[name], prompt)
-    if name == "phi3-longrope":
+    if name in ("phi3-longrope", "phimoe"):
         assert len(prompt) < 32 < len(prompt) + len(want)
     assert list(generate.generate(model, prompt, max_new_tokens=48, temperature=0)) == want
     r = run_cli(
@@ -2518,7 +2569,7 @@ def transformers_init(name, path):
     return saved(getattr(transformers, HF_CLASSES[kind] + "ForCausalLM")(hf_cfg), path)
 
 
-@pytest.mark.parametrize("name", ["phi-2", "phi3-4k", "phi4-mini"])
+@pytest.mark.parametrize("name", ["phi-2", "phi3-4k", "phi4-mini", "phimoe"])
 def test_int8_logits_close_to_fp32(name, tmp_path):
     """Weight-only int8 (per-channel symmetric) on transformers' own random init: logits within 2% of fp32
     (||int8 - fp32|| / ||fp32||), with fp32 and with bf16 activations."""
@@ -2694,8 +2745,10 @@ def test_peft_made_adapter_gives_peft_logits(name, targets, kw, tmp_path):
 def tiny_checkpoint(path, model_type="phi", **over):
     """A random checkpoint of the TINY shape written by transformers, with the byte tokenizer (what --init takes)."""
     kw = {k: v for k, v in TINY.items() if k != "model_type"}
-    if model_type == "phi3":
+    if model_type in ("phi3", "phimoe"):
         kw = {**kw, "partial_rotary_factor": 1.0, "num_key_value_heads": 2, "hidden_act": "silu"}
+    if model_type == "phimoe":
+        kw = {**kw, "num_local_experts": 4, "attention_bias": True, "lm_head_bias": True}
     torch.manual_seed(0)
     cls = getattr(transformers, HF_CLASSES[model_type] + "ForCausalLM")
     config = getattr(transformers, HF_CLASSES[model_type] + "Config")(
@@ -3366,3 +3419,304 @@ def test_cli_quantize_int4_equals_the_api(hub):
     assert want != continuation(tok, prompt, list(generate.generate(plain, prompt, 16)))  # int4 shows
     args = ("--model", "test/phi3-4k", "--prompt", "def f(x):", "--max-new-tokens", 16, "--temperature", 0)
     assert run_cli(home, *args, "--dtype", "float32", "--quantize", "int4").stdout == want + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Phi-3.5-MoE (phimoe): sparsemixer routing, experts, its rotary, the real config, training
+
+
+def test_phimoe_rotary_past_the_original_context_is_the_checkpoints_own(tmp_path):
+    """Below the original context (32) we equal transformers 5.23 as it is; past it 5.23 keeps the short factors
+    (its PhimoeRotaryEmbedding drops the sequence length), the checkpoint's code switches to long_factor and
+    long_mscale: we follow the checkpoint (the parity tests' models carry remote_code_rotary), and the two differ."""
+    path = saved(hf_model("phimoe-longrope"), tmp_path)
+    ours, stock = phi.Phi.from_pretrained(path), transformers.PhimoeForCausalLM.from_pretrained(path).eval()
+    short, long = ids_for(20), ids_for(48)
+    with torch.no_grad():
+        assert record("phimoe vs stock transformers 5.23, T=20", err(ours(short), stock(short).logits)) <= TOL
+        assert err(ours(long), stock(long).logits) > 0.05
+        # the long factors' frequencies and long_mscale, written out from the config
+        cfg = json.loads((path / "config.json").read_text())
+        rs = cfg.get("rope_scaling") or cfg["rope_parameters"]
+        pos = torch.arange(48)[None]
+        cos, _ = ours.rotary(pos, torch.float32, long=True)
+        theta = rs.get("rope_theta", cfg.get("rope_theta"))  # (transformers' phimoe default: 1e6)
+        inv = 1.0 / (torch.tensor(rs["long_factor"]) * theta ** (torch.arange(0, 16, 2).float() / 16))
+        want = torch.cat([pos[0, :, None] * inv] * 2, -1).cos() * rs["long_mscale"]
+    assert err(cos[0, 0], want) <= 1e-6
+
+
+def sparsemixer_cases():
+    """Router scores (N, E) with ties and near-ties placed on purpose around sparsemixer's threshold."""
+    eps = 0.125  # threshold 2 * eps = 0.25, exact in binary: (max - s) / max == 0.25 is kept, a hair more is not
+    rows = [
+        [4.0, 4.0, 1.0, 0.0, -1.0, 2.0],  # exact tie at the max: the first index wins, the other is second
+        [4.0, 3.0, 2.99, 1.0, 3.0, 0.5],  # 3.0 exactly on the threshold (kept), 2.99 just past it (masked)
+        [1.0, 0.8, 0.79, 0.9, -2.0, 0.0],  # second round: 0.9 is the max, 0.8 and 0.79 around its threshold
+        [-1.0, -1.1, -1.3, -1.25, -5.0, -1.0],  # all negative: |score| is the scale; a tie at -1.0
+        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # all equal
+        [2.0, -2.0, 2.0, 2.0, 1.5, 1.6],  # three-way tie
+    ]
+    g = torch.Generator().manual_seed(0)
+    grid = (torch.randint(-8, 9, (64, 6), generator=g) / 4.0).tolist()  # a coarse grid: ties everywhere
+    return torch.tensor(rows + grid), eps
+
+
+def test_sparsemixer_ties_and_near_ties_match_transformers():
+    """phi.sparsemixer picks the same two experts with the same weights as transformers' sparsemixer (eval mode) on
+    scores built with exact ties, scores exactly on and just past the jitter threshold, and negative scores; and it
+    is not Mixtral's softmax-then-top-2 (which gives other weights on the same scores)."""
+    from transformers.models.phimoe.modeling_phimoe import sparsemixer as hf_sparsemixer
+
+    scores, eps = sparsemixer_cases()
+    weights, experts = phi.sparsemixer(scores, eps)
+    want_w, want_e = hf_sparsemixer(scores, jitter_eps=eps, training=False)
+    assert torch.equal(experts, want_e)
+    assert torch.equal(weights, want_w)
+    assert experts[0].tolist() == [0, 1] and experts[1, 0] == 0 and experts[5].tolist() == [0, 2]
+    top2 = scores.softmax(-1).topk(2, -1)
+    assert err(weights, top2.values) > 0.1
+
+
+def test_phimoe_with_tied_router_rows_matches_transformers(tmp_path):
+    """A whole model whose routers tie on purpose (two experts with the same router row: every token ties; a third
+    row a hair smaller: near-ties at the threshold) still equals transformers."""
+    ref = hf_model("phimoe")
+    with torch.no_grad():
+        for layer in ref.model.layers:
+            w = layer.mlp.router.weight
+            w[1] = w[0]
+            w[2] = w[0] * (1 - 0.019)  # just inside 2 * router_jitter_noise (0.02) of expert 0's score
+    ours = phi.Phi.from_pretrained(saved(ref, tmp_path))
+    ids = ids_for(16)
+    with torch.no_grad():
+        assert record("phimoe tied routers", err(ours(ids), ref(ids).logits)) <= TOL
+        _, experts = phi.sparsemixer(ours.layers[0].mlp.router(ours.layers[0].norm2(ours.embed(ids))), 0.01)
+    assert set(experts.flatten().tolist()) >= {0, 1}
+
+
+def test_phimoe_runs_only_the_chosen_experts_on_only_their_tokens(tmp_path):
+    """Each expert gets just the tokens routed to it (a gather, not every expert on every token): a batch-1 decode
+    step runs two experts per layer, on one row each, and a prompt's experts see as many rows as routed there."""
+    model = from_transformers("phimoe", tmp_path)[0]
+    calls = []
+    for i, layer in enumerate(model.layers):
+        for e, expert in enumerate(layer.mlp.experts):
+            expert.register_forward_hook(lambda m, inp, out, i=i, e=e: calls.append((i, e, inp[0].shape[0])))
+    ids = ids_for(12, B=1)
+    with torch.no_grad():
+        cache = phi.KVCache(model.config, 1, 13)
+        generate.prefill(model, ids, None, cache)
+        prompt_calls, calls[:] = list(calls), []
+        generate.decode_one_token(model, torch.tensor([5]), cache)
+    per_layer = [[c for c in calls if c[0] == i] for i in range(len(model.layers))]
+    assert all(len(p) == 2 and all(rows == 1 for _, _, rows in p) for p in per_layer), calls
+    assert sum(rows for *_, rows in prompt_calls) == 2 * 12 * len(model.layers)  # 2 experts x 12 tokens x layers
+
+
+def test_phimoe_reads_transformers_5_fused_experts(tmp_path):
+    """transformers 5 holds a layer's experts as experts.gate_up_proj (E, 2I, C) and down_proj (E, C, I) and its
+    router as mlp.router (in memory; save_pretrained writes the Hub's w1/w2/w3 and gate): a checkpoint in that
+    layout loads too (sharded and .bin), and our save writes the Hub's names."""
+    from safetensors.torch import save_file
+
+    ref = hf_model("phimoe")
+    state = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    assert (
+        "model.layers.0.mlp.experts.gate_up_proj" in state
+        and state["model.layers.0.mlp.experts.gate_up_proj"].dim() == 3
+    )
+    ref.config.save_pretrained(tmp_path / "st")
+    save_file(state, tmp_path / "st" / "model.safetensors")
+    ref.config.save_pretrained(tmp_path / "bin")
+    torch.save(state, tmp_path / "bin" / "pytorch_model.bin")
+    ids = ids_for(16)
+    with torch.no_grad():
+        want = ref(ids).logits
+        for d in ("st", "bin"):
+            ours = phi.Phi.from_pretrained(tmp_path / d)
+            assert record(f"phimoe fused layout ({d})", err(ours(ids), want)) <= TOL
+    ours.save_pretrained(tmp_path / "ours")
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "ours" / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    assert {
+        "model.layers.0.block_sparse_moe.gate.weight",
+        "model.layers.1.block_sparse_moe.experts.3.w2.weight",
+    } <= names
+    assert not any(".mlp." in n for n in names)
+
+
+def test_phimoe_token_classification_on_transformers_trunk(tmp_path):
+    """transformers has no PhimoeForTokenClassification: our token classifier's scores are its score Linear applied
+    to transformers' PhimoeModel hidden states (the trunk is the oracle), left and right padding included."""
+    path = saved(hf_model("phimoe"), tmp_path)
+    ours = phi.PhiForTokenClassification.from_pretrained(path, num_labels=5).eval()
+    trunk = transformers.PhimoeModel.from_pretrained(path).eval()
+    trunk.rotary_emb.forward = remote_code_rotary.__get__(trunk.rotary_emb)
+    ids, mask, pos = classification_inputs()
+    with torch.no_grad():
+        want = ours.score(trunk(ids, attention_mask=mask, position_ids=pos).last_hidden_state)
+        got = ours(ids, attention_mask=mask)
+    assert record("token-cls phimoe", err(got[mask.bool()], want[mask.bool()])) <= TOL
+
+
+PHI35_MOE = dict(  # microsoft/Phi-3.5-MoE-instruct's config.json (the values that shape it)
+    model_type="phimoe",
+    architectures=["PhiMoEForCausalLM"],
+    vocab_size=32064,
+    hidden_size=4096,
+    intermediate_size=6400,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    num_local_experts=16,
+    num_experts_per_tok=2,
+    max_position_embeddings=131072,
+    original_max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    sliding_window=131072,
+    attention_bias=True,
+    lm_head_bias=True,
+    router_jitter_noise=0.01,
+    input_jitter_noise=0.01,
+    hidden_act="silu",
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=32000,
+    rope_scaling=dict(
+        type="longrope",
+        short_factor=factors(64, 1, 1.0, 1.1),
+        long_factor=factors(64, 2, 1.0, 64.0),
+        short_mscale=1.243163121016122,
+        long_mscale=1.243163121016122,
+        original_max_position_embeddings=4096,
+    ),
+)
+
+
+def test_phi35_moe_config_parses_with_its_real_size():
+    """The Phi-3.5-MoE-instruct values parse; on the meta device the model has transformers' parameter count
+    (41.9B: 16 experts of 3 x 4096 x 6400 in each of 32 layers), and its config round-trips through to_hf."""
+    cfg = phi.PhiConfig.from_hf(PHI35_MOE)
+    assert (cfg.moe, cfg.attn_bias, cfg.head_bias, cfg.num_local_experts, cfg.sliding_window) == (
+        True,
+        True,
+        True,
+        16,
+        131072,
+    )
+    assert cfg.rope_scaling["short_mscale"] == cfg.rope_scaling["long_mscale"] == 1.243163121016122
+    with torch.device("meta"):
+        ours = phi.Phi(cfg)
+        ref = transformers.PhimoeForCausalLM(transformers.PhimoeConfig(**{**PHI35_MOE, "architectures": None}))
+    n = sum(p.numel() for p in ours.parameters())
+    assert n == sum(p.numel() for p in ref.parameters())
+    assert round(n / 1e9, 1) == 41.9
+    assert ours.rotary.scale == ours.rotary.scale_long == 1.243163121016122  # the config's, not sqrt(1 + ln s / ln o)
+    back = transformers.PhimoeConfig(**cfg.to_hf())
+    assert (back.num_local_experts, back.attention_bias, back.lm_head_bias) == (16, True, True)
+    assert phi.PhiConfig.from_hf(cfg.to_hf()) == cfg
+
+
+def test_sparsemixer_training_mode_matches_transformers():
+    """train.sparsemixer_train (sampled experts, Heun's router gradient) equals transformers' sparsemixer in training
+    mode under the same seed: the same experts, weights and gradient with respect to the router scores (on the tie
+    cases and on random scores); and it samples (other experts than the argmax for some tokens)."""
+    from transformers.models.phimoe.modeling_phimoe import sparsemixer as hf_sparsemixer
+
+    ties, eps = sparsemixer_cases()
+    for scores in (ties, torch.randn(256, 8, generator=torch.Generator().manual_seed(1)) * 0.02):
+        up = torch.randn(len(scores), 2, generator=torch.Generator().manual_seed(2))
+        got = []
+        for fn in (lambda s: train.sparsemixer_train(s, eps), lambda s: hf_sparsemixer(s, eps, training=True)):
+            s = scores.clone().requires_grad_(True)
+            torch.manual_seed(7)
+            w, e = fn(s)
+            (w * up).sum().backward()
+            got.append((w.detach(), e, s.grad))
+        (w, e, g), (hw, he, hg) = got
+        assert torch.equal(e, he) and torch.equal(w, hw) and torch.equal(g, hg)
+    assert not torch.equal(e, phi.sparsemixer(scores, eps)[1])  # sampled, not the argmax
+    assert g.abs().sum() > 0
+
+
+def test_phimoe_training_step_matches_transformers_training_mode(tmp_path):
+    """A whole phimoe model in training mode, with train.py's routers (train_routers), under the same seed as
+    transformers' model in training mode: the same loss and the same router gradients in every layer; in eval mode
+    it routes as at inference again. (The router rows are made alike, so the jitter mask keeps several experts: with
+    one left, sparsemixer's router gradient is zero, in training mode too.)"""
+    ref = hf_model("phimoe")
+    with torch.no_grad():
+        for layer in ref.model.layers:
+            w = layer.mlp.router.weight
+            w.copy_(w[0] + 0.002 * torch.randn_like(w))
+    ours = train.train_routers(phi.Phi.from_pretrained(saved(ref, tmp_path)))
+    ids = ids_for(16)
+    ours.train(), ref.train()
+    losses = []
+    for m in (ours, ref):
+        torch.manual_seed(3)
+        loss = m(ids, labels=ids)[1] if m is ours else m(ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.item())
+    assert abs(losses[0] - losses[1]) <= TOL
+    for a, b in zip(ours.layers, ref.model.layers):
+        assert a.mlp.router.weight.grad.abs().sum() > 0
+        assert record("phimoe training router grad", err(a.mlp.router.weight.grad, b.mlp.router.weight.grad)) <= 1e-5
+    with torch.no_grad():
+        eval_logits = ref.eval()(ids).logits
+        assert err(ours.eval()(ids), eval_logits) <= TOL
+        torch.manual_seed(4)
+        assert err(ours.train()(ids), eval_logits) > 1e-3  # training samples other experts
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_phimoe_fine_tunes_full_and_lora(mode, tmp_path):
+    """train.py --init on a phimoe checkpoint: the loss falls; the full run's checkpoint loads in transformers with
+    our logits; the LoRA run (attention and lm_head) writes an adapter peft loads into transformers' PhimoeForCausalLM
+    with the logits generate.load(..., adapter=) gives us. LoRA's default targets on phimoe are qkv,out; expert
+    targets are one clear error (transformers 5 holds the experts as 3-D tensors: nothing peft can adapt)."""
+    base = tiny_checkpoint(tmp_path / "base", "phimoe")
+    args = ["--init", base, "--out", tmp_path / "out", "--max-steps", 16, "--eval-every", 8, "--lr", "1e-2"]
+    if mode == "lora":
+        args += ["--lora", 8, "--lora-targets", "qkv,out,lm_head"]
+    r = run_train(tmp_path, *args)
+    assert r.returncode == 0, r.stderr
+    val = [float(x) for x in re.findall(r"validation loss ([\d.]+)", r.stderr)]
+    assert val[-1] < val[0], r.stderr
+    ids = ids_for(24, vocab=256)
+    with torch.no_grad():
+        if mode == "full":
+            ref = transformers.PhimoeForCausalLM.from_pretrained(tmp_path / "out" / "model").eval()
+            ours = phi.Phi.from_pretrained(tmp_path / "out" / "model")
+            assert err(ours(ids), phi.Phi.from_pretrained(base)(ids)) > 100 * TOL  # it trained
+            assert record("phimoe train.py checkpoint vs transformers", err(ours(ids), ref(ids).logits)) <= TOL
+        else:
+            cfg = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+            assert sorted(cfg["target_modules"]) == ["k_proj", "lm_head", "o_proj", "q_proj", "v_proj"]
+            tuned = peft_on_transformers(base, tmp_path / "out" / "adapter")
+            ours, _ = generate.load(base, dtype="float32", adapter=tmp_path / "out" / "adapter")
+            assert record("phimoe train --lora: ours vs peft", err(ours(ids), tuned(ids).logits)) <= TOL
+    if mode == "lora":  # the default targets on phimoe, and an expert target
+        lora = train.add_lora(phi.Phi.from_pretrained(base), dict(r=2, alpha=4, dropout=0.0, targets=None))
+        assert {n.split(".")[-1] for n, m in lora.named_modules() if isinstance(m, train.LoRALinear)} == {"qkv", "out"}
+        bad = run_train(tmp_path, *args[:-2], "--lora-targets", "qkv,fc1", "--out", tmp_path / "o2")
+        assert bad.returncode == 2 and "phimoe's experts cannot take a PEFT LoRA" in bad.stderr
+
+
+def test_phimoe_int8_quantizes_the_experts_not_the_router(tmp_path):
+    """--quantize int8 on a phimoe model stores every expert's Linears as int8 and keeps the router in its dtype;
+    greedy generation still runs through the cache (and equals the int8 model's own full forward)."""
+    path = transformers_init("phimoe", tmp_path)
+    q = generate.quantize_int8(phi.Phi.from_pretrained(path))
+    experts = [m for layer in q.layers for e in layer.mlp.experts for m in (e.fc1, e.fc2)]
+    assert experts and all(isinstance(m, generate.Int8Linear) for m in experts)
+    assert all(type(layer.mlp.router) is torch.nn.Linear for layer in q.layers)
+    prompt = ids_for(8, B=1)[0].tolist()
+    out = list(generate.generate(q, prompt, max_new_tokens=6, eos_ids=set()))
+    with torch.no_grad():
+        full = q(torch.tensor([prompt + out[:-1]]))[0, len(prompt) - 1 :].argmax(-1).tolist()
+    assert out == full

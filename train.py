@@ -306,8 +306,13 @@ class LoRALinear(nn.Module):
 def add_lora(model, lora: dict):
     """Freeze the model, wrap the target Linears in LoRALinear; a classifier's score trains fully (peft's
     modules_to_save)."""
+    if lora["targets"] is None:  # phimoe's experts are not Linears to peft (see below)
+        lora["targets"] = ["qkv", "out"] if model.config.moe else ["qkv", "out", "fc1", "fc2"]
     if "lm_head" in lora["targets"] and model.config.tie_word_embeddings:
         raise TrainError("--lora-targets lm_head: this model's lm_head is its embedding (tied); leave lm_head out")
+    experts = [t for t in lora["targets"] if t in ("fc1", "fc2")] if model.config.moe else []
+    if experts:  # (transformers 5 holds all of a layer's experts in one 3-D tensor: no Linear for peft to adapt)
+        raise TrainError(f"--lora-targets {experts[0]}: phimoe's experts cannot take a PEFT LoRA (use qkv,out,lm_head)")
     model.requires_grad_(False)
     for module in list(model.modules()):
         for name, child in module.named_children():
@@ -426,6 +431,57 @@ def return_freed_memory():
         libc.mallopt(-3, 2**20)  # M_MMAP_THRESHOLD
 
 
+# -----------------------------------------------------------------------------------------------------------------
+# Phi-3.5-MoE's router in training: sparsemixer's estimator (https://huggingface.co/papers/2409.12136). At inference
+# the router's two weights are softmaxes over a mask that usually leaves one expert: a gradient of zero. In training
+# each expert is sampled among those the mask leaves (Gumbel-max), and the router's gradient is estimated with Heun's
+# third-order method. The random draws come in transformers' order, so a seeded run routes as its training mode does.
+
+
+class SparseMixerGrad(torch.autograd.Function):
+    """Forward: the sampled expert's weight, times 1 or 1/3 (heun). Backward: the gradient of that weight with
+    respect to all router scores, as if it were softmax(gates) at the sampled expert (transformers' PhimoeMultiplier)."""
+
+    @staticmethod
+    def forward(ctx, scores, weight, expert, gates, heun):
+        ctx.save_for_backward(weight, expert, gates)
+        return weight * heun
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, expert, gates = ctx.saved_tensors
+        grad = grad * weight  # (N, 1)
+        return (gates * grad.mul(-1)).scatter_add(-1, expert, grad), None, None, None, None
+
+
+def sparsemixer_train(scores, jitter_eps):
+    """phi.sparsemixer in training mode: router scores (N, E) -> weights (N, 2), experts (N, 2)."""
+    weights, experts, masked = [], [], scores
+    for k in range(2):
+        with torch.no_grad():  # the mask, as at inference
+            top = masked.max(-1, keepdim=True).values
+            far = (top - scores) / scores.abs().clamp(min=top) > 2 * jitter_eps
+        logits = masked.masked_fill(far, float("-inf"))
+        log_e = torch.empty_like(logits, memory_format=torch.legacy_contiguous_format).exponential_().log()
+        e = (logits - log_e).max(-1)[1].unsqueeze(-1)  # Gumbel-max: a draw from softmax(logits)
+        gates = logits.softmax(-1)
+        best = gates.max(-1, keepdim=True)
+        u = torch.rand_like(best.values) if k == 0 else torch.rand_like(best.values).uniform_()  # (its draws)
+        heun = torch.add(0.3333, (e == best.indices) | (u > 0.75), alpha=0.6667).type_as(gates)  # 1 or 1/3
+        weights.append(SparseMixerGrad.apply(scores, gates.gather(-1, e), e, gates, heun))
+        experts.append(e)
+        masked = torch.scatter(scores, -1, e, float("-inf"))  # the second expert: any but the first
+    return torch.cat(weights, -1), torch.cat(experts, -1)
+
+
+def train_routers(model):
+    """Each MoE routes with sparsemixer_train while the model is in training mode, with phi.sparsemixer in eval."""
+    for m in model.modules():
+        if isinstance(m, phi.MoE):
+            m.route = lambda scores, eps, m=m: (sparsemixer_train if m.training else phi.sparsemixer)(scores, eps)
+    return model
+
+
 def lr_at(step, args):
     """Linear warmup to --lr, then cosine decay to --min-lr at --max-steps."""
     if step < args.warmup_steps:
@@ -491,7 +547,10 @@ def parse_args(argv=None):
     p.add_argument("--lora", type=int, default=0, metavar="R", help="train rank-R LoRA adapters on a frozen --init")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default 2 x R)")
     p.add_argument("--lora-dropout", type=float, default=0.05)
-    p.add_argument("--lora-targets", default="qkv,out,fc1,fc2", help=f"Linears to adapt, of {','.join(LORA_TARGETS)}")
+    p.add_argument(
+        "--lora-targets",
+        help=f"Linears to adapt, of {','.join(LORA_TARGETS)} (default qkv,out,fc1,fc2; phimoe: qkv,out)",
+    )
     p.add_argument("--quantize", choices=["int8"], help="with --lora: store the frozen base as int8 (per channel)")
     p.add_argument("--merge", action="store_true", help="with --lora: also write OUT/model with the adapter merged")
 
@@ -581,7 +640,7 @@ def lora_settings(args):
         r=args.lora,
         alpha=args.lora_alpha if args.lora_alpha is not None else 2 * args.lora,
         dropout=args.lora_dropout,
-        targets=args.lora_targets.split(","),
+        targets=args.lora_targets and args.lora_targets.split(","),  # None: the model's default (add_lora)
         task=args.task,
         base=args.init,
     )
@@ -595,7 +654,7 @@ def check_lora_args(args):
         return
     if args.lora < 1 or args.init == "scratch":
         raise TrainError("--lora R needs R >= 1 and --init (the checkpoint to adapt)")
-    bad = [t for t in args.lora_targets.split(",") if t not in LORA_TARGETS]
+    bad = [t for t in (args.lora_targets or "qkv").split(",") if t not in LORA_TARGETS]
     if bad:
         raise TrainError(f"--lora-targets {bad[0]}: not one of {', '.join(LORA_TARGETS)}")
     if args.fsdp:
@@ -650,7 +709,7 @@ def train(args):
         return_freed_memory()
     elif device.type == "cpu":  # from scratch or full fine-tuning: speed
         keep_freed_memory()
-    model = build_model(args, scratch_config, device, tok.vocab_size, pad_id, num_labels)
+    model = train_routers(build_model(args, scratch_config, device, tok.vocab_size, pad_id, num_labels))
     if model.config.vocab_size < tok.vocab_size:
         raise TrainError(
             f"the tokenizer has {tok.vocab_size} tokens, the model's vocabulary only {model.config.vocab_size}"
