@@ -7,7 +7,8 @@ Benchmarks (never tests: speed is measured here, correctness in test_phi.py). Ne
         attention) on the same random weights, each row in a process of its own: prefill tokens/s (prompt 512),
         decode tokens/s at batch 1 and 8, training-step tokens/s (tiny and 160m), peak memory, and batch-1 decode
         as a share of this machine's memory bandwidth (bytes of weights read per token x tokens/s / the bandwidth
-        of a plain 1 GB read, measured just before and after that decode: the larger reading counts)
+        of a plain 1 GB read, measured just before and after that decode: the larger reading counts). Sizes
+        moe-tiny and moe-1b are Phi-3.5-MoE-shaped (phimoe), against transformers' PhimoeForCausalLM
     python bench.py pairs [--sizes ...] [--dtypes ...] [--rounds 3] [--json out.json]
         ours (eager and compiled decode) and transformers (eager and SDPA) taking turns in one process on the CPU:
         the same measures, each a median over the turns, so that the host's drift hits every side alike
@@ -120,7 +121,7 @@ SIZES = {  # phi-style (parallel block, partial rotary); 1.4b is phi-1.5's shape
         num_attention_heads=8,
         num_local_experts=8,
     ),
-    "moe-1b": dict(  # 0.98B stored, 0.19B active per token (16 experts of 3 x 1024 x 1024 in each of 18 layers)
+    "moe-1b": dict(  # 1.02B stored, ~0.2B active per token (16 experts of 3 x 1024 x 1024 in each of 18 layers)
         vocab_size=32064,
         hidden_size=1024,
         intermediate_size=1024,
@@ -363,11 +364,8 @@ def load_impl(impl, ckpt, dtype, device):
     if impl.startswith("ours"):
         model = generate.speed_up(phi.Phi.from_pretrained(ckpt, dtype=dtype, device=device))  # CPU kernels
         return generate.quantize_int8(model) if "int8" in impl else model
-    cls = (
-        transformers.PhimoeForCausalLM
-        if "phimoe" in (ckpt / "config.json").read_text()
-        else transformers.PhiForCausalLM
-    )
+    moe = json.loads((Path(ckpt) / "config.json").read_text())["model_type"] == "phimoe"
+    cls = transformers.PhimoeForCausalLM if moe else transformers.PhiForCausalLM
     model = cls.from_pretrained(ckpt, dtype=dtype, attn_implementation=impl[3:])
     return model.to(device).eval()
 
