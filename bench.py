@@ -363,6 +363,8 @@ def load_impl(impl, ckpt, dtype, device):
 
     if impl.startswith("ours"):
         model = generate.speed_up(phi.Phi.from_pretrained(ckpt, dtype=dtype, device=device))  # CPU kernels
+        if "int4" in impl:
+            return generate.quantize_int4(model)
         return generate.quantize_int8(model) if "int8" in impl else model
     moe = json.loads((Path(ckpt) / "config.json").read_text())["model_type"] == "phimoe"
     cls = transformers.PhimoeForCausalLM if moe else transformers.PhiForCausalLM
@@ -706,6 +708,198 @@ def verify_cost(size, ks=(1, 2, 4, 8)):
     print(f"verify step / 1-token step at {size} bf16 ({times[1] * 1e3:.0f} ms a token): {row}")
 
 
+# -----------------------------------------------------------------------------------------------------------------
+# llama.cpp side by side: the same random weights written as a GGUF file (arch phi2) in bf16, q8_0 and q4_0, run
+# through llama-cpp-python's low-level API (llama_decode on token ids: no sampling, no per-token Python work beyond
+# one call), each row in a process of its own, the same thread count as torch's
+
+
+LLAMA_ROWS = ("bf16", "q8_0", "q4_0")
+LLAMA_OURS = [  # (impl, dtype): ours per bit width, and transformers
+    ("ours", "bfloat16"),
+    ("ours+compile", "bfloat16"),
+    ("ours+int8", "bfloat16"),
+    ("ours+int8+compile", "bfloat16"),
+    ("ours+int8", "float32"),
+    ("ours+int8+compile", "float32"),
+    ("ours+int4", "bfloat16"),
+    ("hf-sdpa", "bfloat16"),
+    ("hf-eager", "bfloat16"),
+]
+BITS = {"bf16": ("ours", "ours+compile"), "q8_0": ("ours+int8", "ours+int8+compile"), "q4_0": ("ours+int4",)}
+
+
+def write_gguf(ckpt, path, kind):
+    """Our phi-shaped checkpoint as a llama.cpp GGUF file (architecture phi2): matrices in `kind` (bf16, q8_0, q4_0,
+    quantized by the gguf package's own code), norms and biases in f32, phi-2's vocabulary (the reference codegen
+    tokenizer, padded to the embedding's rows; never used to tokenize here)."""
+    import gguf
+    import torch
+
+    import phi
+
+    model = phi.Phi.from_pretrained(ckpt)
+    cfg, T = model.config, gguf.GGMLQuantizationType
+    qtype = {"bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[kind]
+    w = gguf.GGUFWriter(str(path), "phi2")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_eps(cfg.norm_eps)
+    w.add_rope_dimension_count(cfg.rotary_dim)
+    ftypes = gguf.LlamaFileType
+    w.add_file_type({"bf16": ftypes.MOSTLY_BF16, "q8_0": ftypes.MOSTLY_Q8_0, "q4_0": ftypes.MOSTLY_Q4_0}[kind])
+    tj = json.loads((REF / "tokenizers" / "codegen" / "tokenizer.json").read_text())
+    tokens, types = [f"[PAD{i}]" for i in range(cfg.vocab_size)], [gguf.TokenType.UNUSED] * cfg.vocab_size
+    for t, i in tj["model"]["vocab"].items():
+        tokens[i], types[i] = t, gguf.TokenType.NORMAL
+    for t in tj["added_tokens"]:
+        tokens[t["id"]], types[t["id"]] = (
+            t["content"],
+            gguf.TokenType.CONTROL if t["special"] else gguf.TokenType.USER_DEFINED,
+        )
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(50256)
+    w.add_eos_token_id(50256)
+    names = {"embed": "token_embd", "norm": "output_norm", "lm_head": "output"}
+    layer = {
+        "norm1": "attn_norm",
+        "attn.qkv": "attn_qkv",
+        "attn.out": "attn_output",
+        "mlp.fc1": "ffn_up",
+        "mlp.fc2": "ffn_down",
+    }
+    for name, t in model.state_dict().items():
+        module, _, param = name.rpartition(".")
+        if module.startswith("layers."):
+            _, i, rest = module.split(".", 2)
+            gname = f"blk.{i}.{layer[rest]}.{param}"
+        else:
+            gname = f"{names[module]}.{param}"
+        a = t.to(torch.float32).numpy()
+        if a.ndim == 2:
+            w.add_tensor(gname, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(gname, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def llama_row(path, size, threads):
+    """One llama.cpp row, in its own process: prefill 512 tokens; batch-1 decode after a 128-token prompt (each step
+    one llama_decode of the next token id, synchronized). Prints the result as JSON."""
+    import ctypes
+
+    import llama_cpp as L
+
+    threads, n = int(threads), NEW_TOKENS[size]
+    L.llama_backend_init()
+    model = L.llama_model_load_from_file(str(path).encode(), L.llama_model_default_params())
+    cp = L.llama_context_default_params()
+    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_threads, cp.n_threads_batch = 1024, 512, 512, threads, threads
+    ctx = L.llama_init_from_model(model, cp)
+    memory = L.llama_get_memory(ctx)
+    rng = __import__("random").Random(0)
+    ids = (ctypes.c_int32 * 512)(*[rng.randrange(50000) for _ in range(512)])
+
+    def run(tokens, count):
+        if L.llama_decode(ctx, L.llama_batch_get_one(tokens, count)) != 0:
+            raise RuntimeError("llama_decode failed")
+        L.llama_synchronize(ctx)
+
+    def prefill():
+        L.llama_memory_clear(memory, True)
+        run(ids, 512)
+
+    def decode(k):
+        L.llama_memory_clear(memory, True)
+        run(ids, 128)
+        one = (ctypes.c_int32 * 1)()
+        t0 = time.perf_counter()
+        for i in range(k):
+            one[0] = ids[128 + i]
+            run(one, 1)
+        return k / (time.perf_counter() - t0)
+
+    prefill()
+    decode(4)  # warm-up
+    out = {"prefill": 512 / min(timed(prefill) for _ in range(2 if size == "1.4b" else 5)), "decode_b1": decode(n)}
+    print(json.dumps(out))
+
+
+def bench_llama_cpp(args):
+    """Per size: llama.cpp (bf16, q8_0, q4_0) and ours (bf16, int8, int4; eager and compiled) and transformers on
+    the same random weights; prefill (512) and batch-1 decode tokens/s; ours over llama.cpp per bit width."""
+    import subprocess
+    import tempfile
+
+    import torch
+
+    import phi
+
+    threads = torch.get_num_threads()
+    print(f"{cpu_model()} ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}, {threads} threads")
+    results = []
+    for size in args.sizes.split(","):
+        cfg = model_config(size)
+        if cfg.vocab_size != 51200:
+            print(f"{size}: skipped (the GGUF file carries phi-2's vocabulary of 51200)")
+            continue
+        d = Path(tempfile.mkdtemp(prefix=f"phi-llama-{size}-"))
+        torch.manual_seed(0)
+        phi.Phi.from_config(cfg).save_pretrained(d / "ckpt")
+        rows = {}
+        for kind in LLAMA_ROWS:
+            write_gguf(d / "ckpt", d / f"{kind}.gguf", kind)
+            r = subprocess.run(
+                [sys.executable, __file__, "_llama", str(d / f"{kind}.gguf"), size, str(threads)],
+                capture_output=True,
+                text=True,
+            )
+            rows[f"llama.cpp {kind}"] = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else None
+            if r.returncode != 0:
+                print(f"llama.cpp {kind} failed: {r.stderr.strip().splitlines()[-3:]}")
+            (d / f"{kind}.gguf").unlink()
+        for impl, dtype in LLAMA_OURS:
+            r = subprocess.run(
+                [sys.executable, __file__, "_row", size, dtype, impl, str(d / "ckpt"), "cpu"],
+                capture_output=True,
+                text=True,
+            )
+            rows[f"{impl} {dtype}"] = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else None
+            if r.returncode != 0:
+                print(f"{impl} {dtype} failed: {r.stderr.strip().splitlines()[-1:]}")
+        shutil.rmtree(d)
+        print(f"\n{size}: tokens/s (prefill 512; decode batch 1 after a 128-token prompt)")
+        print(f"{'row':28} {'prefill':>9} {'decode b1':>9}")
+        for name, row in rows.items():
+            if row:
+                print(f"{name:28} {row['prefill']:9.1f} {row['decode_b1']:9.2f}")
+        for kind, impls in BITS.items():
+            peer = rows.get(f"llama.cpp {kind}")
+            ours = [v for k, v in rows.items() if v and k.split()[0] in impls]
+            if peer and ours:
+                dec, pre = max(o["decode_b1"] for o in ours), max(o["prefill"] for o in ours)
+                print(
+                    f"  ours (best) / llama.cpp {kind}: decode b1 {dec / peer['decode_b1']:.2f}x, prefill {pre / peer['prefill']:.2f}x"
+                )
+        results.append(dict(size=size, rows=rows))
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(dict(bench="llama-cpp", cpu=cpu_model(), threads=threads, results=results), indent=2)
+        )
+
+
 def bench_int8_agreement(args):
     """Share of prompts whose greedy continuation with int8 (or --bits 4: int4) weights equals the fp32 one, on a
     trained model (default out/model, what `python train.py` writes): prompts are line starts of the stdlib sources."""
@@ -732,8 +926,12 @@ if __name__ == "__main__":
         sys.exit(measure_row(*sys.argv[2:]))
     if sys.argv[1:2] == ["_finetune"]:  # bench_finetune runs each row as: bench.py _finetune SHAPE MODE DEVICE
         sys.exit(finetune_row(*sys.argv[2:]))
+    if sys.argv[1:2] == ["_llama"]:  # bench_llama_cpp runs each llama.cpp row as: bench.py _llama GGUF SIZE THREADS
+        sys.exit(llama_row(*sys.argv[2:]))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["models", "pairs", "finetune", "speculative", "tokenizers", "int8-agreement"])
+    p.add_argument(
+        "what", choices=["models", "pairs", "finetune", "speculative", "tokenizers", "int8-agreement", "llama-cpp"]
+    )
     p.add_argument("--k", type=int, default=4, help="speculative: drafts a step")
     p.add_argument("--bits", type=int, default=8, choices=[8, 4], help="int8-agreement: int8 or int4 weights")
     p.add_argument("--verify-size", default="1.4b", help="speculative: the size whose verify-step cost is measured")
@@ -759,6 +957,8 @@ if __name__ == "__main__":
         bench_finetune(args)
     elif args.what == "int8-agreement":
         bench_int8_agreement(args)
+    elif args.what == "llama-cpp":
+        bench_llama_cpp(args)
     else:
         if not (REF / "tokenizers").is_dir():
             sys.exit(f"bench.py: reference tokenizers not found in {REF} (set PHI_REFERENCE)")

@@ -814,7 +814,7 @@ class Int4Linear(nn.Module):
         self.bias, self.group, self.in_features = linear.bias, group, in_features
 
     def forward(self, x):
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (the kernel needs it contiguous)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.weight, self.group, self.scales_and_zeros)
         y = y.view(*x.shape[:-1], -1).to(x.dtype)
         return y if self.bias is None else y + self.bias
@@ -883,31 +883,40 @@ def can_decode_step(model, cache) -> bool:
 
 
 def decode_step(model, input_ids, cache):
-    """One new token per row, (B, 1) -> hidden states (B, 1, C), with shapes that do not depend on how full the
-    cache is: it attends over all max_len slots under a mask, and reads the fill level (cache.slot) only on the
-    device. This is the step that torch.compile compiles once (gpt-fast's decode_one_token)."""
-    at = cache.slot.view(1).clone()  # (1,) the next slot (a copy: the view would move with slot += 1)
-    pos = torch.where(at > 0, cache.pos.index_select(1, (at - 1).clamp(min=0)) + 1, 0)  # (B, 1)
+    """New tokens (B, T) -> hidden states (B, T, C), with shapes that depend on T only, not on how full the cache
+    is: the tokens attend over all max_len slots under a mask, and the fill level (cache.slot) is read on the device
+    only. This is the step torch.compile compiles once (gpt-fast's decode_one_token): T = 1 for decoding, T = k + 1
+    for a speculative verify step."""
+    T = input_ids.shape[1]
+    at = cache.slot.view(1) + torch.arange(T, device=input_ids.device)  # (T,) the next T slots
+    last = (cache.slot.view(1) - 1).clamp(min=0)
+    pos = torch.where(cache.slot > 0, cache.pos.index_select(1, last) + 1, 0) + torch.arange(T, device=at.device)
     cache.ids.index_copy_(1, at, input_ids)
-    cache.pos.index_copy_(1, at, pos)
+    cache.pos.index_copy_(1, at, pos)  # (B, T)
     cache.valid.index_fill_(1, at, True)
-    cache.slot += 1
-    allowed = cache.valid & (cache.slots <= at)  # (B, S)
+    cache.slot += T
+    allowed = cache.valid[:, None, :] & (cache.slots <= at[:, None])  # (B, T, S): causal, no pads
     if model.config.sliding_window is not None:
-        allowed = allowed & (cache.slots > at - model.config.sliding_window)
+        allowed = allowed & (cache.slots > at[:, None] - model.config.sliding_window)
     cos, sin = model.rotary(pos, model.embed.weight.dtype, cache.long)
-    mask = allowed[:, None, None, :]  # (B, 1, 1, S)
-    return model.blocks(model.embed(input_ids), phi.AttentionInputs(cos, sin, mask, cache, at))
+    return model.blocks(model.embed(input_ids), phi.AttentionInputs(cos, sin, allowed[:, None], cache, at))
 
 
 @torch.no_grad()  # also under torch.compile: a compiled step run with grad enabled loses its cache writes
-def decode_one_token(model, token, cache):
-    """One new token per row (B,) -> logits (B, V): decode_step where it can run, else the model's forward."""
+def decode_tokens(model, tokens, cache):
+    """New tokens (B, T) -> logits (B, T, V): decode_step where it can run, else the model's forward."""
     if can_decode_step(model, cache):
-        return model.lm_head(decode_step(model, token[:, None], cache)[:, -1])
-    return model(token[:, None], cache=cache)[:, -1]
+        return model.lm_head(decode_step(model, tokens, cache))
+    return model(tokens, cache=cache)
 
 
+@torch.no_grad()
+def decode_one_token(model, token, cache):
+    """One new token per row (B,) -> logits (B, V)."""
+    return decode_tokens(model, token[:, None], cache)[:, -1]
+
+
+verify_tokens = decode_tokens  # speculative decoding's verify step; --compile rebinds it (compile_verify)
 eager_decode_one_token = decode_one_token  # the plain step, kept when --compile rebinds decode_one_token
 
 
@@ -919,6 +928,14 @@ def compile_decode(device):
     compiled without graphs, 433 with them."""
     cuda = torch.device(device).type == "cuda"
     return torch.compile(eager_decode_one_token, fullgraph=True, mode="reduce-overhead" if cuda else None)
+
+
+def compile_verify(device):
+    """decode_tokens under torch.compile, for speculative decoding's verify step (the last token and up to k
+    proposals, 1 to k + 1 tokens as the drafts follow the acceptance): compiled for the first size, then once more
+    with the size as a symbol (torch.compile's automatic dynamic shapes); every other shape is fixed."""
+    cuda = torch.device(device).type == "cuda"
+    return torch.compile(decode_tokens, fullgraph=True, mode="reduce-overhead" if cuda else None)
 
 
 def stop_ids(model, eos_ids=None) -> set:
@@ -1131,7 +1148,8 @@ def generate_speculative(
                         q.append(process_logits(dl, None, temperature, top_k, top_p).softmax(-1)[0])
                     token = int(sample(dl, None, temperature, top_k, top_p, 1.0, generator))
                     proposals.append(token)
-            logits = model(torch.tensor([[last] + proposals], device=dev), cache=cache)[0]
+            verify = verify_tokens if can_decode_step(model, cache) and not model.config.moe else decode_tokens
+            logits = verify(model, torch.tensor([[last] + proposals], device=dev), cache)[0]
             n, after = verdict(logits, proposals, q, temperature, top_k, top_p, generator)
             stats["drafted"], stats["accepted"] = stats["drafted"] + len(proposals), stats["accepted"] + n
             if proposals:  # follow the acceptance: back off when drafts keep failing
@@ -1240,7 +1258,7 @@ def check_args(args):
 
 
 def run(args):
-    global decode_one_token
+    global decode_one_token, verify_tokens
     check_args(args)
     prompts = list(args.prompt or [])
     if args.prompt_file:
@@ -1255,8 +1273,9 @@ def run(args):
     )
     if args.compile and model.config.moe:  # generate_batch would take the plain step at every token
         print("note: --compile is not used: a mixture of experts picks its experts on the host", file=sys.stderr)
-    elif args.compile:  # static shapes: compiled once for the whole generation
+    elif args.compile:  # static shapes: compiled once for the whole generation (and per verify size)
         decode_one_token = compile_decode(model.embed.weight.device)
+        verify_tokens = compile_verify(model.embed.weight.device)
     generator = None
     if args.seed is not None:
         torch.manual_seed(args.seed)

@@ -3316,6 +3316,30 @@ def test_speculative_greedy_equals_plain_greedy(name, tmp_path):
         assert any(s >= orig and not long for s, t, long in spans)  # the step that crossed it
 
 
+def test_speculative_verify_step_compiles_per_size_and_matches(tmp_path, monkeypatch, fresh_compiler):
+    """The verify step under torch.compile (--compile with --speculate): generate.decode_step takes T tokens with
+    shapes that depend on T only: the verify sizes (1 to k + 1 tokens) compile at most twice (the first size, then
+    torch.compile's automatic dynamic shapes take T as a symbol), each in one graph; several
+    tokens at once through it equal the full forward (GQA, sliding window), and speculative greedy decoding with
+    the compiled verify step yields plain greedy decoding's tokens."""
+    import torch._dynamo.testing
+
+    model = from_transformers("phi3-gqa-window", tmp_path)[0]
+    ids = ids_for(20)
+    with torch.no_grad():
+        cache = phi.KVCache(model.config, 2, 20)
+        generate.prefill(model, ids[:, :9], None, cache)
+        got = torch.cat([generate.decode_tokens(model, ids[:, t : t + 4], cache) for t in (9, 13)], 1)
+        assert record("decode_step, 4 tokens at once", err(got, model(ids[:, :17])[:, 9:])) <= TOL
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled, calls = torch.compile(generate.decode_tokens, backend=counter, fullgraph=True), []
+    monkeypatch.setattr(generate, "verify_tokens", lambda *a: calls.append(a[1].shape[1]) or compiled(*a))
+    prompt = ids_for(6, B=1)[0].tolist() * 3
+    want = list(generate.generate(model, prompt, 30, eos_ids=set()))
+    assert list(generate.generate_speculative(model, prompt, 30, k=4, eos_ids=set())) == want
+    assert calls and max(calls) == 5 and 1 <= counter.frame_count <= 2 < len(set(calls))  # (then a dynamic size)
+
+
 @needs_reference("tokenizers")
 def test_cli_speculate_equals_plain_greedy(hub):
     """--speculate K (prompt lookup) and --speculate K --draft MODEL print what plain greedy decoding prints, and
@@ -3407,6 +3431,11 @@ def test_int4_logits_close_to_fp32(name, tmp_path):
         assert any(isinstance(m, generate.Int4Linear) for m in q.modules())
         rel = ((q(ids) - want).norm() / want.norm()).item()
     assert record(f"int4 logits relative error {name}", rel) < 0.15
+    # a bf16 model, a batch: the activations reach the kernel as they are (the prompts' last rows: a strided slice)
+    qb = generate.quantize_int4(phi.Phi.from_pretrained(path, dtype=torch.bfloat16))
+    out = torch.stack(list(generate.generate_batch(qb, ids[:, :8].tolist(), 4, eos_ids=set())), 1)
+    with torch.no_grad():
+        assert torch.equal(out, qb(torch.cat((ids[:, :8], out[:, :-1]), 1))[:, 7:].argmax(-1))
 
 
 @needs_reference("tokenizers")
