@@ -25,6 +25,13 @@ Benchmarks (never tests: speed is measured here, correctness in test_phi.py). Ne
         greedy speculative decoding with prompt lookup against plain greedy decoding (batch 1, eager) on a trained
         model (default out/model, what `python train.py` writes): an editing workload (the prompt holds code the
         continuation repeats) and a plain one; tokens/s of each, the acceptance rate, and a check that the tokens agree
+    python bench.py llama-cpp [--sizes 160m,1.4b] [--json out.json]
+        llama.cpp side by side (needs requirements-bench.txt): the same random phi-shaped weights written as GGUF
+        files (architecture phi2; bf16, q8_0 and q4_0, quantized by the gguf package) and run through
+        llama-cpp-python's low-level API (llama_decode on token ids: no tokenizer, no sampling, one call a token),
+        against ours (bf16, int8, int4; eager and compiled) and transformers (bf16), each row in a process of its
+        own, the same thread count: prefill tokens/s (512) and batch-1 decode tokens/s after a 128-token prompt, and
+        ours over llama.cpp per bit width
     python bench.py tokenizers [--json out.json]
         encode throughput of our tiktoken tokenizers vs the Hugging Face `tokenizers` library on ~1 MB of mixed
         text, every family (needs the reference tokenizer files: PHI_REFERENCE, default ../shared/reference)
@@ -723,10 +730,15 @@ LLAMA_OURS = [  # (impl, dtype): ours per bit width, and transformers
     ("ours+int8", "float32"),
     ("ours+int8+compile", "float32"),
     ("ours+int4", "bfloat16"),
+    ("ours+int4+compile", "bfloat16"),
     ("hf-sdpa", "bfloat16"),
     ("hf-eager", "bfloat16"),
 ]
-BITS = {"bf16": ("ours", "ours+compile"), "q8_0": ("ours+int8", "ours+int8+compile"), "q4_0": ("ours+int4",)}
+BITS = {
+    "bf16": ("ours", "ours+compile"),
+    "q8_0": ("ours+int8", "ours+int8+compile"),
+    "q4_0": ("ours+int4", "ours+int4+compile"),
+}
 
 
 def write_gguf(ckpt, path, kind):

@@ -307,8 +307,8 @@ class KVCache:
 
     def update(self, layer: int, k, v, at):
         """Write this layer's new k, v (B, n_kv, T, hd) at slot `at`; return the keys and values to attend to. A
-        prompt (`at` an int) gets the filled slots; a decode token (`at` a (1,) tensor) gets all max_len slots, the
-        unfilled ones hidden by its mask."""
+        prompt (`at` an int) gets the filled slots; generate.decode_step's tokens (`at` a (T,) tensor of slots) get all
+        max_len slots, the unfilled ones hidden by their mask."""
         if isinstance(at, int):
             end = at + k.shape[2]
             self.k[layer][:, :, at:end], self.v[layer][:, :, at:end] = k, v

@@ -2449,6 +2449,30 @@ def test_compiled_int8_decode_of_several_rows_matches_eager(fresh_compiler):
     assert ((out["compiled"] - want).norm() / want.norm()).item() <= 0.02
 
 
+def test_compiled_int4_decode_matches_eager(fresh_compiler):
+    """int4 weights, compiled decode step (batch 1 and 3 rows, a bf16 model): PyTorch's int4 kernel both ways, so
+    the logits equal the eager step's up to bf16 rounding of what inductor fuses around it, and are no farther
+    from the fp32 model's than the eager step's."""
+    cfg = tiny_config(intermediate_size=256)
+    torch.manual_seed(0)
+    fp32 = phi.Phi.from_config(cfg).eval()
+    q = generate.quantize_int4(copy.deepcopy(fp32).to(torch.bfloat16))
+    assert isinstance(q.layers[0].mlp.fc1, generate.Int4Linear)
+    for B in (1, 3):
+        ids, out = ids_for(12, B=B), {}
+        for name, step in {"eager": generate.decode_one_token, "compiled": compiled_step()}.items():
+            out[name] = stepped_logits(q, step, ids, 8, phi.KVCache(cfg, B, 12, dtype=torch.bfloat16)).float()
+        with torch.no_grad():
+            want = fp32(ids)[:, 8:]
+        scale = want.abs().max().item()
+        assert (
+            record(f"compiled vs eager int4 decode, {B} rows / max|logit|", err(out["compiled"], out["eager"]) / scale)
+            <= 2e-2
+        )
+        rel = {k: ((v - want).norm() / want.norm()).item() for k, v in out.items()}
+        assert rel["compiled"] <= 1.1 * rel["eager"]  # no farther from fp32 than the eager int4 step
+
+
 @pytest.mark.parametrize("new_tokens", [20, 36])
 def test_compiled_generation_of_a_longrope_model(tmp_path, monkeypatch, new_tokens, fresh_compiler):
     """`--compile` on a LongRoPE model (original context 32 here): a generation whose cache fits in the original
