@@ -796,8 +796,9 @@ def quantize_int8(model: nn.Module):
 class Int4Linear(nn.Module):
     """A Linear whose weight is stored as 4-bit numbers in groups of `group` input columns, each group with a bf16
     scale and zero point (gpt-fast's scheme: w ≈ (q - 8) * scale + zero, q in 0..15, asymmetric per group), packed
-    two to a byte for PyTorch's CPU int4 kernel, which multiplies bf16 activations by them without expanding the
-    weight: half a byte per weight (plus 4 bytes a group). CPU only."""
+    for PyTorch's int4 kernel of the weight's device (CPU; CUDA: tinygemm, bf16 tensor cores, its own tile layout),
+    which multiplies bf16 activations by them without expanding the weight: half a byte per weight (plus 4 bytes a
+    group)."""
 
     def __init__(self, linear: nn.Linear, group: int):
         super().__init__()
@@ -806,8 +807,13 @@ class Int4Linear(nn.Module):
         g = w.reshape(out_features, in_features // group, group)
         lo, hi = g.amin(-1), g.amax(-1)
         scale = (hi - lo).clamp(min=1e-6) / 15
-        q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
-        self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.flatten(1), 1))
+        q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).flatten(1)  # (out, in)
+        if w.is_cuda:  # from two 4-bit numbers a byte (the even column high), into tiles of 16 x inner_k_tiles
+            tiles = next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)
+            packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), tiles)
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        self.register_buffer("weight", packed)
         zeros = lo + 8 * scale  # (the kernel computes (q - 8) * scale + zero)
         sz = torch.stack([scale, zeros], -1).transpose(0, 1).contiguous()  # (in / group, out, 2)
         self.register_buffer("scales_and_zeros", sz.bfloat16())
@@ -815,19 +821,22 @@ class Int4Linear(nn.Module):
 
     def forward(self, x):
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (the kernel needs it contiguous)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.weight, self.group, self.scales_and_zeros)
+        mm = torch.ops.aten._weight_int4pack_mm if rows.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
+        y = mm(rows, self.weight, self.group, self.scales_and_zeros)
         y = y.view(*x.shape[:-1], -1).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
 
 def quantize_int4(model: nn.Module, group: int = 128):
     """Replace the blocks' and the lm_head's Linears by Int4Linear (groups of `group` columns, or the largest of 128,
-    64, 32 that divides a Linear's inputs; a Linear none divides stays as it is), in place. CPU only."""
-    if next(model.parameters()).device.type != "cpu":
-        raise ValueError("int4 weights need the CPU (PyTorch's int4 kernel used here is the CPU one)")
+    64, 32 that divides a Linear's inputs; a Linear none divides stays as it is), in place. CPU or CUDA (the CUDA
+    kernel also wants outputs in multiples of 8)."""
+    if next(model.parameters()).device.type not in ("cpu", "cuda"):
+        raise ValueError("int4 weights need the CPU or CUDA (PyTorch's int4 kernels)")
 
     def int4(linear):
         fits = [g for g in (group, 64, 32) if linear.in_features % g == 0]
+        fits = fits if linear.weight.device.type == "cpu" or linear.out_features % 8 == 0 else []
         return Int4Linear(linear, fits[0]) if fits else linear
 
     return swap_linears(model, int4, skip=NOT_QUANTIZED)

@@ -3442,6 +3442,27 @@ def test_int4_linear_multiplies_by_its_dequantized_weights():
     assert record("int4 kernel vs dequantized weights, relative", ((got - want).norm() / want.norm()).item()) <= 5e-3
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (PyTorch's CUDA int4 kernel)")
+def test_int4_linear_on_cuda_equals_the_cpu_kernel_and_dequantized_weights():
+    """On CUDA, Int4Linear packs for PyTorch's CUDA int4 kernel (two 4-bit numbers a byte, then its tiles): the same
+    product as the CPU kernel's and as the dequantized weights', up to bf16 rounding; a model quantized there decodes
+    greedily as its own full forward."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 96, bias=True)
+    cpu, cuda = generate.Int4Linear(lin, 64), generate.Int4Linear(copy.deepcopy(lin).cuda(), 64)
+    x = torch.randn(5, 256)
+    with torch.no_grad():
+        want, got = cpu(x), cuda(x.cuda()).cpu()
+    assert record("int4 CUDA vs CPU kernel, relative", ((got - want).norm() / want.norm()).item()) <= 1e-2
+    model = generate.quantize_int4(phi.Phi.from_config(tiny_config(intermediate_size=256), device="cuda").bfloat16())
+    assert isinstance(model.layers[0].mlp.fc1, generate.Int4Linear)
+    prompt = ids_for(8, B=1)[0].tolist()
+    out = list(generate.generate(model, prompt, max_new_tokens=4, eos_ids=set()))
+    with torch.no_grad():
+        full = model(torch.tensor([prompt + out[:-1]], device="cuda"))[0, 7:].argmax(-1).tolist()
+    assert out == full
+
+
 @pytest.mark.parametrize("name", ["phi-2", "phi3-4k", "phi4-mini"])
 def test_int4_logits_close_to_fp32(name, tmp_path):
     """Weight-only int4 (groups of 128, 64 or 32 columns; asymmetric) on transformers' own random init: logits within
