@@ -2838,13 +2838,13 @@ def test_lora_training_writes_a_peft_adapter_that_peft_generate_and_merge_agree_
 
 def test_lora_classifier_adapter_loads_in_peft_and_resumes_exactly(tmp_path):
     """--task seq-cls --lora: the score trains fully and is saved as peft's modules_to_save; peft loads the adapter
-    into transformers' PhiForSequenceClassification with our logits. A LoRA run resumed from its checkpoint ends
-    with the adapter bit-identical to the uninterrupted run's (dropout on)."""
+    into transformers' PhiForSequenceClassification with our logits. A LoRA run resumed from its checkpoint (without
+    repeating its --lora-targets) ends with the adapter bit-identical to the uninterrupted run's (dropout on)."""
     base = tiny_checkpoint(tmp_path / "base")
     toy_classification(tmp_path)
     common = ("--init", base, "--task", "seq-cls", "--data", tmp_path / "seq.jsonl", "--lora", 4, "--lora-dropout", 0.1)
     common += ("--eval-every", 0, "--lr", "3e-3", "--max-steps", 8)
-    a = run_train(tmp_path, *common, "--out", tmp_path / "a", "--save-every", 4)
+    a = run_train(tmp_path, *common, "--out", tmp_path / "a", "--save-every", 4, "--lora-targets", "qkv,out")
     assert a.returncode == 0, a.stderr
     cfg = json.loads((tmp_path / "a" / "adapter" / "adapter_config.json").read_text())
     assert cfg["task_type"] == "SEQ_CLS" and cfg["modules_to_save"] == ["score"]
@@ -2857,8 +2857,11 @@ def test_lora_classifier_adapter_loads_in_peft_and_resumes_exactly(tmp_path):
     with torch.no_grad():
         want = tuned(ids, attention_mask=mask, position_ids=pos).logits
         assert record("train --lora seq-cls: ours vs peft", err(ours(ids, attention_mask=mask), want)) <= TOL
+    # resumed without --lora-targets: the checkpoint's (qkv,out); other targets are one clear error
     b = run_train(tmp_path, *common, "--out", tmp_path / "b", "--resume", tmp_path / "a" / "ckpt-000004")
     assert b.returncode == 0, b.stderr
+    c = run_train(tmp_path, *common, "--out", tmp_path / "c", "--resume", tmp_path / "a", "--lora-targets", "qkv")
+    assert c.returncode == 2 and "was trained with --lora-targets qkv,out, not qkv" in c.stderr
     from safetensors.torch import load_file
 
     wa, wb = (load_file(tmp_path / x / "adapter" / "adapter_model.safetensors") for x in "ab")

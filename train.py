@@ -432,10 +432,11 @@ def return_freed_memory():
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Phi-3.5-MoE's router in training: sparsemixer's estimator (https://huggingface.co/papers/2409.12136). At inference
-# the router's two weights are softmaxes over a mask that usually leaves one expert: a gradient of zero. In training
-# each expert is sampled among those the mask leaves (Gumbel-max), and the router's gradient is estimated with Heun's
-# third-order method. The random draws come in transformers' order, so a seeded run routes as its training mode does.
+# Phi-3.5-MoE's router in training: sparsemixer's estimator (https://huggingface.co/papers/2409.12136), as
+# transformers' training mode. Each of the two experts is sampled (Gumbel-max) among those the jitter mask leaves,
+# not taken as the argmax, and the router's gradient is estimated with Heun's third-order method. (Where the mask
+# leaves a single expert its weight is 1, and that token gives the router no gradient, in either mode.) The random
+# draws come in transformers' order, so a seeded step routes as its training mode does.
 
 
 class SparseMixerGrad(torch.autograd.Function):
@@ -675,6 +676,8 @@ def train(args):
         defaults = vars(parse_args([]))  # for keys a checkpoint of an older train.py does not have
         for key in ("task", "config", "init", "block_size", "lora", "lora_targets", "quantize"):
             was = state["args"].get(key, defaults[key])
+            if key == "lora_targets" and args.lora_targets is None:  # not given: the checkpoint's own
+                args.lora_targets = was
             if was != getattr(args, key):
                 raise TrainError(
                     f"--resume {resume} was trained with --{key.replace('_', '-')} {was}, not {getattr(args, key)}"
