@@ -41,6 +41,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import shutil
 import sys
 import sysconfig
@@ -181,26 +182,30 @@ def decode_bytes(model):
 def model_config(size):
     import phi
 
-    s = SIZES[size]
-    if size.startswith("moe"):
-        return phi.PhiConfig(
-            model_type="phimoe",
-            num_key_value_heads=s["num_attention_heads"] // 4,
-            head_dim=s["hidden_size"] // s["num_attention_heads"],
-            hidden_act="silu",
-            max_position_embeddings=2048,
-            attention_bias=True,
-            lm_head_bias=True,
-            **s,
-        )
+    s, moe = SIZES[size], size.startswith("moe")
+    H = s["num_attention_heads"]
     return phi.PhiConfig(
-        model_type="phi",
-        num_key_value_heads=s["num_attention_heads"],
-        partial_rotary_factor=0.5,
-        head_dim=s["hidden_size"] // s["num_attention_heads"],
+        model_type="phimoe" if moe else "phi",
+        num_key_value_heads=H // 4 if moe else H,  # phimoe: GQA 4:1
+        partial_rotary_factor=1.0 if moe else 0.5,
+        hidden_act="silu" if moe else "gelu_new",
+        attention_bias=moe,  # (phi has its biases whatever these say)
+        lm_head_bias=moe,
+        head_dim=s["hidden_size"] // H,
         max_position_embeddings=2048,
         **s,
     )
+
+
+def row_process(*argv):
+    """`bench.py ARGV` (one row) in a process of its own: (the JSON it printed last, None), or (None, the last lines
+    of its stderr) when it failed."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, __file__, *map(str, argv)], capture_output=True, text=True)
+    if r.returncode != 0:
+        return None, r.stderr.strip().splitlines()
+    return json.loads(r.stdout.strip().splitlines()[-1]), None
 
 
 def cpu_model() -> str:
@@ -215,7 +220,6 @@ def cpu_model() -> str:
 
 
 def bench_models(args):
-    import subprocess
     import tempfile
 
     import torch
@@ -255,15 +259,11 @@ def bench_models(args):
                 if device != "cpu" and "int8" in impl:
                     continue  # the int8 kernels here are CPU ones
                 # one process per row: its own peak memory, no compiled code or allocator state left by the last
-                r = subprocess.run(
-                    [sys.executable, __file__, "_row", size, dtype_name, impl, str(ckpt), device],
-                    capture_output=True,
-                    text=True,
-                )
-                if r.returncode != 0:
-                    print(f"{size:5} {dtype_name:8} {impl:17} failed: {r.stderr.strip().splitlines()[-1:]}")
+                got, errors = row_process("_row", size, dtype_name, impl, ckpt, device)
+                if errors is not None:
+                    print(f"{size:5} {dtype_name:8} {impl:17} failed: {errors[-1:]}")
                     continue
-                row = dict(size=size, dtype=dtype_name, impl=impl, **json.loads(r.stdout.strip().splitlines()[-1]))
+                row = dict(size=size, dtype=dtype_name, impl=impl, **got)
                 rows.append(row)
                 share = row["decode_b1_bandwidth_share"]
                 print(
@@ -604,8 +604,6 @@ def finetune_row(shape, mode, device):
 
 
 def bench_finetune(args):
-    import subprocess
-
     import torch
 
     import phi
@@ -635,13 +633,10 @@ def bench_finetune(args):
                     estimate=True,
                 )
             else:
-                r = subprocess.run(
-                    [sys.executable, __file__, "_finetune", shape, mode, device], capture_output=True, text=True
-                )
-                if r.returncode != 0:
-                    print(r.stderr[-2000:], file=sys.stderr)
+                row, errors = row_process("_finetune", shape, mode, device)
+                if errors is not None:
+                    print("\n".join(errors)[-2000:], file=sys.stderr)
                     continue
-                row = json.loads(r.stdout.strip().splitlines()[-1])
             rows.append(row)
             peak = f"{row['peak_mb'] / 1024:.1f} GB" + (" est. (16 B/param)" if row["estimate"] else "")
             speed = "–" if row["tok_s"] is None else f"{row['tok_s']:.1f}"
@@ -821,7 +816,7 @@ def llama_row(path, size, threads):
     cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_threads, cp.n_threads_batch = 1024, 512, 512, threads, threads
     ctx = L.llama_init_from_model(model, cp)
     memory = L.llama_get_memory(ctx)
-    rng = __import__("random").Random(0)
+    rng = random.Random(0)
     ids = (ctypes.c_int32 * 512)(*[rng.randrange(50000) for _ in range(512)])
 
     def run(tokens, count):
@@ -852,7 +847,6 @@ def llama_row(path, size, threads):
 def bench_llama_cpp(args):
     """Per size: llama.cpp (bf16, q8_0, q4_0) and ours (bf16, int8, int4; eager and compiled) and transformers on
     the same random weights; prefill (512) and batch-1 decode tokens/s; ours over llama.cpp per bit width."""
-    import subprocess
     import tempfile
 
     import torch
@@ -873,24 +867,14 @@ def bench_llama_cpp(args):
         rows = {}
         for kind in LLAMA_ROWS:
             write_gguf(d / "ckpt", d / f"{kind}.gguf", kind)
-            r = subprocess.run(
-                [sys.executable, __file__, "_llama", str(d / f"{kind}.gguf"), size, str(threads)],
-                capture_output=True,
-                text=True,
-            )
-            rows[f"llama.cpp {kind}"] = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else None
-            if r.returncode != 0:
-                print(f"llama.cpp {kind} failed: {r.stderr.strip().splitlines()[-3:]}")
+            rows[f"llama.cpp {kind}"], errors = row_process("_llama", d / f"{kind}.gguf", size, threads)
+            if errors is not None:
+                print(f"llama.cpp {kind} failed: {errors[-3:]}")
             (d / f"{kind}.gguf").unlink()
         for impl, dtype in LLAMA_OURS:
-            r = subprocess.run(
-                [sys.executable, __file__, "_row", size, dtype, impl, str(d / "ckpt"), "cpu"],
-                capture_output=True,
-                text=True,
-            )
-            rows[f"{impl} {dtype}"] = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else None
-            if r.returncode != 0:
-                print(f"{impl} {dtype} failed: {r.stderr.strip().splitlines()[-1:]}")
+            rows[f"{impl} {dtype}"], errors = row_process("_row", size, dtype, impl, d / "ckpt", "cpu")
+            if errors is not None:
+                print(f"{impl} {dtype} failed: {errors[-1:]}")
         shutil.rmtree(d)
         print(f"\n{size}: tokens/s (prefill 512; decode batch 1 after a 128-token prompt)")
         print(f"{'row':28} {'prefill':>9} {'decode b1':>9}")

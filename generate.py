@@ -505,9 +505,9 @@ def lora_modules(model: nn.Module) -> dict:
         module = plain.get_submodule(ours.rpartition(".")[0])
         if not isinstance(module, nn.Linear) or not ours.endswith(".weight"):
             continue
-        # phi's q, k, v are rows of qkv (of GQA's sizes); phimoe's w1 and w3 the two halves of an expert's fc1
-        attn = plain.get_submodule(ours.rsplit(".", 2)[0])
-        sizes = attn.sizes if len(hf) == 3 else [module.out_features // len(hf)] * len(hf)
+        # phi's q, k, v are rows of qkv (of GQA's sizes: its Attention's); phimoe's w1 and w3 the halves of an fc1
+        split = [module.out_features // len(hf)] * len(hf)
+        sizes = plain.get_submodule(ours.rsplit(".", 2)[0]).sizes if len(hf) == 3 else split
         for name, first, rows in zip(hf, [sum(sizes[:i]) for i in range(len(sizes))], sizes):
             out[name.removesuffix(".weight")] = (ours.removesuffix(".weight"), first, rows)
     return out
@@ -891,6 +891,12 @@ def can_decode_step(model, cache) -> bool:
     return model.flash_attn is None and long_ok
 
 
+def compiled_step_ok(model, cache) -> bool:
+    """Can a compiled step (decode, or speculative verify) run on this cache? Where decode_step can, but for a
+    mixture of experts, whose routing picks the experts to run on the host."""
+    return can_decode_step(model, cache) and not model.config.moe
+
+
 def decode_step(model, input_ids, cache):
     """New tokens (B, T) -> hidden states (B, T, C), with shapes that depend on T only, not on how full the cache
     is: the tokens attend over all max_len slots under a mask, and the fill level (cache.slot) is read on the device
@@ -1002,11 +1008,9 @@ def generate_batch(
                 break
             if repetition_penalty != 1.0:
                 seen = torch.cat((seen, token.clamp(min=0)[:, None]), 1)
-            # the compiled step traces the fixed-shape decode_step only: flash-attn, and a LongRoPE model that can
-            # still cross its original context in this cache, take the plain step (can_decode_step); so does a
-            # mixture of experts, whose routing picks the experts to run on the host
-            compiled_ok = can_decode_step(model, cache) and not model.config.moe
-            step_fn = decode_one_token if compiled_ok else eager_decode_one_token
+            # the compiled step traces the fixed-shape decode_step only: flash-attn, a LongRoPE model that can still
+            # cross its original context in this cache, and a mixture of experts take the plain step
+            step_fn = decode_one_token if compiled_step_ok(model, cache) else eager_decode_one_token
             logits = step_fn(model, token.clamp(min=0), cache)
             if step == 0:  # with --compile this first step also compiles
                 stats["first_step_s"] = time.perf_counter() - t0
@@ -1157,7 +1161,7 @@ def generate_speculative(
                         q.append(process_logits(dl, None, temperature, top_k, top_p).softmax(-1)[0])
                     token = int(sample(dl, None, temperature, top_k, top_p, 1.0, generator))
                     proposals.append(token)
-            verify = verify_tokens if can_decode_step(model, cache) and not model.config.moe else decode_tokens
+            verify = verify_tokens if compiled_step_ok(model, cache) else decode_tokens
             logits = verify(model, torch.tensor([[last] + proposals], device=dev), cache)[0]
             n, after = verdict(logits, proposals, q, temperature, top_k, top_p, generator)
             stats["drafted"], stats["accepted"] = stats["drafted"] + len(proposals), stats["accepted"] + n

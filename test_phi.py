@@ -159,9 +159,14 @@ def hf_model(name, head="ForCausalLM", **over):
                 p.copy_(1 + 0.2 * torch.randn_like(p))
             else:
                 p.normal_(0, 0.3 if "embed" in n else 0.15)
-    if kind == "phimoe":  # the checkpoint's own rotary past the original context (see remote_code_rotary)
-        rotary = model.model.rotary_emb if hasattr(model, "model") else model.rotary_emb
-        rotary.forward = remote_code_rotary.__get__(rotary)
+    return with_checkpoint_rotary(model) if kind == "phimoe" else model
+
+
+def with_checkpoint_rotary(model):
+    """A transformers phimoe model (a head, or the bare PhimoeModel) with the checkpoint's own rotary past the
+    original context (remote_code_rotary)."""
+    rotary = getattr(model, "model", model).rotary_emb
+    rotary.forward = remote_code_rotary.__get__(rotary)
     return model
 
 
@@ -3630,8 +3635,7 @@ def test_phimoe_token_classification_on_transformers_trunk(tmp_path):
     to transformers' PhimoeModel hidden states (the trunk is the oracle), left and right padding included."""
     path = saved(hf_model("phimoe"), tmp_path)
     ours = phi.PhiForTokenClassification.from_pretrained(path, num_labels=5).eval()
-    trunk = transformers.PhimoeModel.from_pretrained(path).eval()
-    trunk.rotary_emb.forward = remote_code_rotary.__get__(trunk.rotary_emb)
+    trunk = with_checkpoint_rotary(transformers.PhimoeModel.from_pretrained(path).eval())
     ids, mask, pos = classification_inputs()
     with torch.no_grad():
         want = ours.score(trunk(ids, attention_mask=mask, position_ids=pos).last_hidden_state)
