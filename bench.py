@@ -49,6 +49,8 @@ import time
 from pathlib import Path
 
 import generate
+import quantize
+import tokenizer
 
 REF = Path(os.environ.get("PHI_REFERENCE", Path(__file__).resolve().parent.parent / "shared" / "reference"))
 
@@ -87,7 +89,7 @@ def bench_tokenizers(args):
     print(f"{'family':10} {'ours MB/s':>10} {'tokenizers MB/s':>16} {'speed-up':>9} {'tokens':>9}  same ids")
     for family in ("codegen", "phi3", "phi4", "phi4mini"):
         d = REF / "tokenizers" / family
-        ours = generate.load_tokenizer(d)
+        ours = tokenizer.load_tokenizer(d)
         ref = tokenizers.Tokenizer.from_file(str(d / "tokenizer.json"))
         t_ours, ids = best_of(lambda: ours.encode(text))
         t_ref, enc = best_of(lambda: ref.encode(text, add_special_tokens=False))
@@ -232,7 +234,7 @@ def bench_models(args):
     print(
         f"{cpu_model()} ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, transformers {transformers.__version__}, device {device}, "
-        f"CPU kernels {'on' if generate.CPU_KERNELS else 'off'} (generate.CPU_KERNELS)"
+        f"CPU kernels {'on' if quantize.CPU_KERNELS else 'off'} (quantize.CPU_KERNELS)"
         + (
             f" ({torch.cuda.get_device_name()})"
             if device == "cuda"
@@ -319,16 +321,15 @@ def runners(impl, model, cfg, dtype, device):
     prompt = torch.randint(cfg.vocab_size, (1, 128)).tolist()[0]
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
     if impl.startswith("ours"):
-        step = generate.compile_decode(device) if "compile" in impl else generate.eager_decode_one_token
+        steps = generate.Steps.compiled(device) if "compile" in impl else generate.Steps()
 
         def prefill():
             generate.prefill(model, ids512, None, phi.KVCache(cfg, 1, 512, dtype=dtype, device=device))
             sync()
 
         def decode(B, k):
-            generate.decode_one_token = step
             stats = {}
-            list(generate.generate_batch(model, [prompt] * B, k, eos_ids=set(), stats=stats))
+            list(generate.generate_batch(model, [prompt] * B, k, eos_ids=set(), stats=stats, steps=steps))
             return (stats["new_tokens"] - B) / stats["decode_s"]
 
         return prefill, decode
@@ -369,10 +370,10 @@ def load_impl(impl, ckpt, dtype, device):
     import phi
 
     if impl.startswith("ours"):
-        model = generate.speed_up(phi.Phi.from_pretrained(ckpt, dtype=dtype, device=device))  # CPU kernels
+        model = quantize.speed_up(phi.Phi.from_pretrained(ckpt, dtype=dtype, device=device))  # CPU kernels
         if "int4" in impl:
-            return generate.quantize_int4(model)
-        return generate.quantize_int8(model) if "int8" in impl else model
+            return quantize.quantize_int4(model)
+        return quantize.quantize_int8(model) if "int8" in impl else model
     moe = json.loads((Path(ckpt) / "config.json").read_text())["model_type"] == "phimoe"
     cls = transformers.PhimoeForCausalLM if moe else transformers.PhiForCausalLM
     model = cls.from_pretrained(ckpt, dtype=dtype, attn_implementation=impl[3:])
@@ -427,7 +428,7 @@ def bench_pairs(args):
 
     print(
         f"{cpu_model()} ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}, CPU kernels "
-        f"{'on' if generate.CPU_KERNELS else 'off'}; median of {args.rounds} turns, tokens/s; ratio: ours / the "
+        f"{'on' if quantize.CPU_KERNELS else 'off'}; median of {args.rounds} turns, tokens/s; ratio: ours / the "
         f"better transformers row"
     )
     results = []
@@ -539,27 +540,28 @@ def finetune_row(shape, mode, device):
     import torch
     import torch.nn.functional as F
 
+    import lora
     import phi
     import train
 
     cfg = finetune_config(shape)
-    lora = mode.startswith("lora")
+    use_lora = mode.startswith("lora")
     cuda = device == "cuda"
-    if not cuda and lora:  # as train.py
+    if not cuda and use_lora:  # as train.py
         train.return_freed_memory()
     elif not cuda:
         train.keep_freed_memory()
     before = rss_mb()
-    torch.set_default_dtype(torch.bfloat16 if lora else torch.float32)  # built in its dtype: no fp32 copy first
+    torch.set_default_dtype(torch.bfloat16 if use_lora else torch.float32)  # built in its dtype: no fp32 copy first
     with torch.device(device):
         model = phi.Phi(cfg)
         model.apply(model._init_weights)
     torch.set_default_dtype(torch.float32)
-    model = generate.speed_up(model)
+    model = quantize.speed_up(model)
     if mode == "lora+int8":
-        generate.quantize_int8(model)
-    if lora:
-        train.add_lora(model, dict(r=8, alpha=16, dropout=0.05, targets=["qkv", "out", "fc1", "fc2"]))
+        quantize.quantize_int8(model)
+    if use_lora:
+        lora.add_lora(model, dict(r=8, alpha=16, dropout=0.05, targets=["qkv", "out", "fc1", "fc2"]))
     model.gradient_checkpointing = True
     model.train()
     trained = [p for p in model.parameters() if p.requires_grad]
@@ -693,7 +695,7 @@ def verify_cost(size, ks=(1, 2, 4, 8)):
 
     cfg = model_config(size)
     torch.manual_seed(0)
-    model = generate.speed_up(phi.Phi.from_config(cfg, dtype=torch.bfloat16).eval())
+    model = quantize.speed_up(phi.Phi.from_config(cfg, dtype=torch.bfloat16).eval())
     cache = phi.KVCache(cfg, 1, 256 + 16, dtype=torch.bfloat16)
     generate.prefill(model, torch.randint(cfg.vocab_size, (1, 256)), None, cache)
 

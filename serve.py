@@ -123,11 +123,11 @@ class Server:
     """The model, its tokenizer, and the request being served: request_id and usage belong to the one request that
     holds the lock (requests are served one at a time)."""
 
-    def __init__(self, model, tok, name):
+    def __init__(self, model, tok, name, steps=None):
         self.model, self.tok, self.name = model, tok, name
+        self.steps = steps or generate.Steps()  # generate.Steps.compiled(device) with --compile
         self.lock = threading.Lock()  # one generation at a time: concurrent requests queue here
-        end = {tok.added[t]["id"] for t in ("<|end|>", "<|im_end|>") if t in tok.added}
-        self.chat_eos = set(model.eos_ids) | end
+        self.chat_eos = generate.end_of_turn_ids(model, tok)
 
     def prompt_ids(self, text):
         ids = self.tok.encode(text, bos=self.tok.add_bos)
@@ -137,38 +137,22 @@ class Server:
         return ids
 
     def choices(self, body, ids, chat):
-        """Yields (index, text piece, finish_reason or None) as tokens come, for each of the n choices."""
+        """Yields (index, text piece, finish_reason or None) as tokens come, for each of the n choices. A chat
+        reply's text is the decode of its own tokens; a completion's continues the prompt's text."""
         stops = [body["stop"]] if isinstance(body.get("stop"), str) else body.get("stop") or []
         context = self.model.config.max_position_embeddings
         max_tokens = min(body.get("max_tokens") or context, context - len(ids))
         generator = torch.Generator(self.model.embed.weight.device)
         generator.manual_seed(body["seed"] if body.get("seed") is not None else int(time.time() * 1e6))
+        sampling = generate.Sampling(body.get("temperature", 1.0), top_p=body.get("top_p") or 1.0, generator=generator)
+        eos = self.chat_eos if chat else self.model.eos_ids
         for index in range(body.get("n") or 1):
-            stream, text, shown, finish = self.tok.stream(context=list(ids)), "", 0, "length"
-            tokens = generate.generate(
-                self.model,
-                ids,
-                max_tokens,
-                temperature=body.get("temperature", 1.0),
-                top_p=body.get("top_p") or 1.0,
-                eos_ids=self.chat_eos if chat else self.model.eos_ids,
-                generator=generator,
-            )
-            count = 0
-            for count, token in enumerate(tokens, 1):
-                text += stream.push(token)
-                visible, stopped = generate.cut_at_stop(text, stops)
-                if visible[shown:]:
-                    yield index, visible[shown:], None
-                shown = len(visible)
-                if stopped:
-                    finish = "stop"
-                    break
-            else:
-                finish = "length" if count == max_tokens else "stop"
-            tokens.close()
-            yield index, "", finish
-            self.usage["completion_tokens"] += count
+            tokens = generate.generate(self.model, ids, max_tokens, eos_ids=eos, sampling=sampling, steps=self.steps)
+            stream = generate.TextStream(self.tok, tokens, stops, context=() if chat else ids)
+            for piece in stream:
+                yield index, piece, None
+            yield index, "", "stop" if stream.stopped or len(stream.ids) < max_tokens else "length"
+            self.usage["completion_tokens"] += len(stream.ids)
 
     def complete(self, body, chat):
         """The whole response object (stream=False)."""
@@ -287,10 +271,10 @@ def error(message, kind, param=None):
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
 
-def serve(model, tok, name, host="127.0.0.1", port=8000) -> ThreadingHTTPServer:
+def serve(model, tok, name, host="127.0.0.1", port=8000, steps=None) -> ThreadingHTTPServer:
     """An HTTP server for (model, tok), not yet started: call serve_forever() (port 0: a free port,
-    server.server_address tells which)."""
-    return ThreadingHTTPServer((host, port), make_handler(Server(model, tok, name)))
+    server.server_address tells which). steps: generate.Steps.compiled(device) for the compiled decode step."""
+    return ThreadingHTTPServer((host, port), make_handler(Server(model, tok, name, steps)))
 
 
 def main(argv=None):
@@ -309,9 +293,8 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"serve.py: error: {e}", file=sys.stderr)
         return 1
-    if args.compile:
-        generate.decode_one_token = generate.compile_decode(model.embed.weight.device)
-    httpd = serve(model, tok, args.model, args.host, args.port)
+    steps = generate.Steps.compiled(model.embed.weight.device) if args.compile else None
+    httpd = serve(model, tok, args.model, args.host, args.port, steps)
     print(f"serve.py: {args.model} on http://{args.host}:{httpd.server_address[1]}/v1", file=sys.stderr)
     try:
         httpd.serve_forever()

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -42,7 +41,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 import generate
+import lora
 import phi
+import quantize
+import tokenizer
 
 # Size presets for --config (a config.json path works too). "demo" trains in a few minutes on 2 CPU cores.
 # fmt: off
@@ -63,8 +65,6 @@ PRESETS = {
 }
 # fmt: on
 TASKS = {"causal-lm": phi.Phi, "seq-cls": phi.PhiForSequenceClassification, "token-cls": phi.PhiForTokenClassification}
-PEFT_TASKS = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS", "token-cls": "TOKEN_CLS"}
-LORA_TARGETS = ("qkv", "out", "fc1", "fc2", "lm_head")  # our Linears' names (the README maps them to Hugging Face's)
 
 
 # Checkpoints hold full (unsharded) states keyed by parameter name, whatever the run's parallelism: a checkpoint of
@@ -84,7 +84,7 @@ def write_byte_tokenizer(d: Path):
     """A tokenizer that needs no download: the 256 bytes (id = byte value) + <|endoftext|> (256), written as
     byte-level BPE files without merges (vocab.json + merges.txt), which generate.py and transformers both read."""
     d.mkdir(parents=True, exist_ok=True)
-    vocab = {c: b for b, c in generate.bytes_to_unicode().items()}
+    vocab = {c: b for b, c in tokenizer.bytes_to_unicode().items()}
     vocab["<|endoftext|>"] = 256
     (d / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (d / "merges.txt").write_text("#version: 0.2\n")
@@ -117,7 +117,7 @@ def write_byte_tokenizer(d: Path):
 
 
 def tokenizer_files(src: Path):
-    return [f for pat in generate.TOKENIZER_FILES for f in src.glob(pat) if f.is_file()] + [
+    return [f for pat in tokenizer.TOKENIZER_FILES for f in src.glob(pat) if f.is_file()] + [
         f for f in [src / "chat_template.jinja"] if f.is_file()
     ]
 
@@ -262,13 +262,13 @@ def labelled_batch(examples, g, rows, rank, world, device, pad_id):
 # Checkpoints
 
 
-def save_checkpoint(path: Path, model, tok_dir: Path, state: dict | None, lora: dict | None = None):
+def save_checkpoint(path: Path, model, tok_dir: Path, state: dict | None, lora_cfg: dict | None = None):
     """model directory (with lora: the PEFT adapter only) + tokenizer files (+ training_state.pt), written to a
     temporary directory, then renamed."""
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    if lora:
-        save_adapter(tmp, model, lora)
+    if lora_cfg:
+        lora.save_adapter(tmp, model, lora_cfg)
     else:
         model.save_pretrained(tmp)
     for f in tokenizer_files(tok_dir):
@@ -280,114 +280,6 @@ def save_checkpoint(path: Path, model, tok_dir: Path, state: dict | None, lora: 
         path.rename(old)
     tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
-
-
-# -----------------------------------------------------------------------------------------------------------------
-# LoRA: a frozen base, low-rank adapters trained on top (swapped in for its Linears, as generate.py's speed layer
-# swaps its own), saved in PEFT's format: generate.py, peft and transformers load them
-
-
-class LoRALinear(nn.Module):
-    """A frozen Linear (or generate.Int8Linear) plus a trainable low-rank update: base(x) + scale * B(A(dropout(x))),
-    A (r, in) and B (out, r) in fp32. A starts random (kaiming uniform, as peft), B at zero: step 0 is the base."""
-
-    def __init__(self, base, r, alpha, dropout):
-        super().__init__()
-        out_features, in_features = base.weight.shape
-        self.base, self.scale, self.dropout = base, alpha / r, nn.Dropout(dropout)
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=base.weight.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-
-    def forward(self, x):
-        return self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
-
-
-def add_lora(model, lora: dict):
-    """Freeze the model, wrap the target Linears in LoRALinear; a classifier's score trains fully (peft's
-    modules_to_save)."""
-    if lora["targets"] is None:  # phimoe's experts are not Linears to peft (see below)
-        lora["targets"] = ["qkv", "out"] if model.config.moe else ["qkv", "out", "fc1", "fc2"]
-    if "lm_head" in lora["targets"] and model.config.tie_word_embeddings:
-        raise TrainError("--lora-targets lm_head: this model's lm_head is its embedding (tied); leave lm_head out")
-    experts = [t for t in lora["targets"] if t in ("fc1", "fc2")] if model.config.moe else []
-    if experts:  # (transformers 5 holds all of a layer's experts in one 3-D tensor: no Linear for peft to adapt)
-        raise TrainError(f"--lora-targets {experts[0]}: phimoe's experts cannot take a PEFT LoRA (use qkv,out,lm_head)")
-    model.requires_grad_(False)
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if name in lora["targets"] and isinstance(child, (nn.Linear, generate.Int8Linear)):
-                setattr(module, name, LoRALinear(child, lora["r"], lora["alpha"], lora["dropout"]))
-    if hasattr(model, "score"):
-        model.score.requires_grad_(True)
-    return model
-
-
-def held_modules(model) -> dict:
-    """Our Linear's module name -> [(PEFT's name of a Hugging Face module it holds, first row, rows)]."""
-    held = {}
-    for hf, (ours, first, rows) in generate.lora_modules(model).items():
-        held.setdefault(ours, []).append((generate.PEFT_PREFIX + hf, first, rows))
-    return held
-
-
-def adapter_tensors(model) -> dict:
-    """The trained tensors under PEFT's names: for each LoRALinear one LoRA per Hugging Face module it holds (phi's
-    qkv: q_proj, k_proj and v_proj share A, each takes its rows of B, so the three add up to ours exactly), and a
-    classifier's score."""
-    held, out = held_modules(model), {}
-    for name, m in model.named_modules():
-        if isinstance(m, LoRALinear):
-            for peft_name, first, rows in held[name]:
-                out[f"{peft_name}.lora_A.weight"] = m.lora_A
-                out[f"{peft_name}.lora_B.weight"] = m.lora_B[first : first + rows]
-    if hasattr(model, "score"):
-        for n, p in model.score.named_parameters():
-            out[f"{generate.PEFT_PREFIX}score.{n}"] = p
-    return {k: v.detach().float().cpu().clone() for k, v in out.items()}  # q, k, v: one copy of A each
-
-
-def save_adapter(d: Path, model, lora: dict):
-    from safetensors.torch import save_file
-
-    d.mkdir(parents=True, exist_ok=True)
-    tensors = adapter_tensors(model)
-    save_file(tensors, d / "adapter_model.safetensors")
-    targets = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors if ".lora_" in k})
-    config = dict(
-        peft_type="LORA",
-        task_type=PEFT_TASKS[lora["task"]],
-        base_model_name_or_path=lora["base"],
-        r=lora["r"],
-        lora_alpha=lora["alpha"],
-        lora_dropout=lora["dropout"],
-        target_modules=targets,
-        modules_to_save=["score"] if hasattr(model, "score") else None,
-        bias="none",
-        fan_in_fan_out=False,
-        use_rslora=False,
-        init_lora_weights=True,
-        inference_mode=True,
-    )
-    (d / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
-@torch.no_grad()
-def load_lora(model, d: Path):
-    """Our own adapter back into the LoRALinear modules (to resume): A from the first of a module's LoRAs (they
-    share it), B joined from their rows; a classifier's score."""
-    saved = generate.read_adapter(d)[1]
-    missing = [name for name in adapter_tensors(model) if name not in saved]
-    if missing:
-        raise TrainError(f"{d}: the adapter has no {missing[0]} (not made with this run's --lora settings?)")
-    held = held_modules(model)
-    for name, m in model.named_modules():
-        if isinstance(m, LoRALinear):
-            m.lora_A.copy_(saved[held[name][0][0] + ".lora_A.weight"])
-            m.lora_B.copy_(torch.cat([saved[peft_name + ".lora_B.weight"] for peft_name, _, _ in held[name]]))
-    if hasattr(model, "score"):
-        for n, p in model.score.named_parameters():
-            p.copy_(saved[f"{generate.PEFT_PREFIX}score.{n}"])
 
 
 def latest_checkpoint(d: Path):
@@ -550,7 +442,7 @@ def parse_args(argv=None):
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument(
         "--lora-targets",
-        help=f"Linears to adapt, of {','.join(LORA_TARGETS)} (default qkv,out,fc1,fc2; phimoe: qkv,out)",
+        help=f"Linears to adapt, of {','.join(lora.TARGETS)} (default qkv,out,fc1,fc2; phimoe: qkv,out)",
     )
     p.add_argument("--quantize", choices=["int8"], help="with --lora: store the frozen base as int8 (per channel)")
     p.add_argument("--merge", action="store_true", help="with --lora: also write OUT/model with the adapter merged")
@@ -620,20 +512,20 @@ def build_model(args, cfg, device, tok_vocab, pad_id, num_labels):
         over = {"num_labels": num_labels} if num_labels else {}
         dtype = getattr(torch, args.dtype) if args.lora else torch.float32
         load_on = torch.device("cpu") if args.quantize else device  # int8: quantized on the CPU, then moved
-        model = generate.speed_up(cls.from_pretrained(src, dtype=dtype, device=load_on, **over).train())
+        model = quantize.speed_up(cls.from_pretrained(src, dtype=dtype, device=load_on, **over).train())
         if args.lora:
             if args.quantize == "int8":  # (the GPU never holds the bf16 base)
-                generate.quantize_int8(model).to(device)
-            add_lora(model, lora_settings(args))
+                quantize.quantize_int8(model).to(device)
+            lora.add_lora(model, lora_settings(args))
             if args.resume:
-                load_lora(model, Path(args.resume))
+                lora.load_lora(model, Path(args.resume))
         return model
     cfg.vocab_size = -(-tok_vocab // 64) * 64  # round up to a multiple of 64 (faster matmuls)
     cfg.max_position_embeddings = max(cfg.max_position_embeddings, args.block_size)
     cfg.embd_pdrop = cfg.resid_pdrop = args.dropout
     cfg.bos_token_id = cfg.eos_token_id = cfg.pad_token_id = pad_id
     cfg.num_labels = num_labels or cfg.num_labels
-    return generate.speed_up(cls.from_config(cfg, device=device).train())
+    return quantize.speed_up(cls.from_config(cfg, device=device).train())
 
 
 def lora_settings(args):
@@ -655,9 +547,9 @@ def check_lora_args(args):
         return
     if args.lora < 1 or args.init == "scratch":
         raise TrainError("--lora R needs R >= 1 and --init (the checkpoint to adapt)")
-    bad = [t for t in (args.lora_targets or "qkv").split(",") if t not in LORA_TARGETS]
+    bad = [t for t in (args.lora_targets or "qkv").split(",") if t not in lora.TARGETS]
     if bad:
-        raise TrainError(f"--lora-targets {bad[0]}: not one of {', '.join(LORA_TARGETS)}")
+        raise TrainError(f"--lora-targets {bad[0]}: not one of {', '.join(lora.TARGETS)}")
     if args.fsdp:
         raise TrainError("--lora with --fsdp is not supported (the base is frozen: DDP, or one process, is enough)")
 
@@ -668,7 +560,7 @@ def train(args):
     out = Path(args.out)
     files = data_files(args.data)  # bad input is caught before anything is written
     check_lora_args(args)
-    lora = lora_settings(args) if args.lora else None
+    lora_cfg = lora_settings(args) if args.lora else None
     state, resume = None, latest_checkpoint(Path(args.resume)) if args.resume else None
     if resume:
         args.resume = str(resume)
@@ -690,7 +582,7 @@ def train(args):
         write_byte_tokenizer(tok_dir)
     else:
         tok_dir = Path(tok_src) if Path(tok_src).is_dir() else generate.checkpoint_dir(tok_src)
-    tok = generate.load_tokenizer(tok_dir)
+    tok = tokenizer.load_tokenizer(tok_dir)
     pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
     # --- data
     label_map, examples = {}, None
@@ -754,7 +646,7 @@ def train(args):
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")
     if master:
         n = sum(p.numel() for p in raw.parameters()) + sum(b.numel() for b in raw.buffers() if b.dtype == torch.int8)
-        trained = f" ({sum(p.numel() for p in raw.parameters() if p.requires_grad) / 1e6:.2f}M trained)" if lora else ""
+        trained = f" ({sum(p.numel() for p in raw.parameters() if p.requires_grad) / 1e6:.2f}M trained)" if lora_cfg else ""
         print(
             f"{args.task}: {n / 1e6:.2f}M parameters{trained} ({raw.config.model_type}, {raw.config.num_hidden_layers} layers, "
             f"{raw.config.hidden_size} wide), {device}, {args.dtype} autocast, {world} process(es)",
@@ -858,19 +750,19 @@ def train(args):
             )
             full = unsharded(raw, args.fsdp and world > 1, master)
             if master:
-                save_checkpoint(out / f"ckpt-{step:06d}", full, tok_dir, state, lora)
+                save_checkpoint(out / f"ckpt-{step:06d}", full, tok_dir, state, lora_cfg)
     if not steps_left:  # resumed at --max-steps: no step ran, nothing was gathered
         full = unsharded(raw, args.fsdp and world > 1, master)
-    if master and lora:
-        save_checkpoint(out / "adapter", full, tok_dir, None, lora)
+    if master and lora_cfg:
+        save_checkpoint(out / "adapter", full, tok_dir, None, lora_cfg)
         print(f"saved {out / 'adapter'} (a PEFT LoRA adapter for {args.init})", file=sys.stderr)
-    if master and (args.merge or not lora):
+    if master and (args.merge or not lora_cfg):
         if args.merge:  # the base as stored (its own dtype, not int8) + the adapter, through generate's merge
             d = generate.checkpoint_dir(args.init)
             dtype = phi.PhiConfig.from_hf(phi._read_json(d / "config.json")).torch_dtype or "float32"
             over = {"num_labels": raw.config.num_labels} if args.task != "causal-lm" else {}
             full = TASKS[args.task].from_pretrained(d, dtype=getattr(torch, dtype), **over)
-            generate.merge_adapter(full, out / "adapter")
+            lora.merge_adapter(full, out / "adapter")
         save_checkpoint(out / "model", full, tok_dir, None)
         print(
             f"saved {out / 'model'} (a Hugging Face model directory: python generate.py --model {out / 'model'})",

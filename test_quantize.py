@@ -1,0 +1,386 @@
+"""quantize.py: the CPU kernels (FastLinear, matvec, oneDNN) and int8/int4 weights, correctness only (bench.py measures
+the speed)."""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+import generate
+import phi
+import quantize
+from conftest import (
+    BASE,
+    CASES,
+    HF_CLASSES,
+    TOL,
+    compiled_step,
+    continuation,
+    err,
+    from_transformers,
+    hf_model,
+    ids_for,
+    needs_reference,
+    python_env,
+    record,
+    run_cli,
+    saved,
+    snapshot,
+    stepped_logits,
+    tiny_config,
+)
+
+
+def test_compiled_batch1_decode_streams_weights_and_matches(monkeypatch, fresh_compiler):
+    """Batch-1 decoding under torch.compile (inductor) multiplies by every weight as multiply-and-sum (quantize.matvec):
+    the logits equal the full forward pass, for biased Linears, a row longer than 4096 (summed in 4 chunks of 2050)
+    and int8 weights. The caller's grad mode is left on: a compiled step run with grad enabled used to lose its
+    cache writes after the first token (decode_one_token runs under no_grad)."""
+    calls = []
+
+    def counted(x, weight, scale=None):
+        calls.append(tuple(weight.shape))
+        return matvec(x, weight, scale)
+
+    matvec = quantize.matvec
+    monkeypatch.setattr(quantize, "matvec", counted)
+    cfg = tiny_config(intermediate_size=8200, num_hidden_layers=1)
+    torch.manual_seed(0)
+    model = quantize.speed_up(phi.Phi.from_config(cfg).eval(), cpu_kernels=True)
+    ids = ids_for(16, B=1)
+    for m in (model, quantize.quantize_int8(quantize.speed_up(phi.Phi.from_config(cfg).eval(), cpu_kernels=True))):
+        torch._dynamo.reset()  # the int8 model: a new graph
+        step = compiled_step()
+        with torch.no_grad():
+            full = m(ids)
+        cache = phi.KVCache(cfg, 1, 16)
+        got = stepped_logits(m, step, ids, 10, cache)  # > 8 rows: int8 prefill in fp32, like the full forward
+        assert (64, 8200) in calls  # fc2: the chunked long row went through matvec
+        calls.clear()
+        assert (
+            record(f"compiled batch-1 decode vs full forward ({type(m.lm_head).__name__})", err(got, full[:, 10:]))
+            <= TOL
+        )
+
+
+def test_bf16_matvec_widens_in_int32_pairs_exactly(monkeypatch, fresh_compiler):
+    """bf16 weights and input: matvec widens them two at a time (quantize.bf16_halves, bit operations on int32 pairs), eager
+    and compiled, from quantize.PAIRS_MIN_WEIGHTS weights on. Against fp32 products of the same bf16 numbers, the result is
+    off by the final bf16 rounding only; rows whose chunks have an odd length (4097 = 17 x 241, and 63) and smaller
+    weights take the plain widening, with the same result."""
+    halves = []
+    bf16_halves = quantize.bf16_halves
+    monkeypatch.setattr(quantize, "bf16_halves", lambda t: halves.append(t.shape) or bf16_halves(t))
+    compiled = torch.compile(quantize.matvec, fullgraph=True, dynamic=False)
+    g = torch.Generator().manual_seed(0)
+    for N, K, pairs in [(2**14, 64, True), (128, 8200, True), (40, 8200, False), (256, 4097, False), (40, 63, False)]:
+        x, w = torch.randn(1, K, generator=g).bfloat16(), torch.randn(N, K, generator=g).bfloat16()
+        want = x.float() @ w.float().T  # exact products of the bf16 numbers, fp32 sums
+        bound = (want.abs() * 2**-8 + 1e-5 * (x.float().abs() @ w.float().abs().T)).max().item()  # rounding; sums
+        for name, f in [("eager", quantize.matvec), ("compiled", compiled)]:
+            halves.clear()
+            got = f(x, w)
+            assert got.dtype == torch.bfloat16 and got.shape == (1, N)
+            assert record(f"bf16 matvec {name}, {N}x{K} (max err / bf16 rounding bound)", err(got, want) / bound) <= 1
+            assert len(halves) == (2 if pairs else 0)  # x and the weight; the compiled call counts too
+
+
+@pytest.mark.parametrize("model_type", ["phi", "phi3"])
+def test_compiled_batch1_decode_of_a_bf16_model_matches_eager(model_type, monkeypatch, fresh_compiler):
+    """A bf16 model (parallel block with biases; Phi-3 block with GQA): the compiled batch-1 step, whose products go
+    through the int32-pair widening (threshold at 0 here), is as close to the exact result (the same bf16 weights in
+    fp32) as the eager bf16 step is: the eager step rounds every op's output to bf16, inductor only what it stores,
+    so its error may be smaller but not larger (bound: 1.1x the eager step's; measured 0.75-0.77x). A wrong widening
+    fails it (tried: the low half shifted by 15 bits; the high half's last mantissa bit lost)."""
+    monkeypatch.setattr(quantize, "PAIRS_MIN_WEIGHTS", 0)
+    cfg = tiny_config(
+        model_type=model_type,
+        intermediate_size=192,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        original_max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = quantize.speed_up(phi.Phi.from_config(cfg).eval().bfloat16(), cpu_kernels=True)
+    exact = copy.deepcopy(model).float()
+    ids = ids_for(14, B=1)
+    out = {}
+    for name, m, step in [
+        ("exact", exact, generate.decode_one_token),
+        ("eager", model, generate.decode_one_token),
+        ("compiled", model, compiled_step()),
+    ]:
+        cache = phi.KVCache(cfg, 1, 14, dtype=m.embed.weight.dtype)
+        out[name] = stepped_logits(m, step, ids, 6, cache).float()
+    eager, compiled = err(out["eager"], out["exact"]), err(out["compiled"], out["exact"])
+    record(f"compiled bf16 batch-1 decode vs exact / eager vs exact ({model_type})", compiled / eager)
+    assert compiled <= 1.1 * eager
+
+
+def test_compiled_int8_decode_of_several_rows_matches_eager(fresh_compiler):
+    """int8 weights, compiled decode step with 3 rows (PyTorch's int8 kernel, kept opaque to inductor as the custom op
+    quantize.int8_mm): the same tokens' logits as the eager step, and within 2% of the fp32 model."""
+    cfg = tiny_config(intermediate_size=256)
+    torch.manual_seed(0)
+    fp32 = phi.Phi.from_config(cfg).eval()
+    q = quantize.quantize_int8(copy.deepcopy(fp32))
+    ids = ids_for(12, B=3)
+    steps = {"eager": generate.decode_one_token, "compiled": compiled_step()}
+    out = {}
+    for name, step in steps.items():
+        cache = phi.KVCache(cfg, 3, 12)
+        out[name] = stepped_logits(q, step, ids, 8, cache)
+    with torch.no_grad():
+        want = fp32(ids)[:, 8:]
+    # the same int8 kernel (an op inductor does not look into) both ways, fp32 around it: equal up to fp32 reordering
+    assert record("compiled vs eager int8 decode, 3 rows", err(out["compiled"], out["eager"])) <= TOL
+    assert ((out["compiled"] - want).norm() / want.norm()).item() <= 0.02
+
+
+def test_compiled_int4_decode_matches_eager(fresh_compiler):
+    """int4 weights, compiled decode step (batch 1 and 3 rows, a bf16 model): PyTorch's int4 kernel both ways, so
+    the logits equal the eager step's up to bf16 rounding of what inductor fuses around it, and are no farther
+    from the fp32 model's than the eager step's."""
+    cfg = tiny_config(intermediate_size=256)
+    torch.manual_seed(0)
+    fp32 = phi.Phi.from_config(cfg).eval()
+    q = quantize.quantize_int4(copy.deepcopy(fp32).to(torch.bfloat16))
+    assert isinstance(q.layers[0].mlp.fc1, quantize.Int4Linear)
+    for B in (1, 3):
+        ids, out = ids_for(12, B=B), {}
+        for name, step in {"eager": generate.decode_one_token, "compiled": compiled_step()}.items():
+            out[name] = stepped_logits(q, step, ids, 8, phi.KVCache(cfg, B, 12, dtype=torch.bfloat16)).float()
+        with torch.no_grad():
+            want = fp32(ids)[:, 8:]
+        scale = want.abs().max().item()
+        assert (
+            record(f"compiled vs eager int4 decode, {B} rows / max|logit|", err(out["compiled"], out["eager"]) / scale)
+            <= 2e-2
+        )
+        rel = {k: ((v - want).norm() / want.norm()).item() for k, v in out.items()}
+        assert rel["compiled"] <= 1.1 * rel["eager"]  # no farther from fp32 than the eager int4 step
+
+
+def test_speed_up_is_a_module_swap_chosen_by_the_cpu_rule(tmp_path, hub, monkeypatch):
+    """phi.py builds plain nn.Linear; quantize.speed_up swaps in FastLinear (the CPU kernels) sharing each parameter:
+    the state dict keeps its names, a tied lm_head stays tied, the logits stay the same. generate.load applies it
+    where quantize.CPU_KERNELS says so (AMD CPUs; PHI_CPU_KERNELS=0/1 overrides), and not elsewhere."""
+    path = saved(hf_model("phi4-mini"), tmp_path)
+    plain = phi.Phi.from_pretrained(path)
+    assert all(type(m) is torch.nn.Linear for m in plain.modules() if isinstance(m, torch.nn.Linear))
+    assert quantize.speed_up(plain, cpu_kernels=False) is plain and not any(
+        isinstance(m, quantize.FastLinear) for m in plain.modules()
+    )
+    fast = quantize.speed_up(phi.Phi.from_pretrained(path), cpu_kernels=True)
+    linears = [m for m in fast.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 4 * fast.config.num_hidden_layers + 1
+    assert all(type(m) is quantize.FastLinear for m in linears)
+    assert list(fast.state_dict()) == list(plain.state_dict()) and fast.lm_head.weight is fast.embed.weight
+    ids = ids_for(20)
+    with torch.no_grad():
+        assert err(fast(ids), plain(ids)) <= TOL
+    for rule in (False, True):
+        monkeypatch.setattr(quantize, "CPU_KERNELS", rule)
+        model, _ = generate.load(snapshot(hub[0], "phi-2"), dtype="float32", device="cpu")
+        assert isinstance(model.layers[0].mlp.fc1, quantize.FastLinear) == rule
+    for value, want in (("0", "False"), ("1", "True")):
+        env = python_env(PHI_CPU_KERNELS=value)
+        r = subprocess.run(
+            [sys.executable, "-c", "import generate; print(quantize.CPU_KERNELS)"],
+            env=env,
+            text=True,
+            capture_output=True,
+        )
+        assert r.stdout.strip() == want, r.stderr
+
+
+def transformers_init(name, path):
+    """Case `name` with transformers' own random init (not hf_model's larger weights), saved to path."""
+    kind, kw, _ = CASES[name]
+    torch.manual_seed(0)
+    hf_cfg = getattr(transformers, HF_CLASSES[kind] + "Config")(**{**BASE, **kw})
+    return saved(getattr(transformers, HF_CLASSES[kind] + "ForCausalLM")(hf_cfg), path)
+
+
+@pytest.mark.parametrize("name", ["phi-2", "phi3-4k", "phi4-mini", "phimoe"])
+def test_int8_logits_close_to_fp32(name, tmp_path):
+    """Weight-only int8 (per-channel symmetric) on transformers' own random init: logits within 2% of fp32
+    (||int8 - fp32|| / ||fp32||), with fp32 and with bf16 activations."""
+    path = transformers_init(name, tmp_path)
+    ids = ids_for(48)
+    with torch.no_grad():
+        want = phi.Phi.from_pretrained(path)(ids)
+        q = quantize.quantize_int8(phi.Phi.from_pretrained(path))
+        assert q.layers[0].attn.qkv.weight.dtype == torch.int8
+        rel = ((q(ids) - want).norm() / want.norm()).item()
+        qb = quantize.quantize_int8(phi.Phi.from_pretrained(path, dtype=torch.bfloat16))
+        rel_bf16 = ((qb(ids).float() - want).norm() / want.norm()).item()
+    assert record(f"int8 logits relative error {name}", rel) < 0.02
+    assert record(f"int8 (bf16) logits relative error {name}", rel_bf16) < 0.02
+
+
+def test_int8_prompt_multiplies_the_expanded_weights_as_fast_linear_does(tmp_path, monkeypatch):
+    """With fp32 activations on the CPU an int8 model's prompt expands each weight and takes FastLinear's matmul:
+    oneDNN from quantize.ONEDNN_MIN_WEIGHTS on (F.linear, MKL, is 1.2-1.4x slower at 512 rows), the same logits."""
+    model = quantize.speed_up(from_transformers("phi-2", tmp_path)[0], cpu_kernels=True)
+    q = quantize.quantize_int8(model)
+    ids, calls, op = ids_for(12), [], quantize.onednn_linear
+    monkeypatch.setattr(quantize, "onednn_linear", lambda *a: calls.append(a[1].dtype) or op(*a))
+    with torch.no_grad():
+        want = q(ids)  # the tiny weights: all F.linear
+        assert not calls
+        monkeypatch.setattr(quantize, "ONEDNN_MIN_WEIGHTS", 0)
+        got = q(ids)
+    assert calls == [torch.float32] * (4 * q.config.num_hidden_layers + 1)
+    assert record("int8 prompt, oneDNN vs F.linear logits", err(got, want)) <= TOL
+
+
+def test_int8_cannot_be_saved_and_cli_equals_the_api(tmp_path, hub):
+    """An int8 model refuses to be saved (its weights are not the checkpoint's); --quantize int8 on the command line
+    generates the API's int8 tokens, which differ from the unquantized ones here (so the option is not ignored)."""
+    q = quantize.quantize_int8(from_transformers("phi-1.5", tmp_path)[0])
+    with pytest.raises(ValueError, match="an int8-quantized model is not saved"):
+        q.save_pretrained(tmp_path / "no")
+    home, _ = hub
+    want = {}
+    for bits in (None, "int8"):
+        model, tok = generate.load(snapshot(home, "phi3-4k"), quantize=bits)
+        prompt = tok.encode("def f(x):", bos=tok.add_bos)
+        want[bits] = continuation(tok, prompt, list(generate.generate(model, prompt, 24)))
+    assert want[None] != want["int8"]
+    args = ("--model", "test/phi3-4k", "--prompt", "def f(x):", "--max-new-tokens", 24, "--temperature", 0)
+    assert run_cli(home, *args, "--quantize", "int8").stdout == want["int8"] + "\n"
+
+
+@pytest.mark.parametrize("name", ["phi-2", "phi4-mini"])
+def test_onednn_linears_match_transformers_in_forward_backward_and_compiled_decode(
+    name, tmp_path, monkeypatch, fresh_compiler
+):
+    """fp32 Linears on the CPU from quantize.ONEDNN_MIN_WEIGHTS weights on are oneDNN matmuls (a custom op with its own
+    backward). With that threshold at 0, every one is: logits, loss and every parameter's gradient equal
+    transformers' (phi4-mini: lm_head tied to the embedding), the compiled 3-row decode step equals the full forward,
+    and under bf16 autocast the Linears are left to autocast (bf16 out)."""
+    calls = []
+    op = quantize.onednn_linear
+    monkeypatch.setattr(quantize, "ONEDNN_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(quantize, "onednn_linear", lambda *a: calls.append(a[1].shape) or op(*a))
+    ours, ref = from_transformers(name, tmp_path)
+    ours, ref = quantize.speed_up(ours, cpu_kernels=True).train(), ref.train()
+    ids = ids_for(12)
+    logits, loss = ours(ids, labels=ids)
+    n = 4 * ours.config.num_hidden_layers + 1  # qkv, out, fc1, fc2 per layer, lm_head
+    assert len(calls) == n
+    loss.backward()  # + each input's gradient
+    assert len(calls) == 2 * n
+    out = ref(ids, labels=ids)
+    out.loss.backward()
+    assert record(f"oneDNN logits {name}", err(logits, out.logits)) <= TOL
+    assert record(f"oneDNN loss {name}", abs(loss.item() - out.loss.item())) <= TOL
+    hf_params = dict(ref.named_parameters())
+    for our, srcs in ours.hf_names(ours.config.model_type).items():
+        want = torch.cat([hf_params[s].grad for s in srcs])
+        got = ours.get_parameter(our).grad
+        assert record(f"oneDNN gradients {name}", err(got, want)) <= TOL * max(1.0, want.abs().max().item()), our
+
+    ours.eval()
+    calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ours(ids).dtype == torch.bfloat16 and not calls
+    ids3 = ids_for(12, B=3)
+    step = compiled_step()
+    cache = phi.KVCache(ours.config, 3, 12)
+    got = stepped_logits(ours, step, ids3, 8, cache)
+    with torch.no_grad():
+        assert record(f"oneDNN compiled 3-row decode {name}", err(got, ours(ids3)[:, 8:])) <= TOL
+    assert calls
+
+
+def test_int4_linear_multiplies_by_its_dequantized_weights():
+    """Int4Linear through PyTorch's CPU int4 kernel equals x @ W4.T, W4 the 4-bit weights dequantized by the scheme
+    itself (q * scale + min per group of 64 columns), up to bf16 rounding; W4 is within a 15th of each group's range
+    of the original weight."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 96, bias=True)
+    q = quantize.Int4Linear(lin, 64)
+    w = lin.weight.detach().reshape(96, 4, 64)
+    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    step = (hi - lo) / 15
+    w4 = (torch.round((w - lo) / step) * step + lo).reshape(96, 256)
+    assert ((w4 - lin.weight).abs() <= step.repeat_interleave(64, 1).reshape(96, 256) / 2 + 1e-6).all()
+    x = torch.randn(5, 3, 256)
+    with torch.no_grad():
+        want = x @ w4.T + lin.bias
+        got = q(x)
+    assert got.shape == want.shape and got.dtype == x.dtype
+    assert record("int4 kernel vs dequantized weights, relative", ((got - want).norm() / want.norm()).item()) <= 5e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (PyTorch's CUDA int4 kernel)")
+def test_int4_linear_on_cuda_equals_the_cpu_kernel_and_dequantized_weights():
+    """On CUDA, Int4Linear packs for PyTorch's CUDA int4 kernel (two 4-bit numbers a byte, then its tiles): the same
+    product as the CPU kernel's and as the dequantized weights', up to bf16 rounding; a model quantized there decodes
+    greedily as its own full forward."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 96, bias=True)
+    cpu, cuda = quantize.Int4Linear(lin, 64), quantize.Int4Linear(copy.deepcopy(lin).cuda(), 64)
+    x = torch.randn(5, 256)
+    with torch.no_grad():
+        want, got = cpu(x), cuda(x.cuda()).cpu()
+    assert record("int4 CUDA vs CPU kernel, relative", ((got - want).norm() / want.norm()).item()) <= 1e-2
+    model = quantize.quantize_int4(phi.Phi.from_config(tiny_config(intermediate_size=256), device="cuda").bfloat16())
+    assert isinstance(model.layers[0].mlp.fc1, quantize.Int4Linear)
+    prompt = ids_for(8, B=1)[0].tolist()
+    out = list(generate.generate(model, prompt, max_new_tokens=4, eos_ids=set()))
+    with torch.no_grad():
+        full = model(torch.tensor([prompt + out[:-1]], device="cuda"))[0, 7:].argmax(-1).tolist()
+    assert out == full
+
+
+@pytest.mark.parametrize("name", ["phi-2", "phi3-4k", "phi4-mini"])
+def test_int4_logits_close_to_fp32(name, tmp_path):
+    """Weight-only int4 (groups of 128, 64 or 32 columns; asymmetric) on transformers' own random init: logits within
+    15% of fp32 (||int4 - fp32|| / ||fp32||; measured 6-13% on these tiny models, where a group is a Linear's whole
+    row; int8 is within 2%)."""
+    path = transformers_init(name, tmp_path)
+    ids = ids_for(48)
+    with torch.no_grad():
+        want = phi.Phi.from_pretrained(path)(ids)
+        q = quantize.quantize_int4(phi.Phi.from_pretrained(path))
+        assert any(isinstance(m, quantize.Int4Linear) for m in q.modules())
+        rel = ((q(ids) - want).norm() / want.norm()).item()
+    assert record(f"int4 logits relative error {name}", rel) < 0.15
+    # a bf16 model, a batch: the activations reach the kernel as they are (the prompts' last rows: a strided slice)
+    qb = quantize.quantize_int4(phi.Phi.from_pretrained(path, dtype=torch.bfloat16))
+    out = torch.stack(list(generate.generate_batch(qb, ids[:, :8].tolist(), 4, eos_ids=set())), 1)
+    with torch.no_grad():
+        assert torch.equal(out, qb(torch.cat((ids[:, :8], out[:, :-1]), 1))[:, 7:].argmax(-1))
+
+
+@needs_reference("tokenizers")
+def test_cli_quantize_int4_equals_the_api(hub):
+    home, _ = hub
+    model, tok = generate.load(snapshot(home, "phi3-4k"), dtype="float32", quantize="int4")
+    prompt = tok.encode("def f(x):", bos=tok.add_bos)
+    want = continuation(tok, prompt, list(generate.generate(model, prompt, 16)))
+    plain = generate.load(snapshot(home, "phi3-4k"), dtype="float32")[0]
+    assert want != continuation(tok, prompt, list(generate.generate(plain, prompt, 16)))  # int4 shows
+    args = ("--model", "test/phi3-4k", "--prompt", "def f(x):", "--max-new-tokens", 16, "--temperature", 0)
+    assert run_cli(home, *args, "--dtype", "float32", "--quantize", "int4").stdout == want + "\n"
+
+
+def test_phimoe_int8_quantizes_the_experts_not_the_router(tmp_path):
+    """--quantize int8 on a phimoe model stores every expert's Linears as int8 and keeps the router in its dtype;
+    greedy generation still runs through the cache (and equals the int8 model's own full forward)."""
+    path = transformers_init("phimoe", tmp_path)
+    q = quantize.quantize_int8(phi.Phi.from_pretrained(path))
+    experts = [m for layer in q.layers for e in layer.mlp.experts for m in (e.fc1, e.fc2)]
+    assert experts and all(isinstance(m, quantize.Int8Linear) for m in experts)
+    assert all(type(layer.mlp.router) is torch.nn.Linear for layer in q.layers)
+    prompt = ids_for(8, B=1)[0].tolist()
+    out = list(generate.generate(q, prompt, max_new_tokens=6, eos_ids=set()))
+    with torch.no_grad():
+        full = q(torch.tensor([prompt + out[:-1]]))[0, len(prompt) - 1 :].argmax(-1).tolist()
+    assert out == full
