@@ -23,8 +23,6 @@ import phi
 from quantize import quantize_int4, quantize_int8, speed_up
 from tokenizer import TOKENIZER_FILES, Tokenizer, chat_prompt, download, load_tokenizer
 
-__all__ = ["load", "load_tokenizer", "generate", "generate_batch", "generate_speculative", "Sampling", "Steps"]
-
 # -----------------------------------------------------------------------------------------------------------------
 # Loading a checkpoint
 
@@ -623,11 +621,7 @@ def run(args):
     if args.speculate:
         speculate(model, tok, args, batch, decoding, stats)
     elif len(batch) == 1:
-        show(
-            TextStream(
-                tok, generate(model, batch[0], stats=stats, **decoding), args.stop, reply_context(args, batch[0])
-            )
-        )
+        show(tok, generate(model, batch[0], stats=stats, **decoding), args.stop, reply_context(args, batch[0]))
     else:
         show_batch(model, tok, args, batch, decoding, stats)
     report(stats, args.compile)
@@ -653,8 +647,9 @@ def reply_context(args, prompt_ids) -> list:
     return [] if args.chat or args.interactive else prompt_ids
 
 
-def show(stream: TextStream) -> str:
-    """Print a stream's pieces as they come, then a newline; its text."""
+def show(tok, tokens, stops, context=()) -> str:
+    """Print the text of tokens as it comes (a TextStream), then a newline; the text."""
+    stream = TextStream(tok, tokens, stops, context)
     for piece in stream:
         print(piece, end="", flush=True)
     print(flush=True)
@@ -669,8 +664,7 @@ def show_batch(model, tok, args, batch, decoding, stats):
             if t >= 0 and t not in decoding["eos_ids"]:
                 rows[r].append(t)
     for r, (prompt, ids) in enumerate(zip(batch, rows)):
-        stream = TextStream(tok, ids, args.stop, reply_context(args, prompt))
-        print(f"=== {r} ===\n{''.join(stream)}", flush=True)
+        print(f"=== {r} ===\n{''.join(TextStream(tok, ids, args.stop, reply_context(args, prompt)))}", flush=True)
 
 
 def speculate(model, tok, args, batch, decoding, stats):
@@ -683,7 +677,7 @@ def speculate(model, tok, args, batch, decoding, stats):
             f"--draft {args.draft}: vocabulary {draft.config.vocab_size}, the model's {model.config.vocab_size}"
         )
     tokens = generate_speculative(model, batch[0], k=args.speculate, draft=draft, stats=stats, **decoding)
-    show(TextStream(tok, tokens, args.stop, reply_context(args, batch[0])))
+    show(tok, tokens, args.stop, reply_context(args, batch[0]))
     print(f"speculative: {stats['accepted']} of {stats['drafted']} drafts accepted", file=sys.stderr)
 
 
@@ -696,7 +690,7 @@ def interactive(model, tok, args, decoding):
             break
         ids = tok.encode(chat_prompt(tok, line.rstrip("\n"), args.system, history), bos=tok.add_bos)
         stats = {}
-        reply = show(TextStream(tok, generate(model, ids, stats=stats, **decoding), args.stop))
+        reply = show(tok, generate(model, ids, stats=stats, **decoding), args.stop)
         history += [{"role": "user", "content": line.rstrip("\n")}, {"role": "assistant", "content": reply}]
         report(stats, args.compile)
 

@@ -194,77 +194,80 @@ class Server:
         return {"id": self.request_id, "object": kind, "created": int(time.time()), "model": self.name, **fields}
 
 
-def make_handler(server: Server):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+class Handler(BaseHTTPRequestHandler):
+    """One HTTP request (a thread each: ThreadingHTTPServer); self.server.app is the Server that answers it."""
 
-        def log_message(self, fmt, *args):  # one line per request on stderr, without the default's date noise
-            print(f"serve.py: {self.command} {self.path} {args[1] if len(args) > 1 else ''}", file=sys.stderr)
+    protocol_version = "HTTP/1.1"
 
-        def send_json(self, status, obj):
-            data = json.dumps(obj).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def log_message(self, fmt, *args):  # one line per request on stderr, without the default's date noise
+        print(f"serve.py: {self.command} {self.path} {args[1] if len(args) > 1 else ''}", file=sys.stderr)
 
-        def do_GET(self):
-            if self.path == "/health":
-                return self.send_json(200, {"status": "ok"})
-            if self.path == "/v1/models":
-                model = {"id": server.name, "object": "model", "created": 0, "owned_by": "phi"}
-                return self.send_json(200, {"object": "list", "data": [model]})
-            self.send_json(404, error(f"no route {self.path}", "not_found_error"))
+    def send_json(self, status, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
-        def do_POST(self):
-            chat = self.path == "/v1/chat/completions"
-            if not chat and self.path != "/v1/completions":
-                return self.send_json(404, error(f"no route {self.path}", "not_found_error"))
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-                try:
-                    body = json.loads(self.rfile.read(length) or b"null")
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise BadRequest(f"the body is not valid JSON ({e})") from None
-                if not isinstance(body, dict):
-                    raise BadRequest("the body must be a JSON object")
-                checked(body)
-                with server.lock:
-                    server.request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-                    if body.get("stream"):
-                        return self.stream(body, chat)
-                    self.send_json(200, server.complete(body, chat))
-            except BadRequest as e:
-                self.send_json(400, error(str(e), "invalid_request_error", e.param))
+    def do_GET(self):
+        if self.path == "/health":
+            return self.send_json(200, {"status": "ok"})
+        if self.path == "/v1/models":
+            model = {"id": self.server.app.name, "object": "model", "created": 0, "owned_by": "phi"}
+            return self.send_json(200, {"object": "list", "data": [model]})
+        self.send_json(404, error(f"no route {self.path}", "not_found_error"))
 
-        def stream(self, body, chat):
-            """Server-sent events: one chunk per piece of text, a last one per choice with its finish_reason, then
-            data: [DONE]. A client gone mid-stream (broken pipe) ends the generation."""
-            ids = server.prompt(body, chat)  # a bad prompt is still a 400, before any event
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.close_connection = True
-            try:
-                for index, piece, reason in server.choices(body, ids, chat):
-                    if chat:
-                        choice = {"index": index, "delta": {"content": piece} if piece else {}, "finish_reason": reason}
-                    else:
-                        choice = {"index": index, "text": piece, "finish_reason": reason, "logprobs": None}
-                    chunk = server.envelope(chat, choices=[choice])
-                    if chat:
-                        chunk["object"] = "chat.completion.chunk"
-                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-                    self.wfile.flush()
-                self.wfile.write(b"data: [DONE]\n\n")
+    def do_POST(self):
+        chat, app = self.path == "/v1/chat/completions", self.server.app
+        if not chat and self.path != "/v1/completions":
+            return self.send_json(404, error(f"no route {self.path}", "not_found_error"))
+        try:
+            body = checked(self.read_body())
+            with app.lock:
+                app.request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+                if body.get("stream"):
+                    return self.stream(body, chat)
+                self.send_json(200, app.complete(body, chat))
+        except BadRequest as e:
+            self.send_json(400, error(str(e), "invalid_request_error", e.param))
+
+    def read_body(self) -> dict:
+        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            body = json.loads(self.rfile.read(length) or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadRequest(f"the body is not valid JSON ({e})") from None
+        if not isinstance(body, dict):
+            raise BadRequest("the body must be a JSON object")
+        return body
+
+    def stream(self, body, chat):
+        """Server-sent events: one chunk per piece of text, a last one per choice with its finish_reason, then
+        data: [DONE]. A client gone mid-stream (broken pipe) ends the generation."""
+        app = self.server.app
+        ids = app.prompt(body, chat)  # a bad prompt is still a 400, before any event
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        try:
+            for index, piece, reason in app.choices(body, ids, chat):
+                if chat:
+                    choice = {"index": index, "delta": {"content": piece} if piece else {}, "finish_reason": reason}
+                else:
+                    choice = {"index": index, "text": piece, "finish_reason": reason, "logprobs": None}
+                chunk = app.envelope(chat, choices=[choice])
+                if chat:
+                    chunk["object"] = "chat.completion.chunk"
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                 self.wfile.flush()
-            except (BrokenPipeError, ConnectionResetError):
-                print("serve.py: the client went away: generation stopped", file=sys.stderr)
-
-    return Handler
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            print("serve.py: the client went away: generation stopped", file=sys.stderr)
 
 
 def error(message, kind, param=None):
@@ -274,7 +277,9 @@ def error(message, kind, param=None):
 def serve(model, tok, name, host="127.0.0.1", port=8000, steps=None) -> ThreadingHTTPServer:
     """An HTTP server for (model, tok), not yet started: call serve_forever() (port 0: a free port,
     server.server_address tells which). steps: generate.Steps.compiled(device) for the compiled decode step."""
-    return ThreadingHTTPServer((host, port), make_handler(Server(model, tok, name, steps)))
+    httpd = ThreadingHTTPServer((host, port), Handler)
+    httpd.app = Server(model, tok, name, steps)
+    return httpd
 
 
 def main(argv=None):

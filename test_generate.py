@@ -15,6 +15,7 @@ import transformers
 import generate
 import phi
 import tokenizer
+import train
 from conftest import (
     GEN_CASES,
     PROMPT,
@@ -115,6 +116,24 @@ def test_logits_processing_matches_transformers_processors():
         assert torch.allclose(got[~torch.isinf(got)], want[~torch.isinf(want)], atol=1e-6)
 
 
+def test_sampling_settings_are_one_object_or_its_fields():
+    """The decoders take the sampling settings as one generate.Sampling (sampling=) or as its fields by keyword,
+    with the same tokens; both at once, or a misspelled field, is a TypeError, not a setting silently ignored."""
+    model = phi.Phi.from_config(tiny_config()).eval()
+
+    def tokens(**kw):
+        return list(generate.generate(model, [5, 6, 7], 12, eos_ids=set(), **kw))
+
+    s = generate.Sampling(temperature=1.0, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(1))
+    a = tokens(sampling=s)
+    assert a == tokens(temperature=1.0, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(1))
+    assert a != tokens(temperature=0)
+    with pytest.raises(TypeError, match="not both"):
+        tokens(sampling=s, temperature=0)
+    with pytest.raises(TypeError, match="temprature"):
+        tokens(temprature=0)
+
+
 @needs_reference("tokenizers")
 def test_sampling_seed_topk_batch_stop_and_eos(hub):
     home, _ = hub
@@ -209,6 +228,41 @@ def test_cli_stops_at_generation_config_eos_and_prompt_file(hub, tmp_path):
         for p in ("def print_prime(n):", "Hello there")
     ]
     assert r.stdout == f"=== 0 ===\n{alone[0]}\n=== 1 ===\n{alone[1]}\n"
+
+
+@needs_reference("tokenizers")
+def test_cli_prints_the_tail_a_stop_string_held_back_when_generation_ends(hub):
+    """A stop string that never completes must not eat the text's end: while the text ends with the start of a stop
+    string that tail is held back, and when the generation ends (here: max tokens) it is text like the rest (the
+    issue's example: a final "\n" with --stop "\n\n"). One stream and every row of a batch."""
+    home, _ = hub
+    model, tok = generate.load(snapshot(home, "phi-2"), dtype="float32")
+    full = tok.decode(list(generate.generate(model, tok.encode(PROMPT), 20, temperature=0)))
+    stop = full[-3:] + "<never>"  # the text ends with its first 3 characters; it never appears whole
+    assert stop not in full
+    args = ("--model", "test/phi-2", "--prompt", PROMPT, "--max-new-tokens", 20, "--temperature", 0, "--stop", stop)
+    assert run_cli(home, *args).stdout == full + "\n"
+    assert run_cli(home, *args, "--num-samples", 2).stdout == f"=== 0 ===\n{full}\n=== 1 ===\n{full}\n"
+
+
+def test_text_stream_joins_to_the_decode_with_stops_and_split_characters(tmp_path):
+    """generate.TextStream, the one place tokens become text: its pieces join to its .text, which is the decode of
+    the tokens (a reply of its own) up to the first stop string; a tail held back for a stop string that never
+    completes and a character split over tokens whose end never came are text at the end, as decode gives them."""
+    train.write_byte_tokenizer(tmp_path)
+    tok = tokenizer.load_tokenizer(tmp_path)  # bytes: "é" is two tokens
+    text = "one\ntwo\n\nthree é\n"
+    ids = tok.encode(text)
+    for tokens, stops, want, stopped in [
+        (ids, ["\n\n"], "one\ntwo", True),
+        (ids[: text.index("three") + 5], ["\n\n\n"], "one\ntwo\n\nthree", False),
+        (ids[: text.index("\n\n") + 1], ["\n\n"], "one\ntwo\n", False),  # the held "\n" comes out at the end
+        (ids[:-2], ["é"], tok.decode(ids[:-2]), False),  # half of "é" at the end: U+FFFD, as decode gives it
+    ]:
+        stream = generate.TextStream(tok, iter(tokens), stops)
+        pieces = list(stream)
+        assert "".join(pieces) == stream.text == want and stream.stopped == stopped, (tokens, stops)
+        assert all(pieces)
 
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a prime."}]

@@ -12,7 +12,9 @@ import transformers
 
 import generate
 import serve
-from conftest import GEN_CASES, PROMPT, ROOT, TOK, continuation, needs_reference, python_env, snapshot
+from conftest import GEN_CASES, PROMPT, ROOT, TOK, continuation, needs_reference, python_env, run_cli, snapshot
+
+CHAT_ARGS = ("--max-new-tokens", 20, "--temperature", 0, "--dtype", "float32")
 
 
 @pytest.fixture
@@ -53,7 +55,7 @@ def test_serve_chat_and_completions_equal_generate(name, server):
     ids = tok.encode(template.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
     end = tok.added["<|end|>"]["id"]
     want = list(generate.generate(model, ids, 12, temperature=0, eos_ids=model.eos_ids | {end}))
-    text = continuation(tok, ids, want)
+    text = tok.decode(want)  # a reply is the decode of its own tokens (a completion continues the prompt's text)
     r = client.chat.completions.create(model=f"test/{name}", messages=messages, max_tokens=12, temperature=0)
     assert r.choices[0].message.content == text and r.choices[0].finish_reason == "length"
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 12)
@@ -209,6 +211,38 @@ def test_serve_phi4_mini_tool_call_round_trip(server, monkeypatch):
             assert choice.message.tool_calls[0].id.startswith("call_")
         else:
             assert choice.finish_reason == "stop" and choice.message.content == text and not choice.message.tool_calls
+
+
+@needs_reference("tokenizers")
+def test_serve_chat_reply_is_the_decode_of_its_tokens_and_keeps_its_end(server, hub, monkeypatch):
+    """A Phi-3 (SentencePiece) chat reply whose first token is a word with its space ("▁certific") is the reply's
+    own decode, as transformers decodes it: no leading space, streamed or not, and the CLI's --chat prints the same.
+    A stop string that never completes does not eat the reply's end (the tail held back for it is sent when the
+    generation ends), in a chat reply and in a completion, streamed or not."""
+    url, model, tok = server("phi3-4k")
+    client = openai_client(url)
+    end, reply = tok.added["<|end|>"]["id"], []
+    ids = tok.encode("certific Answer: 7\n")
+    want = transformers.AutoTokenizer.from_pretrained(TOK / "phi3").decode(ids)
+    assert want == tok.decode(ids) == "certific Answer: 7\n" and tok.decode(ids[:1]) == "certific"
+    monkeypatch.setattr(generate, "sample", lambda logits, *a, **kw: torch.full(logits.shape[:1], reply.pop(0)))
+    msg = [{"role": "user", "content": "Spell it."}]
+    for stop in (None, ["\n\n"]):  # "\n\n": the final "\n" is held back until the reply ends
+        reply[:] = ids + [end]
+        r = client.chat.completions.create(model="m", messages=msg, max_tokens=20, stop=stop)
+        assert r.choices[0].message.content == want and r.choices[0].finish_reason == "stop"
+        reply[:] = ids + [end]
+        chunks = client.chat.completions.create(model="m", messages=msg, max_tokens=20, stop=stop, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+    prompt = tok.encode("Say:", bos=tok.add_bos)
+    for stream in (False, True):
+        reply[:] = ids + [tok.eos_id]
+        r = client.completions.create(model="m", prompt="Say:", max_tokens=20, stop=["\n\n"], stream=stream)
+        text = "".join(c.choices[0].text for c in r) if stream else r.choices[0].text
+        assert text == continuation(tok, prompt, ids)  # a completion continues the prompt's text
+    reply[:] = ids + [end]
+    r = run_cli(hub[0], "--model", "test/phi3-4k", "--chat", "--prompt", "Spell it.", "--stop", "\n\n", *CHAT_ARGS)
+    assert r.returncode == 0 and r.stdout == want + "\n", r.stderr
 
 
 @needs_reference("tokenizers")

@@ -12,7 +12,7 @@ import transformers
 
 import generate
 import tokenizer
-from conftest import TOK, hub_repo, needs_reference, oracle, python_env
+from conftest import ROOT, TOK, hub_repo, needs_reference, oracle, python_env
 
 
 FAMILIES = ["codegen", "phi3", "phi4", "phi4mini"]
@@ -353,3 +353,10 @@ def test_load_tokenizer_from_offline_hub_cache(tmp_path):
         err_line
         == "'microsoft/not-cached' is not a local directory and is not in the Hugging Face cache (offline, or the Hub is unreachable)"
     )
+
+
+def test_tokenizer_module_needs_no_torch():
+    """tokenizer.py is text in and out: importing it loads no torch (a tokenizer-only user needs none)."""
+    code = "import sys, tokenizer; assert 'torch' not in sys.modules, 'torch was imported'"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=python_env())
+    assert r.returncode == 0, r.stderr

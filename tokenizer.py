@@ -320,30 +320,11 @@ def load_tokenizer(name_or_dir, revision=None) -> Tokenizer:
     tj = _read_json(d / "tokenizer.json") if (d / "tokenizer.json").exists() else None
     added = _added_tokens(d, tj)
     if tj is not None:
-        model = tj.get("model", {})
-        if model.get("type") != "BPE":
-            raise ValueError(f"{d / 'tokenizer.json'}: model type {model.get('type')!r} is not supported (BPE only)")
-        if model.get("byte_fallback"):  # SentencePiece converted to BPE (Phi-3)
-            order = {}
-            for m in model["merges"]:
-                a, b = m.split(" ", 1) if isinstance(m, str) else m
-                order.setdefault(a + b, len(order))  # priority = first merge that makes the piece
-            return _sentencepiece(model["vocab"], list(order), added, config)
-        return _bytelevel(model["vocab"], added, _split_pattern(tj, d), config)
+        return _from_tokenizer_json(tj, d, added, config)
     if (d / "vocab.json").exists() and (d / "merges.txt").exists():
         return _bytelevel(_read_json(d / "vocab.json"), added, GPT2_PATTERN, config)
     if (d / "tokenizer.model").exists():
-        pieces = _read_sentencepiece_model(d / "tokenizer.model")
-        vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
-        # SentencePiece merges by score: the higher a piece's score, the earlier it forms (NORMAL pieces, type 1);
-        # ties (all the "▁▁…" whitespace pieces score -1e9) go by id, as in the merges of the converted tokenizer.json
-        order = [
-            pieces[i][0] for _, i in sorted((-s, i) for i, (p, s, t) in enumerate(pieces) if t == 1 and len(p) > 1)
-        ]
-        for content, a in added.items():
-            if a["id"] is None:
-                a["id"] = vocab[content]
-        return _sentencepiece(vocab, order, added, config)
+        return _from_sentencepiece_model(d / "tokenizer.model", added, config)
     tiktoken_files = sorted(d.glob("*.tiktoken"))
     if tiktoken_files:  # Phi-3-small: cl100k_base ranks
         from tiktoken.load import load_tiktoken_bpe
@@ -354,6 +335,33 @@ def load_tokenizer(name_or_dir, revision=None) -> Tokenizer:
     raise FileNotFoundError(
         f"{d}: no tokenizer files (looked for tokenizer.json, vocab.json + merges.txt, tokenizer.model, *.tiktoken)"
     )
+
+
+def _from_tokenizer_json(tj: dict, d: Path, added, config) -> Tokenizer:
+    """A tokenizer.json's BPE: SentencePiece converted to BPE (byte_fallback: Phi-3), or byte-level."""
+    model = tj.get("model", {})
+    if model.get("type") != "BPE":
+        raise ValueError(f"{d / 'tokenizer.json'}: model type {model.get('type')!r} is not supported (BPE only)")
+    if model.get("byte_fallback"):
+        order = {}
+        for m in model["merges"]:
+            a, b = m.split(" ", 1) if isinstance(m, str) else m
+            order.setdefault(a + b, len(order))  # priority = first merge that makes the piece
+        return _sentencepiece(model["vocab"], list(order), added, config)
+    return _bytelevel(model["vocab"], added, _split_pattern(tj, d), config)
+
+
+def _from_sentencepiece_model(path: Path, added, config) -> Tokenizer:
+    """A SentencePiece tokenizer.model (Phi-3 without tokenizer.json)."""
+    pieces = _read_sentencepiece_model(path)
+    vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
+    # SentencePiece merges by score: the higher a piece's score, the earlier it forms (NORMAL pieces, type 1);
+    # ties (all the "▁▁…" whitespace pieces score -1e9) go by id, as in the merges of the converted tokenizer.json
+    order = [pieces[i][0] for _, i in sorted((-s, i) for i, (p, s, t) in enumerate(pieces) if t == 1 and len(p) > 1)]
+    for content, a in added.items():
+        if a["id"] is None:
+            a["id"] = vocab[content]
+    return _sentencepiece(vocab, order, added, config)
 
 
 def _split_pattern(tj, d):
