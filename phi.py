@@ -14,10 +14,11 @@ There are only two block shapes, and one code path with a few named switches cov
 phimoe (Phi-3.5-MoE) is phi3 with LayerNorm, q/k/v apart and with biases, a bias in lm_head, and for its MLP a sparse
 mixture of SwiGLU experts: a router sends each token to 2 of them (sparsemixer, not Mixtral's softmax + top-k).
 
-The model only, on plain nn.Linear; it reads local checkpoint directories. The Hub, tokenizers, sampling and the speed
-layer (quantization, CPU kernels, the compiled decode step) live in generate.py. References: 1) transformers'
-models/phi, phi3, phimoe (5.x) and 4.42's Phi-3 rotary classes 2) Microsoft's remote code (modeling_mixformer_sequential,
-"phi-msft" modeling_phi, modeling_phimoe), for legacy names 3) nanoGPT (style), gpt-fast (KV cache, meta-device loading)
+The model only, on plain nn.Linear; it reads local checkpoint directories. Tokenizers live in tokenizer.py, the speed
+layer (quantization, CPU kernels) in quantize.py, the Hub, sampling and the compiled decode step in generate.py.
+References: 1) transformers' models/phi, phi3, phimoe (5.x) and 4.42's Phi-3 rotary classes 2) Microsoft's remote code
+(modeling_mixformer_sequential, "phi-msft" modeling_phi, modeling_phimoe), for legacy names 3) nanoGPT (style),
+gpt-fast (KV cache, meta-device loading)
 """
 
 import dataclasses
@@ -675,7 +676,7 @@ class PhiModel(nn.Module):
         from huggingface_hub import save_torch_state_dict
 
         ours = self.state_dict()
-        if any(t.dtype == torch.int8 for t in ours.values()):  # generate.quantize_int8 ran
+        if any(t.dtype == torch.int8 for t in ours.values()):  # quantize.quantize_int8 ran
             raise ValueError("an int8-quantized model is not saved: save the original, quantize after loading")
         tensors = {}
         for our, srcs in self.hf_names(self.config.model_type).items():
