@@ -28,6 +28,7 @@ import sysconfig
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -88,14 +89,7 @@ def write_byte_tokenizer(d: Path):
     vocab["<|endoftext|>"] = 256
     (d / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (d / "merges.txt").write_text("#version: 0.2\n")
-    eot = {
-        "content": "<|endoftext|>",
-        "special": True,
-        "lstrip": False,
-        "rstrip": False,
-        "normalized": False,
-        "single_word": False,
-    }
+    eot = dict(content="<|endoftext|>", special=True, lstrip=False, rstrip=False, normalized=False, single_word=False)
     (d / "tokenizer_config.json").write_text(
         json.dumps(
             {
@@ -117,9 +111,9 @@ def write_byte_tokenizer(d: Path):
 
 
 def tokenizer_files(src: Path):
-    return [f for pat in tokenizer.TOKENIZER_FILES for f in src.glob(pat) if f.is_file()] + [
-        f for f in [src / "chat_template.jinja"] if f.is_file()
-    ]
+    """The tokenizer's files in directory src (and its chat template), the ones a checkpoint copies."""
+    files = [f for pat in tokenizer.TOKENIZER_FILES for f in src.glob(pat) if f.is_file()]
+    return files + [f for f in [src / "chat_template.jinja"] if f.is_file()]
 
 
 def default_corpus():
@@ -130,6 +124,7 @@ def default_corpus():
 
 
 def data_files(spec):
+    """--data's files: comma-separated files, directories (every file under them) and globs; default_corpus()."""
     if spec is None:
         return default_corpus()
     files = []
@@ -240,12 +235,14 @@ def labelled_examples(files, tok, task, block_size, label_map):
 
 
 def lm_batch(data, g, rows, block_size, rank, world, device):
+    """(inputs, targets), rows x block_size each: random windows of the token array, targets shifted by one."""
     starts = torch.randint(len(data) - block_size - 1, (rows * world,), generator=g)[rank * rows : (rank + 1) * rows]
     x = torch.stack([torch.from_numpy(data[s : s + block_size + 1].astype(np.int64)) for s in starts.tolist()])
     return x[:, :-1].to(device), x[:, 1:].to(device)
 
 
 def labelled_batch(examples, g, rows, rank, world, device, pad_id):
+    """(ids, attention mask, labels) of random examples, padded on the right to the longest (labels with -100)."""
     pick = torch.randint(len(examples), (rows * world,), generator=g)[rank * rows : (rank + 1) * rows].tolist()
     T = max(len(examples[i][0]) for i in pick)
     ids = torch.full((rows, T), pad_id, dtype=torch.long)
@@ -283,6 +280,7 @@ def save_checkpoint(path: Path, model, tok_dir: Path, state: dict | None, lora_c
 
 
 def latest_checkpoint(d: Path):
+    """d itself if it is a checkpoint (it holds a training_state.pt), else d's latest ckpt-NNNNNN."""
     if (d / "training_state.pt").exists():
         return d
     found = sorted(d.glob("ckpt-*/training_state.pt"))
@@ -383,26 +381,22 @@ def lr_at(step, args):
     return args.min_lr + 0.5 * (1 + math.cos(math.pi * t)) * (args.lr - args.min_lr)
 
 
+# bf16 dense peak TFLOP/s of common GPUs, by a part of their name (A100 before A10), for the MFU estimate
+PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40": 181, "A10": 125, "4090": 165, "3090": 71}
+
+
 def peak_flops(device):
-    """bf16 dense peak of common GPUs, for the MFU estimate (None when unknown)."""
+    """The GPU's bf16 dense peak FLOP/s (PEAK_TFLOPS), None when unknown."""
     name = torch.cuda.get_device_name(device)
-    table = {
-        "H200": 989e12,
-        "H100": 989e12,
-        "A100": 312e12,
-        "L40": 181e12,
-        "A10": 125e12,
-        "4090": 165e12,
-        "3090": 71e12,
-    }
-    return next((v for k, v in table.items() if k in name), None)
+    return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Training
+# The command line, the processes, the model
 
 
 def parse_args(argv=None):
+    """The command line (argv, default sys.argv) as a Namespace; a bad one exits with code 2."""
     p = argparse.ArgumentParser(description="Train or fine-tune a Phi model.")
     p.add_argument("--init", default="scratch", help="scratch, or a Hub id / local directory to fine-tune")
     p.add_argument("--config", default="demo", help=f"size preset ({', '.join(PRESETS)}) or a config.json (scratch)")
@@ -456,13 +450,11 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    """train.py's command line: the exit code (0, or 2 after a one-line error on bad input)."""
     args = parse_args(argv)
     try:
         train(args)
-    except TrainError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError) as e:  # bad checkpoints, configs and tokenizer files
+    except (TrainError, ValueError, FileNotFoundError) as e:  # ValueError...: bad checkpoints, configs, tokenizers
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -482,6 +474,7 @@ def unsharded(model, fsdp, master):
 
 
 def setup_distributed(args):
+    """(rank, world size, device): torchrun's environment (nccl on GPUs, gloo on the CPU), or one process."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -495,6 +488,7 @@ def setup_distributed(args):
 
 
 def preset_config(name):
+    """A fresh model's PhiConfig: a PRESETS name or a config.json path."""
     if name in PRESETS:
         return phi.PhiConfig(**PRESETS[name])
     if Path(name).is_file():
@@ -529,6 +523,7 @@ def build_model(args, cfg, device, tok_vocab, pad_id, num_labels):
 
 
 def lora_settings(args):
+    """--lora's flags as lora.add_lora's settings (and the adapter_config.json it writes)."""
     return dict(
         r=args.lora,
         alpha=args.lora_alpha if args.lora_alpha is not None else 2 * args.lora,
@@ -540,6 +535,7 @@ def lora_settings(args):
 
 
 def check_lora_args(args):
+    """Raise TrainError on flags that need --lora without it, or --lora flags that cannot work."""
     if not args.lora:
         for flag, on in (("--quantize", args.quantize), ("--merge", args.merge)):
             if on:
@@ -554,231 +550,408 @@ def check_lora_args(args):
         raise TrainError("--lora with --fsdp is not supported (the base is frozen: DDP, or one process, is enough)")
 
 
-def train(args):
+# -----------------------------------------------------------------------------------------------------------------
+# The run: what the steps of train() share. One object instead of a dozen arguments to every helper, nanoGPT's
+# globals made explicit.
+
+
+@dataclass
+class Run:
+    """One training run's state, filled in by train()'s steps in order."""
+
+    args: argparse.Namespace  # the command line (with --resume: args.resume becomes the checkpoint directory itself)
+    rank: int  # this process's index (torchrun's RANK; 0 alone): rank 0 prints and writes the checkpoints
+    world: int  # the number of processes training together (1 without torchrun)
+    device: torch.device  # where this process trains
+    files: list  # the --data files
+    lora_cfg: dict | None = None  # --lora's settings (lora_settings); None: every parameter trains
+    resume: Path | None = None  # the checkpoint resumed from
+    state: dict | None = None  # its training_state.pt: step, optimizer, RNG states, args, label_map
+    tok: object = None  # the tokenizer (tokenizer.load_tokenizer)
+    tok_dir: Path | None = None  # its files, copied into every checkpoint
+    pad_id: int | None = None  # pads classification batches; a fresh model's bos/eos/pad token
+    label_map: dict = field(default_factory=dict)  # classification: label as written in the data -> class id
+    train_data: object = None  # causal-lm: a memory-mapped token array; classification: [(ids, labels)]
+    val_data: object = None  # the same for validation (the corpus's last 10%)
+    raw: torch.nn.Module | None = None  # the model itself (FSDP: holding shards): checkpoints are keyed on it
+    model: torch.nn.Module | None = None  # what a step calls: raw, wrapped in DDP or FSDP, compiled
+    full: torch.nn.Module | None = None  # the model as saved (FSDP: gathered on rank 0, None on the others)
+    saved_at: int | None = None  # the step at which full was last gathered and saved
+    opt: torch.optim.Optimizer | None = None  # AdamW over the trained parameters
+    scaler: torch.amp.GradScaler | None = None  # float16: scales the loss so small gradients survive; else a no-op
+    amp: object = None  # the autocast context of each forward (nullcontext in float32)
+    g: torch.Generator | None = None  # the data position: every training batch is drawn from it
+    step: int = 0  # optimizer steps done
+    losses: list = field(default_factory=list)  # each step's loss in this process's run, for the log's mean
+    t0: float = 0.0  # when the loop began (the ETA)
+    last_log: float = 0.0  # when the last log line was printed (tokens per second)
+
+    @property
+    def master(self):
+        """Rank 0: the process that prints and writes."""
+        return self.rank == 0
+
+    @property
+    def causal(self):
+        """A language model (next-token loss), not a classifier."""
+        return self.args.task == "causal-lm"
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Setup: the steps before the loop, in train()'s order. Their order is part of the result: build_model seeds the
+# global RNG and the model's initialization draws from it, so nothing between it and the loop may draw.
+
+
+def start_run(args):
+    """Distributed setup and every check of the input that can fail before anything is written: a Run, with the
+    resumed checkpoint's state when --resume."""
     rank, world, device = setup_distributed(args)
-    master = rank == 0
-    out = Path(args.out)
     files = data_files(args.data)  # bad input is caught before anything is written
     check_lora_args(args)
-    lora_cfg = lora_settings(args) if args.lora else None
-    state, resume = None, latest_checkpoint(Path(args.resume)) if args.resume else None
-    if resume:
-        args.resume = str(resume)
-        state = torch.load(resume / "training_state.pt", weights_only=False)
-        defaults = vars(parse_args([]))  # for keys a checkpoint of an older train.py does not have
-        for key in ("task", "config", "init", "block_size", "lora", "lora_targets", "quantize"):
-            was = state["args"].get(key, defaults[key])
-            if key == "lora_targets" and args.lora_targets is None:  # not given: the checkpoint's own
-                args.lora_targets = was
-            if was != getattr(args, key):
-                raise TrainError(
-                    f"--resume {resume} was trained with --{key.replace('_', '-')} {was}, not {getattr(args, key)}"
-                )
-    # --- tokenizer: the checkpoint's own, a given one, or bytes
-    scratch_config = None if resume or args.init != "scratch" else preset_config(args.config)
-    tok_src = args.tokenizer or (str(resume) if resume else None) or (None if args.init == "scratch" else args.init)
-    if tok_src in (None, "bytes"):  # written next to each checkpoint when it is saved
+    run = Run(args, rank, world, device, files, lora_cfg=lora_settings(args) if args.lora else None)
+    if args.resume:
+        run.resume, run.state = resume_state(args)
+    return run
+
+
+def resume_state(args):
+    """The checkpoint --resume names (an out directory: its latest) and its training_state.pt, after checking that
+    the flags that shape the model and data are the ones it was trained with. Sets args.resume to that checkpoint."""
+    resume = latest_checkpoint(Path(args.resume))
+    args.resume = str(resume)
+    state = torch.load(resume / "training_state.pt", weights_only=False)
+    defaults = vars(parse_args([]))  # for keys a checkpoint of an older train.py does not have
+    for key in ("task", "config", "init", "block_size", "lora", "lora_targets", "quantize"):
+        was = state["args"].get(key, defaults[key])
+        if key == "lora_targets" and args.lora_targets is None:  # not given: the checkpoint's own
+            args.lora_targets = was
+        if was != getattr(args, key):
+            raise TrainError(
+                f"--resume {resume} was trained with --{key.replace('_', '-')} {was}, not {getattr(args, key)}"
+            )
+    return resume, state
+
+
+def load_tokenizer(args, resume):
+    """(tokenizer, its directory): the checkpoint's own, --tokenizer's, --init's, or the byte tokenizer, written to a
+    temporary directory (it is copied next to each checkpoint when it is saved)."""
+    src = args.tokenizer or (str(resume) if resume else None) or (None if args.init == "scratch" else args.init)
+    if src in (None, "bytes"):
         tok_dir = Path(tempfile.mkdtemp(prefix="phi-byte-tokenizer-"))
         write_byte_tokenizer(tok_dir)
     else:
-        tok_dir = Path(tok_src) if Path(tok_src).is_dir() else generate.checkpoint_dir(tok_src)
-    tok = tokenizer.load_tokenizer(tok_dir)
-    pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
-    # --- data
-    label_map, examples = {}, None
-    if args.task == "causal-lm":
-        if master:  # rank 0 tokenizes, the others then read its files
-            token_files(files, tok, out, args.block_size)
-        if world > 1:
+        tok_dir = Path(src) if Path(src).is_dir() else generate.checkpoint_dir(src)
+    return tokenizer.load_tokenizer(tok_dir), tok_dir
+
+
+def load_data(run):
+    """(train split, validation split, number of labels): token files for causal-lm, else labelled examples (filling
+    run.label_map; the number of labels from the data unless --num-labels). Validation is the last 10%."""
+    args = run.args
+    if run.causal:
+        if run.master:  # rank 0 tokenizes, the others then read its files
+            token_files(run.files, run.tok, Path(args.out), args.block_size)
+        if run.world > 1:
             torch.distributed.barrier()
-        train_data, val_data = token_files(files, tok, out, args.block_size)
-    else:
-        examples = labelled_examples(files, tok, args.task, args.block_size, label_map)
-        n_val = max(1, len(examples) // 10)
-        train_data, val_data = examples[:-n_val], examples[-n_val:]
-    num_labels = args.num_labels or (
-        None if args.task == "causal-lm" else 1 + max(max(y) if isinstance(y, list) else y for _, y in examples)
-    )
-    # --- model and optimizer
-    if device.type == "cpu" and args.lora:  # a large frozen base: memory is what limits
+        return (*token_files(run.files, run.tok, Path(args.out), args.block_size), args.num_labels or None)
+    examples = labelled_examples(run.files, run.tok, args.task, args.block_size, run.label_map)
+    n_val = max(1, len(examples) // 10)
+    num_labels = args.num_labels or 1 + max(max(y) if isinstance(y, list) else y for _, y in examples)
+    return examples[:-n_val], examples[-n_val:], num_labels
+
+
+def tune_cpu_memory(run):
+    """On the CPU, how freed memory is kept: handed back for LoRA on a large frozen base (memory is what limits),
+    kept for training from scratch or in full (speed)."""
+    if run.device.type == "cpu" and run.args.lora:
         return_freed_memory()
-    elif device.type == "cpu":  # from scratch or full fine-tuning: speed
+    elif run.device.type == "cpu":
         keep_freed_memory()
-    model = train_routers(build_model(args, scratch_config, device, tok.vocab_size, pad_id, num_labels))
-    if model.config.vocab_size < tok.vocab_size:
+
+
+def make_model(run, scratch_config, num_labels):
+    """The model to train, unwrapped (build_model), with sparsemixer routers in training and --checkpointing."""
+    model = build_model(run.args, scratch_config, run.device, run.tok.vocab_size, run.pad_id, num_labels)
+    model = train_routers(model)
+    if model.config.vocab_size < run.tok.vocab_size:
         raise TrainError(
-            f"the tokenizer has {tok.vocab_size} tokens, the model's vocabulary only {model.config.vocab_size}"
+            f"the tokenizer has {run.tok.vocab_size} tokens, the model's vocabulary only {model.config.vocab_size}"
         )
-    model.gradient_checkpointing = args.checkpointing
-    raw = model
-    if world > 1:
-        if args.fsdp:
-            from torch.distributed.fsdp import fully_shard
+    model.gradient_checkpointing = run.args.checkpointing
+    return model
 
-            for block in model.layers:
-                fully_shard(block)
-            model = fully_shard(model)  # parameters become shards: build the optimizer after
-        else:
-            model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device] if device.type == "cuda" else None
-            )
-    trained = [p for p in model.parameters() if p.requires_grad]  # with --lora: the adapters (and a score)
-    decay = [p for p in trained if p.dim() >= 2]  # matrices decay; biases, norms don't
+
+def wrap_model(run):
+    """run.raw as the processes train it: itself alone; under torchrun, DDP (each process holds all of it and the
+    gradients are averaged) or, with --fsdp, FSDP (each process holds a shard of every block)."""
+    if run.world == 1:
+        return run.raw
+    if run.args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in run.raw.layers:
+            fully_shard(block)
+        return fully_shard(run.raw)  # parameters become shards: the optimizer is built after
+    device_ids = [run.device] if run.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(run.raw, device_ids=device_ids)
+
+
+def make_optimizer(run):
+    """AdamW over the trained parameters (with --lora: the adapters, and a score head), weight decay on matrices
+    only (not on biases and norms), fused into one kernel for all parameters."""
+    args = run.args
+    trained = [p for p in run.model.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.dim() >= 2]
     no_decay = [p for p in trained if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr,
-        betas=(0.9, 0.95),
-        fused=device.type in ("cuda", "cpu"),
-    )  # one kernel for all parameters
-    g = torch.Generator().manual_seed(args.seed)  # the data position
-    step = 0
-    if resume:
-        set_optimizer_state_dict(raw, opt, state["optimizer"], options=FULL)  # FSDP: each rank takes its shards
-        g.set_state(state["data_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        step = state["step"]
-        if master:
-            print(f"resuming from {resume} at step {step}", file=sys.stderr)
-    if args.compile:
-        model = torch.compile(model)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=run.device.type in ("cuda", "cpu"))
+
+
+def restore_training_state(run):
+    """With --resume: the optimizer's state, the data position, the global RNG (dropout) and the step count, as the
+    checkpoint saved them, so the run goes on exactly as if it had never stopped."""
+    if run.resume is None:
+        return
+    set_optimizer_state_dict(run.raw, run.opt, run.state["optimizer"], options=FULL)  # FSDP: each rank its shards
+    run.g.set_state(run.state["data_rng"])
+    torch.set_rng_state(run.state["torch_rng"])
+    run.step = run.state["step"]
+    if run.master:
+        print(f"resuming from {run.resume} at step {run.step}", file=sys.stderr)
+
+
+def mixed_precision(args, device):
+    """(autocast context, GradScaler) for --dtype: float32 needs neither; bfloat16 autocasts; float16 also scales
+    the loss, since its small gradients would underflow to zero."""
     amp = torch.autocast(device.type, dtype=getattr(torch, args.dtype)) if args.dtype != "float32" else nullcontext()
-    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")
-    if master:
-        n = sum(p.numel() for p in raw.parameters()) + sum(b.numel() for b in raw.buffers() if b.dtype == torch.int8)
-        trained = f" ({sum(p.numel() for p in raw.parameters() if p.requires_grad) / 1e6:.2f}M trained)" if lora_cfg else ""
-        print(
-            f"{args.task}: {n / 1e6:.2f}M parameters{trained} ({raw.config.model_type}, {raw.config.num_hidden_layers} layers, "
-            f"{raw.config.hidden_size} wide), {device}, {args.dtype} autocast, {world} process(es)",
-            file=sys.stderr,
+    return amp, torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")
+
+
+def describe(run):
+    """Print what trains where (rank 0): parameters (int8 weights counted, they are buffers), shape, device."""
+    if not run.master:
+        return
+    raw, args = run.raw, run.args
+    n = sum(p.numel() for p in raw.parameters()) + sum(b.numel() for b in raw.buffers() if b.dtype == torch.int8)
+    n_trained = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+    trained = f" ({n_trained / 1e6:.2f}M trained)" if run.lora_cfg else ""
+    print(
+        f"{args.task}: {n / 1e6:.2f}M parameters{trained} ({raw.config.model_type}, {raw.config.num_hidden_layers} "
+        f"layers, {raw.config.hidden_size} wide), {run.device}, {args.dtype} autocast, {run.world} process(es)",
+        file=sys.stderr,
+    )
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The loop: a step, its log line, evaluation, checkpoints.
+
+
+def get_batch(run, data, g):
+    """This process's rows of the next global batch of data drawn from generator g: (inputs, targets) for
+    causal-lm, (ids, attention mask, labels) for classification."""
+    args = run.args
+    if run.causal:
+        return lm_batch(data, g, args.batch_size, args.block_size, run.rank, run.world, run.device)
+    return labelled_batch(data, g, args.batch_size, run.rank, run.world, run.device, run.pad_id)
+
+
+def loss_of(run, batch):
+    """The mean loss of a batch (get_batch's), under autocast: next-token cross entropy, or the head's own."""
+    with run.amp:
+        if run.causal:
+            x, y = batch
+            logits = run.model(x)
+            return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # in float32 whatever the autocast
+        ids, mask, labels = batch
+        return run.model(ids, attention_mask=mask, labels=labels)[1]
+
+
+def train_step(run):
+    """One optimizer step over --grad-accum micro-batches, at lr_at's learning rate: appends the step's loss (the
+    mean over its micro-batches) to run.losses, counts the step, returns (gradient norm before clipping, lr)."""
+    args = run.args
+    lr = lr_at(run.step, args)
+    for group in run.opt.param_groups:
+        group["lr"] = lr
+    step_loss = 0.0
+    for micro in range(args.grad_accum):
+        # DDP averages the gradients across processes in every backward: only the last micro-batch's needs it
+        sync = micro == args.grad_accum - 1 or run.world == 1 or args.fsdp
+        with run.model.no_sync() if not sync else nullcontext():
+            loss = loss_of(run, get_batch(run, run.train_data, run.g)) / args.grad_accum  # a mean, not a sum
+            run.scaler.scale(loss).backward()
+        step_loss += loss.item()
+    run.losses.append(step_loss)
+    if not math.isfinite(step_loss):  # before the optimizer steps: the weights are still those of a good step
+        raise TrainError(
+            f"the loss is {step_loss} at step {run.step}: stopping (try a lower --lr, or bfloat16 "
+            f"instead of float16); the last good checkpoint is kept"
         )
+    run.scaler.unscale_(run.opt)  # the gradients' own scale, for the norm and clipping
+    norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip or math.inf)  # inf: only measures
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    run.opt.zero_grad(set_to_none=True)
+    run.step += 1
+    return norm, lr
 
-    def loss_of(batch):
-        with amp:
-            if args.task == "causal-lm":
-                x, y = batch
-                logits = model(x)
-                return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-            ids, mask, labels = batch
-            return model(ids, attention_mask=mask, labels=labels)[1]
 
-    def next_batch(data, gen):
-        if args.task == "causal-lm":
-            return lm_batch(data, gen, args.batch_size, args.block_size, rank, world, device)
-        return labelled_batch(data, gen, args.batch_size, rank, world, device, pad_id)
+def mfu_text(run, tok_s):
+    """The log line's MFU part: model FLOPs utilization on a known GPU for causal-lm (nanoGPT's estimate: 6N per
+    token plus attention), "" elsewhere."""
+    if run.device.type != "cuda" or not run.causal or not peak_flops(run.device):
+        return ""
+    c, n = run.raw.config, sum(p.numel() for p in run.raw.parameters())
+    flops = 6 * n + 12 * c.num_hidden_layers * c.hidden_size * run.args.block_size
+    return f" | MFU {flops * tok_s / run.world / peak_flops(run.device):.1%}"
 
-    @torch.no_grad()
-    def evaluate():
-        model.eval()
-        ge = torch.Generator().manual_seed(1234)  # the same validation batches every time
-        losses, correct, total = [], 0, 0
-        for _ in range(args.eval_steps):
-            batch = next_batch(val_data, ge)
-            losses.append(loss_of(batch).item())
-            if args.task != "causal-lm":
-                with amp:
-                    scores = model(batch[0], attention_mask=batch[1])
-                keep = batch[2] != -100
-                correct += int((scores.argmax(-1) == batch[2])[keep].sum())
-                total += int(keep.sum())
-        model.train()
-        return sum(losses) / len(losses), (correct / total if total else None)
 
-    tokens_per_step = args.batch_size * args.grad_accum * world * (args.block_size if args.task == "causal-lm" else 1)
-    t0, last_log, losses = time.time(), time.time(), []
-    full, steps_left = raw, step < args.max_steps  # full: the model as saved (FSDP: gathered at each checkpoint)
-    while step < args.max_steps:
-        lr = lr_at(step, args)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        step_loss = 0.0  # the mean over the micro-batches
-        for micro in range(args.grad_accum):
-            sync = micro == args.grad_accum - 1 or world == 1 or args.fsdp
-            with model.no_sync() if not sync else nullcontext():
-                loss = loss_of(next_batch(train_data, g)) / args.grad_accum
-                scaler.scale(loss).backward()
-            step_loss += loss.item()
-        losses.append(step_loss)
-        if not math.isfinite(losses[-1]):
-            raise TrainError(
-                f"the loss is {losses[-1]} at step {step}: stopping (try a lower --lr, or bfloat16 "
-                f"instead of float16); the last good checkpoint is kept"
-            )
-        scaler.unscale_(opt)  # the gradients' own scale, for the norm and clipping
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)  # inf: only measures
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        if master and (step % args.log_every == 0 or step == args.max_steps):
-            dt = time.time() - last_log
-            tok_s = tokens_per_step * min(args.log_every, len(losses)) / max(dt, 1e-9)
-            eta = (time.time() - t0) / step * (args.max_steps - step) if step else 0
-            mfu = ""
-            if device.type == "cuda" and args.task == "causal-lm" and peak_flops(device):
-                c = raw.config  # 6N per token + attention (nanoGPT's estimate)
-                flops = (
-                    6 * sum(p.numel() for p in raw.parameters())
-                    + 12 * c.num_hidden_layers * c.hidden_size * args.block_size
-                )
-                mfu = f" | MFU {flops * tok_s / world / peak_flops(device):.1%}"
-            bar = "#" * (20 * step // args.max_steps)
-            line = (
-                f"step {step}/{args.max_steps} [{bar:20}] | loss {sum(losses[-args.log_every :]) / len(losses[-args.log_every :]):.4f} "
-                f"| grad norm {norm:.5g} | lr {lr:.2e} | {tok_s:,.0f} tok/s{mfu} | ETA {int(eta) // 60}:{int(eta) % 60:02d}"
-            )
-            print(line, file=sys.stderr, flush=True)
-            last_log = time.time()
-        if args.eval_every and (step % args.eval_every == 0 or step == args.max_steps):
-            val, acc = evaluate()
-            if master:
-                print(
-                    f"step {step}: validation loss {val:.4f}" + (f", accuracy {acc:.1%}" if acc is not None else ""),
-                    file=sys.stderr,
-                    flush=True,
-                )
-        if args.save_every and step % args.save_every == 0 or step == args.max_steps:
-            state = dict(
-                step=step,
-                task=args.task,
-                optimizer=get_optimizer_state_dict(raw, opt, options=FULL),  # by parameter name, unsharded
-                data_rng=g.get_state(),
-                torch_rng=torch.get_rng_state(),
-                args=vars(args),
-                label_map=label_map,
-            )
-            full = unsharded(raw, args.fsdp and world > 1, master)
-            if master:
-                save_checkpoint(out / f"ckpt-{step:06d}", full, tok_dir, state, lora_cfg)
-    if not steps_left:  # resumed at --max-steps: no step ran, nothing was gathered
-        full = unsharded(raw, args.fsdp and world > 1, master)
-    if master and lora_cfg:
-        save_checkpoint(out / "adapter", full, tok_dir, None, lora_cfg)
+def log_line(run, norm, lr):
+    """Print the step's progress line: the mean loss since the last line, gradient norm, learning rate, speed
+    (tokens per second, since the last line), MFU on a GPU, time left."""
+    args, step = run.args, run.step
+    tokens_per_step = args.batch_size * args.grad_accum * run.world * (args.block_size if run.causal else 1)
+    tok_s = tokens_per_step * min(args.log_every, len(run.losses)) / max(time.time() - run.last_log, 1e-9)
+    eta = (time.time() - run.t0) / step * (args.max_steps - step) if step else 0
+    recent = run.losses[-args.log_every :]
+    bar = "#" * (20 * step // args.max_steps)
+    line = (
+        f"step {step}/{args.max_steps} [{bar:20}] | loss {sum(recent) / len(recent):.4f} | grad norm {norm:.5g} "
+        f"| lr {lr:.2e} | {tok_s:,.0f} tok/s{mfu_text(run, tok_s)} | ETA {int(eta) // 60}:{int(eta) % 60:02d}"
+    )
+    print(line, file=sys.stderr, flush=True)
+    run.last_log = time.time()
+
+
+@torch.no_grad()
+def evaluate(run):
+    """(mean validation loss, accuracy or None for causal-lm) over --eval-steps batches, the same batches every
+    time (their own seeded generator: the data position of training is untouched). Every rank must call it."""
+    run.model.eval()
+    g = torch.Generator().manual_seed(1234)
+    losses, correct, total = [], 0, 0
+    for _ in range(run.args.eval_steps):
+        batch = get_batch(run, run.val_data, g)
+        losses.append(loss_of(run, batch).item())
+        if not run.causal:
+            with run.amp:
+                scores = run.model(batch[0], attention_mask=batch[1])
+            keep = batch[2] != -100  # token-cls: the labelled tokens only
+            correct += int((scores.argmax(-1) == batch[2])[keep].sum())
+            total += int(keep.sum())
+    run.model.train()
+    return sum(losses) / len(losses), (correct / total if total else None)
+
+
+def log_eval(run, val, acc):
+    """Print evaluate's result (rank 0)."""
+    if run.master:
+        line = f"step {run.step}: validation loss {val:.4f}" + (f", accuracy {acc:.1%}" if acc is not None else "")
+        print(line, file=sys.stderr, flush=True)
+
+
+def save_step(run):
+    """Write OUT/ckpt-NNNNNN: the model (with --lora: the adapter) and training_state.pt, everything --resume needs
+    to go on bit-exactly. Every rank must call it (FSDP gathers the shards); rank 0 writes."""
+    args = run.args
+    state = dict(
+        step=run.step,
+        task=args.task,
+        optimizer=get_optimizer_state_dict(run.raw, run.opt, options=FULL),  # by parameter name, unsharded
+        data_rng=run.g.get_state(),
+        torch_rng=torch.get_rng_state(),
+        args=vars(args),
+        label_map=run.label_map,
+    )
+    run.full, run.saved_at = unsharded(run.raw, args.fsdp and run.world > 1, run.master), run.step
+    if run.master:
+        save_checkpoint(Path(args.out) / f"ckpt-{run.step:06d}", run.full, run.tok_dir, state, run.lora_cfg)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Finishing: the final directories and the sample.
+
+
+def merged_model(run):
+    """--merge: the base as stored (its own dtype, not int8) with OUT/adapter merged in, through lora's merge (the
+    one generate.load uses)."""
+    args = run.args
+    d = generate.checkpoint_dir(args.init)
+    dtype = phi.PhiConfig.from_hf(phi._read_json(d / "config.json")).torch_dtype or "float32"
+    over = {"num_labels": run.raw.config.num_labels} if not run.causal else {}
+    full = TASKS[args.task].from_pretrained(d, dtype=getattr(torch, dtype), **over)
+    lora.merge_adapter(full, Path(args.out) / "adapter")
+    return full
+
+
+def print_sample(run):
+    """Print a sample of --sample-tokens tokens after "def " from the final model (seeded: the same every run)."""
+    run.full.eval()
+    prompt = run.tok.encode("def ", allowed_special=set())
+    gen = torch.Generator(run.device).manual_seed(run.args.seed)
+    ids = generate.generate(
+        run.full, prompt, run.args.sample_tokens, temperature=0.8, top_k=50, generator=gen, eos_ids={run.tok.eos_id}
+    )
+    print("sample:\n" + run.tok.decode(prompt + list(ids)))
+
+
+def finish(run):
+    """After the loop: OUT/adapter (--lora), OUT/model (the trained model, or with --merge the base merged with the
+    adapter), the sample, then the processes part."""
+    args, out = run.args, Path(run.args.out)
+    if run.saved_at != run.step:  # resumed at --max-steps: no step ran, nothing was gathered (every rank calls it)
+        run.full = unsharded(run.raw, args.fsdp and run.world > 1, run.master)
+    if run.master and run.lora_cfg:
+        save_checkpoint(out / "adapter", run.full, run.tok_dir, None, run.lora_cfg)
         print(f"saved {out / 'adapter'} (a PEFT LoRA adapter for {args.init})", file=sys.stderr)
-    if master and (args.merge or not lora_cfg):
-        if args.merge:  # the base as stored (its own dtype, not int8) + the adapter, through generate's merge
-            d = generate.checkpoint_dir(args.init)
-            dtype = phi.PhiConfig.from_hf(phi._read_json(d / "config.json")).torch_dtype or "float32"
-            over = {"num_labels": raw.config.num_labels} if args.task != "causal-lm" else {}
-            full = TASKS[args.task].from_pretrained(d, dtype=getattr(torch, dtype), **over)
-            lora.merge_adapter(full, out / "adapter")
-        save_checkpoint(out / "model", full, tok_dir, None)
+    if run.master and (args.merge or not run.lora_cfg):
+        if args.merge:  # the sample, too, comes from the merged model
+            run.full = merged_model(run)
+        save_checkpoint(out / "model", run.full, run.tok_dir, None)
         print(
             f"saved {out / 'model'} (a Hugging Face model directory: python generate.py --model {out / 'model'})",
             file=sys.stderr,
         )
-    if master and args.task == "causal-lm" and args.sample_tokens:
-        full.eval()
-        prompt = tok.encode("def ", allowed_special=set())
-        gen = torch.Generator(device).manual_seed(args.seed)
-        ids = generate.generate(
-            full, prompt, args.sample_tokens, temperature=0.8, top_k=50, generator=gen, eos_ids={tok.eos_id}
-        )
-        print("sample:\n" + tok.decode(prompt + list(ids)))
-    if world > 1:
+    if run.master and run.causal and args.sample_tokens:
+        print_sample(run)
+    if run.world > 1:
         torch.distributed.barrier()  # the others wait for rank 0's save: one that tore down first once aborted
         torch.distributed.destroy_process_group()
+
+
+def train(args):
+    """Train as the command line says: checkpoints under --out as it goes (and --resume from one), the final model
+    or adapter at the end. Raises TrainError on bad input."""
+    run = start_run(args)  # processes, input checks, the resumed checkpoint's state
+    scratch_config = None if run.resume or args.init != "scratch" else preset_config(args.config)
+    run.tok, run.tok_dir = load_tokenizer(args, run.resume)
+    run.pad_id = run.tok.pad_id if run.tok.pad_id is not None else run.tok.eos_id
+    run.train_data, run.val_data, num_labels = load_data(run)
+
+    # the model (seeded: from scratch, the same weights every run), then as the processes train it
+    tune_cpu_memory(run)
+    run.raw = make_model(run, scratch_config, num_labels)
+    run.model = wrap_model(run)
+    run.opt = make_optimizer(run)
+    run.g = torch.Generator().manual_seed(args.seed)  # the data position
+    restore_training_state(run)
+    if args.compile:
+        run.model = torch.compile(run.model)
+    run.amp, run.scaler = mixed_precision(args, run.device)
+    describe(run)
+
+    run.t0 = run.last_log = time.time()
+    while run.step < args.max_steps:
+        norm, lr = train_step(run)
+        last = run.step == args.max_steps
+        if run.master and (run.step % args.log_every == 0 or last):
+            log_line(run, norm, lr)
+        if args.eval_every and (run.step % args.eval_every == 0 or last):
+            log_eval(run, *evaluate(run))
+        if args.save_every and run.step % args.save_every == 0 or last:
+            save_step(run)
+    finish(run)
 
 
 if __name__ == "__main__":
