@@ -189,7 +189,7 @@ def test_speed_up_is_a_module_swap_chosen_by_the_cpu_rule(tmp_path, hub, monkeyp
     for value, want in (("0", "False"), ("1", "True")):
         env = python_env(PHI_CPU_KERNELS=value)
         r = subprocess.run(
-            [sys.executable, "-c", "import generate; print(quantize.CPU_KERNELS)"],
+            [sys.executable, "-c", "import quantize; print(quantize.CPU_KERNELS)"],
             env=env,
             text=True,
             capture_output=True,
