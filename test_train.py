@@ -168,7 +168,8 @@ def test_torchrun_two_processes_equal_one(mode, tmp_path):
     double it) and the same weights after two steps; then a resume of the 2-process checkpoint in 2 processes
     equals the uninterrupted run. ddp-lora: the same for LoRA adapters on a frozen --init (compared merged)."""
     fsdp = ["--fsdp"] if mode == "fsdp" else []
-    common = ("--eval-every", 0, "--log-every", 1, "--max-steps", 2)
+    # an evaluation before each checkpoint: FSDP's forwards without a backward must leave the shards as they were
+    common = ("--eval-every", 1, "--eval-steps", 2, "--log-every", 1, "--max-steps", 2)
     if mode == "ddp-lora":
         common += (
             "--init",

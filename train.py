@@ -841,6 +841,8 @@ def evaluate(run):
             correct += int((scores.argmax(-1) == batch[2])[keep].sum())
             total += int(keep.sum())
     run.model.train()
+    if run.args.fsdp and run.world > 1:  # forwards without a backward leave the root's parameters gathered, and
+        run.raw.reshard()  # get_optimizer_state_dict (the next checkpoint) finds them by their shards only
     return sum(losses) / len(losses), (correct / total if total else None)
 
 
