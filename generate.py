@@ -448,7 +448,7 @@ def generate_speculative(
     new = [int(sample(prefill(model, torch.tensor([ids], device=dev), None, cache), None, s))]
     stats["prefill_s"], t0 = time.perf_counter() - t0, time.perf_counter()
     try:
-        while True:  # new: the model's token, then the proposals it kept (the cache holds ids + new[0] after a step)
+        while True:  # new: the tokens to yield (the kept proposals and the model's own; the cache lacks the last)
             for token in new:
                 if token in stops:
                     return
@@ -465,7 +465,7 @@ def generate_speculative(
             n, after = verdict(logits, proposals, q, s)
             stats["drafted"], stats["accepted"] = stats["drafted"] + len(proposals), stats["accepted"] + n
             backoff.update(len(proposals), n)
-            cache.slot.fill_(start + 1 + n)  # keep `last` and the accepted proposals
+            cache.slot.fill_(start + 1 + n)  # keep ids[-1] and the accepted proposals: roll back past the rest
             new = proposals[:n] + [after]
     finally:
         stats["decode_s"] = time.perf_counter() - t0
