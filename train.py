@@ -85,29 +85,16 @@ def write_byte_tokenizer(d: Path):
     """A tokenizer that needs no download: the 256 bytes (id = byte value) + <|endoftext|> (256), written as
     byte-level BPE files without merges (vocab.json + merges.txt), which generate.py and transformers both read."""
     d.mkdir(parents=True, exist_ok=True)
+    eot = "<|endoftext|>"
     vocab = {c: b for b, c in tokenizer.bytes_to_unicode().items()}
-    vocab["<|endoftext|>"] = 256
+    vocab[eot] = 256
     (d / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (d / "merges.txt").write_text("#version: 0.2\n")
-    eot = dict(content="<|endoftext|>", special=True, lstrip=False, rstrip=False, normalized=False, single_word=False)
-    (d / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "GPT2Tokenizer",
-                "bos_token": "<|endoftext|>",
-                "eos_token": "<|endoftext|>",
-                "pad_token": "<|endoftext|>",
-                "unk_token": "<|endoftext|>",
-                "add_bos_token": False,
-                "added_tokens_decoder": {"256": eot},
-                "model_max_length": 1 << 30,
-            },
-            indent=2,
-        )
-    )
-    (d / "special_tokens_map.json").write_text(
-        json.dumps({k: "<|endoftext|>" for k in ("bos_token", "eos_token", "pad_token", "unk_token")})
-    )
+    specials = {k: eot for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    added = dict(content=eot, special=True, lstrip=False, rstrip=False, normalized=False, single_word=False)
+    config = dict(tokenizer_class="GPT2Tokenizer", **specials, add_bos_token=False, added_tokens_decoder={"256": added})
+    (d / "tokenizer_config.json").write_text(json.dumps(dict(config, model_max_length=1 << 30), indent=2))
+    (d / "special_tokens_map.json").write_text(json.dumps(specials))
 
 
 def tokenizer_files(src: Path):
