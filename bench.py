@@ -280,19 +280,8 @@ def bench_models(args):
             print(f"loading the 1.4b checkpoint as bf16 peaks at {rows[-1]['load_peak_over_size']:.2f}x its size")
         shutil.rmtree(ckpt)
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                dict(
-                    bench="models",
-                    machine=platform.machine(),
-                    cpu=cpu_model(),
-                    device=device,
-                    cores=os.cpu_count(),
-                    rows=rows,
-                ),
-                indent=2,
-            )
-        )
+        info = dict(bench="models", machine=platform.machine(), cpu=cpu_model(), device=device, cores=os.cpu_count())
+        Path(args.json).write_text(json.dumps(dict(info, rows=rows), indent=2))
 
 
 def ratios(rows, size, dtype):
