@@ -8,7 +8,12 @@ Benchmarks (never tests: speed is measured here, correctness in test_phi.py). Ne
         decode tokens/s at batch 1 and 8, training-step tokens/s (tiny and 160m), peak memory, and batch-1 decode
         as a share of this machine's memory bandwidth (bytes of weights read per token x tokens/s / the bandwidth
         of a plain 1 GB read, measured just before and after that decode: the larger reading counts). Sizes
-        moe-tiny and moe-1b are Phi-3.5-MoE-shaped (phimoe), against transformers' PhimoeForCausalLM
+        moe-tiny and moe-1b are Phi-3.5-MoE-shaped (phimoe), against transformers' PhimoeForCausalLM; small-2l is
+        two layers of Phi-3-small (phi3small: one block-sparse, one dense; its vocabulary), ours only (transformers
+        has no class for it)
+    python bench.py block-sparse [--lengths 1024,2048,4096] [--dtypes float32,bfloat16]
+        Phi-3-small's attention at its head shape (32 heads, 8 KV heads, 128 dims): a prompt through a dense layer
+        (SDPA, causal) and through a block-sparse one (SDPA under its per-head block mask, computed densely), ms each
     python bench.py pairs [--sizes ...] [--dtypes ...] [--rounds 3] [--json out.json]
         ours (eager and compiled decode) and transformers (eager and SDPA) taking turns in one process on the CPU:
         the same measures, each a median over the turns, so that the host's drift hits every side alike
@@ -38,6 +43,7 @@ Benchmarks (never tests: speed is measured here, correctness in test_phi.py). Ne
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -131,6 +137,9 @@ SIZES = {  # phi-style (parallel block, partial rotary); 1.4b is phi-1.5's shape
         num_attention_heads=8,
         num_local_experts=8,
     ),
+    "small-2l": dict(  # Phi-3-small's layers (and vocabulary), two of them: 0.85B
+        vocab_size=100352, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2, num_attention_heads=32
+    ),
     "moe-1b": dict(  # 1.02B stored, ~0.2B active per token (16 experts of 3 x 1024 x 1024 in each of 18 layers)
         vocab_size=32064,
         hidden_size=1024,
@@ -140,7 +149,7 @@ SIZES = {  # phi-style (parallel block, partial rotary); 1.4b is phi-1.5's shape
         num_local_experts=16,
     ),
 }
-NEW_TOKENS = {"tiny": 200, "160m": 64, "1.4b": 16, "moe-tiny": 200, "moe-1b": 32}
+NEW_TOKENS = {"tiny": 200, "160m": 64, "1.4b": 16, "moe-tiny": 200, "moe-1b": 32, "small-2l": 32}
 
 
 IMPLS = ("ours", "ours+compile", "ours+int8", "ours+int8+compile", "hf-eager", "hf-sdpa")
@@ -186,6 +195,9 @@ def model_config(size):
 
     s, moe = SIZES[size], size.startswith("moe")
     H = s["num_attention_heads"]
+    if size.startswith("small"):  # Phi-3-small-8k-instruct's config.json, with these sizes
+        real = json.loads((REF / "configs" / "Phi-3-small-8k-instruct.json").read_text())
+        return phi.PhiConfig.from_hf(real | {"ff_intermediate_size": s["intermediate_size"]} | s)
     return phi.PhiConfig(
         model_type="phimoe" if moe else "phi",
         num_key_value_heads=H // 4 if moe else H,  # phimoe: GQA 4:1
@@ -197,6 +209,37 @@ def model_config(size):
         max_position_embeddings=2048,
         **s,
     )
+
+
+def bench_block_sparse(args):
+    """A prompt through one attention layer of Phi-3-small's shape: dense (its odd layers) and block-sparse (its even
+    ones: the same SDPA under the per-head block mask, which PhiModel.block_sparse_mask builds once per forward)."""
+    import torch
+
+    import phi
+
+    cfg = model_config("small-2l")
+    model = phi.PhiModel(dataclasses.replace(cfg, num_hidden_layers=0, vocab_size=1))  # for its mask only
+    print(f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}: ms per prompt, one layer")
+    print(f"{'dtype':8} {'tokens':>6} {'dense':>8} {'sparse':>8} {'mask':>8} {'sparse/dense':>12} {'keys kept':>9}")
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        with torch.no_grad():
+            attn = [phi.Attention(cfg, i).to(dtype).eval() for i in (0, 1)]  # layer 0 block-sparse, 1 dense
+            for T in map(int, args.lengths.split(",")):
+                x, pos = torch.randn(1, T, cfg.hidden_size, dtype=dtype), torch.arange(T)[None]
+                cos, sin = phi.Rotary(cfg)(pos, dtype)
+                causal = model.attention_mask(0, T, torch.ones(1, T, dtype=torch.bool), True)
+                sparse = model.block_sparse_mask(causal, pos, pos)
+                a = phi.AttentionInputs(cos, sin, None, sparse=sparse)
+                mask_ms = 1000 * min(timed(lambda: model.block_sparse_mask(causal, pos, pos)) for _ in range(3))
+                dense_ms, sparse_ms = (1000 * min(timed(lambda: m(x, a)) for _ in range(3)) for m in attn[::-1])
+                kept = sparse.float().mean().item() / causal.float().mean().item()
+                print(
+                    f"{dtype_name:8} {T:6d} {dense_ms:8.1f} {sparse_ms:8.1f} {mask_ms:8.1f} "
+                    f"{sparse_ms / dense_ms:11.2f}x {kept:9.0%}",
+                    flush=True,
+                )
 
 
 def row_process(*argv):
@@ -258,8 +301,8 @@ def bench_models(args):
         print(head)
         for dtype_name in args.dtypes.split(","):
             for impl in args.impls.split(","):
-                if device != "cpu" and "int8" in impl:
-                    continue  # the int8 kernels here are CPU ones
+                if device != "cpu" and "int8" in impl or size.startswith("small") and impl.startswith("hf"):
+                    continue  # the int8 kernels here are CPU ones; transformers has no Phi-3-small
                 # one process per row: its own peak memory, no compiled code or allocator state left by the last
                 got, errors = row_process("_row", size, dtype_name, impl, ckpt, device)
                 if errors is not None:
@@ -394,7 +437,7 @@ def measure_row(size, dtype_name, impl, ckpt, device):
         )
         out["bandwidth_gbs"] = [before, after]
     out["train"] = None
-    if size not in ("1.4b", "moe-1b") and impl in ("ours", "hf-eager", "hf-sdpa"):
+    if size not in ("1.4b", "moe-1b", "small-2l") and impl in ("ours", "hf-eager", "hf-sdpa"):
         out["train"] = train_step(model.float().train(), dtype, cfg, hf=impl.startswith("hf"), device=device)
     out["peak_mb"] = rss_mb("VmHWM") - base if device == "cpu" else torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(out))
@@ -917,7 +960,17 @@ if __name__ == "__main__":
         sys.exit(llama_row(*sys.argv[2:]))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "what", choices=["models", "pairs", "finetune", "speculative", "tokenizers", "int8-agreement", "llama-cpp"]
+        "what",
+        choices=[
+            "models",
+            "pairs",
+            "finetune",
+            "speculative",
+            "tokenizers",
+            "int8-agreement",
+            "llama-cpp",
+            "block-sparse",
+        ],
     )
     p.add_argument("--k", type=int, default=4, help="speculative: drafts a step")
     p.add_argument("--bits", type=int, default=8, choices=[8, 4], help="int8-agreement: int8 or int4 weights")
@@ -929,6 +982,7 @@ if __name__ == "__main__":
     p.add_argument("--prompts", type=int, default=50)
     p.add_argument("--new-tokens", type=int, default=32, help="int8-agreement, speculative")
     p.add_argument("--sizes", default="tiny,160m,1.4b")
+    p.add_argument("--lengths", default="1024,2048,4096", help="block-sparse: prompt lengths")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--impls", default=",".join(IMPLS))
     p.add_argument("--device", help="cpu or cuda (default: cuda when there is one)")
@@ -946,6 +1000,8 @@ if __name__ == "__main__":
         bench_int8_agreement(args)
     elif args.what == "llama-cpp":
         bench_llama_cpp(args)
+    elif args.what == "block-sparse":
+        bench_block_sparse(args)
     else:
         if not (REF / "tokenizers").is_dir():
             sys.exit(f"bench.py: reference tokenizers not found in {REF} (set PHI_REFERENCE)")

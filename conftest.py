@@ -482,3 +482,49 @@ def sparsemixer_cases():
     g = torch.Generator().manual_seed(0)
     grid = (torch.randint(-8, 9, (64, 6), generator=g) / 4.0).tolist()  # a coarse grid: ties everywhere
     return torch.tensor(rows + grid), eps
+
+
+# Phi-3-small (phi3small): no transformers class exists; the oracle is mlx-lm (test_phi.py), and its config.json as
+# the Hub writes it. Tiny, but with several blocks of 32 positions (mlx-lm takes block sizes 32 and 64 only), heads >=
+# vert_stride (mlx-lm's head offset is h + 1, the original's h * max(1, vert_stride // heads) + 1: equal then), the
+# real vocabulary size (the dummy token ids are fixed), a gegelu limit that clamps, and muP multipliers other than 1.
+SMALL = dict(
+    model_type="phi3small",
+    vocab_size=100352,
+    hidden_size=64,
+    ff_intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    layer_norm_epsilon=1e-5,
+    rope_embedding_base=10000.0,
+    rope_position_scale=1.0,
+    blocksparse_block_size=32,
+    blocksparse_num_local_blocks=2,
+    blocksparse_vert_stride=4,
+    blocksparse_homo_head_pattern=False,
+    dense_attention_every_n_layers=2,
+    gegelu_limit=0.5,
+    hidden_act="gegelu",
+    mup_embedding_multiplier=10.0,
+    mup_width_multiplier=8.0,
+    mup_attn_multiplier=1.5,
+    mup_use_scaling=True,
+    bos_token_id=100257,
+    eos_token_id=100257,
+)
+
+
+def small_model(seed=0, **over):
+    """Our phi3small model of the SMALL shape with random weights that make its gegelu clamp and its logits O(1)."""
+    cfg = phi.PhiConfig.from_hf({**SMALL, **over})
+    torch.manual_seed(seed)
+    model = phi.Phi.from_config(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n and n.endswith("weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.3 if "embed" in n else 0.15)
+    return model

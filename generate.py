@@ -169,7 +169,7 @@ def sample(logits, prev_ids, s: Sampling):
 def prefill(model, ids, mask, cache):
     """Run the prompt (B, T) through the model, filling the cache; logits of the last position (B, V) (the lm_head
     runs on that position only)."""
-    return model.lm_head(phi.PhiModel.forward(model, ids, mask, None, cache)[:, -1])
+    return model.logits(phi.PhiModel.forward(model, ids, mask, None, cache)[:, -1])
 
 
 def can_decode_step(model, cache) -> bool:
@@ -202,14 +202,17 @@ def decode_step(model, input_ids, cache):
     if model.config.sliding_window is not None:
         allowed = allowed & (cache.slots > at[:, None] - model.config.sliding_window)
     cos, sin = model.rotary(pos, model.embed.weight.dtype, cache.long)
-    return model.blocks(model.embed(input_ids), phi.AttentionInputs(cos, sin, allowed[:, None], cache, at))
+    sparse = model.block_sparse_mask(allowed[:, None], pos, cache.pos)  # Phi-3-small's block-sparse layers
+    return model.blocks(
+        model.embeddings(input_ids), phi.AttentionInputs(cos, sin, allowed[:, None], cache, at, sparse=sparse)
+    )
 
 
 @torch.no_grad()  # also under torch.compile: a compiled step run with grad enabled loses its cache writes
 def decode_tokens(model, tokens, cache):
     """New tokens (B, T) -> logits (B, T, V): decode_step where it can run, else the model's forward."""
     if can_decode_step(model, cache):
-        return model.lm_head(decode_step(model, tokens, cache))
+        return model.logits(decode_step(model, tokens, cache))
     return model(tokens, cache=cache)
 
 

@@ -1,6 +1,6 @@
 """
 The whole Microsoft Phi family in one file: phi-1, phi-1.5, phi-2, Phi-3/3.5 mini and medium (4k and 128k LongRoPE),
-Phi-3.5-MoE, Phi-4 and Phi-4-mini. Numerically identical to Hugging Face transformers, small enough to read at once.
+Phi-3-small, Phi-3.5-MoE, Phi-4 and Phi-4-mini. Numerically identical to Hugging Face transformers, small enough to read at once.
 
 There are only two block shapes, and one code path with a few named switches covers them:
 
@@ -13,11 +13,13 @@ There are only two block shapes, and one code path with a few named switches cov
     lm_head with bias                           lm_head without bias, tied to the embedding on Phi-4-mini
 phimoe (Phi-3.5-MoE) is phi3 with LayerNorm, q/k/v apart and with biases, a bias in lm_head, and for its MLP a sparse
 mixture of SwiGLU experts: a router sends each token to 2 of them (sparsemixer, not Mixtral's softmax + top-k).
+phi3small (Phi-3-small) is phi3 with LayerNorm and biases, q/k/v fused head-major per KV group, a gegelu MLP, muP
+multipliers (embeddings, attention scale, logits), tied embeddings, and block-sparse attention on every other layer.
 
 The model only, on plain nn.Linear; it reads local checkpoint directories. Tokenizers live in tokenizer.py, the speed
 layer (quantization, CPU kernels) in quantize.py, the Hub, sampling and the compiled decode step in generate.py.
 References: 1) transformers' models/phi, phi3, phimoe (5.x) and 4.42's Phi-3 rotary classes 2) Microsoft's remote code
-(modeling_mixformer_sequential, "phi-msft" modeling_phi, modeling_phimoe), for legacy names 3) nanoGPT (style),
+(modeling_mixformer_sequential, "phi-msft" modeling_phi, modeling_phimoe, modeling_phi3_small) 3) nanoGPT (style),
 gpt-fast (KV cache, meta-device loading)
 """
 
@@ -37,10 +39,11 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from safetensors import safe_open
 
-SUPPORTED = "phi, phi-msft, mixformer-sequential (phi-1/1.5/2), phi3 (Phi-3/3.5, Phi-4/4-mini), phimoe (Phi-3.5-MoE)"
-NOT_YET = {"phi3small": "Phi-3-small", "phi3v": "Phi-3-vision", "phi4mm": "Phi-4-multimodal"}
+SUPPORTED = "phi, phi-msft, mixformer-sequential (phi-1/1.5/2), phi3 (Phi-3/3.5, Phi-4/4-mini), phi3small, phimoe"
+NOT_YET = {"phi3v": "Phi-3-vision", "phi4mm": "Phi-4-multimodal"}
 LEGACY = ("phi-msft", "mixformer-sequential")  # Microsoft's remote-code configs (phi-1/1.5/2 before January 2024)
 MOE_KEYS = "num_local_experts num_experts_per_tok router_jitter_noise input_jitter_noise attention_bias lm_head_bias"
+SMALL_DUMMY_IDS = [100256, 100258, 100259, 100260, 100264, 100265, *range(100267, 100352)]  # its unused token ids
 
 # -----------------------------------------------------------------------------------------------------------------
 # Config
@@ -83,12 +86,26 @@ class PhiConfig:
     input_jitter_noise: float = 0.0  # phimoe, training: the MoE input is multiplied by U(1 - this, 1 + this)
     attention_bias: bool = False  # phimoe: biases in q/k/v/o (phi always has them, phi3 never)
     lm_head_bias: bool = False  # phimoe: a bias in lm_head (as phi)
+    dense_attention_every_n_layers: int = 1  # phi3small: layer i is dense when (i + 1) % this == 0, else block-sparse
+    blocksparse_block_size: int = 64  # phi3small's block-sparse layers see keys in blocks of this many positions:
+    blocksparse_num_local_blocks: int = 16  # the last (this) blocks up to the query's own,
+    blocksparse_vert_stride: int = 8  # and before them every (this)-th block,
+    blocksparse_homo_head_pattern: bool = False  # the same ones for every head (else shifted from head to head)
+    gegelu_limit: float = 20.0  # phi3small's MLP clamps its inputs to this
+    mup_embedding_multiplier: float = 1.0  # phi3small's muP: embeddings x this,
+    mup_width_multiplier: float = 1.0  # logits / this,
+    mup_attn_multiplier: float = 1.0  # attention scale mup_attn_multiplier / head_dim (not 1 / sqrt(head_dim))
+    mup_use_scaling: bool = False  # when this is set
+    rope_position_scale: float = 1.0  # phi3small: positions x this before rotary
 
     # The switches between the architectures. They always change together in the real models.
     parallel_block = property(lambda self: self.model_type == "phi")  # attention and MLP read one LayerNorm output
-    glu = property(lambda self: self.model_type != "phi")  # SwiGLU MLPs (fused gate/up), no biases; else gelu + bias
+    glu = property(lambda self: self.model_type != "phi")  # gated MLPs (fused gate/up); else gelu
     moe = property(lambda self: self.model_type == "phimoe")  # a sparse mixture of SwiGLU experts as the MLP
-    attn_bias = property(lambda self: self.model_type == "phi" or (self.moe and self.attention_bias))
+    small = property(lambda self: self.model_type == "phi3small")  # gegelu, muP, and block-sparse layers:
+    block_sparse = property(lambda self: self.small and self.dense_attention_every_n_layers > 1)
+    mlp_bias = property(lambda self: self.model_type in ("phi", "phi3small"))
+    attn_bias = property(lambda self: self.mlp_bias or (self.moe and self.attention_bias))
     head_bias = property(lambda self: self.model_type == "phi" or (self.moe and self.lm_head_bias))
     rotary_dim = property(lambda self: int(self.head_dim * self.partial_rotary_factor))
 
@@ -96,20 +113,24 @@ class PhiConfig:
     def from_hf(cls, d: dict, source: str = "config.json") -> "PhiConfig":
         """Parse a Hugging Face config.json dict: phi, phi3, phimoe, and the legacy phi-msft / mixformer-sequential."""
         mt = d.get("model_type")
-        if mt not in ("phi", "phi3", "phimoe", *LEGACY):
+        if mt not in ("phi", "phi3", "phimoe", "phi3small", *LEGACY):
             raise ValueError(f"{source}: {_unsupported(mt)}; supported: {SUPPORTED}")
         if mt in LEGACY:
             d, mt = _from_legacy(d, source), "phi"
+        if mt == "phi3small":  # its own names for three common settings; tied embeddings, always
+            d = {SMALL_NAMES.get(k, k): v for k, v in d.items()} | {"tie_word_embeddings": True}
         if d.get("qk_layernorm") and mt != "phi":
             raise ValueError(f"{source}: qk_layernorm is a phi option, not {mt}")
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads") + (
+            SMALL_KEYS if mt == "phi3small" else ()
+        ):
             _need(d, key, source)
         C, H, phi, moe = d["hidden_size"], d["num_attention_heads"], mt == "phi", mt == "phimoe"
         rp = d.get("rope_parameters") or {}  # transformers 5.x writes rope_theta etc. here
         kw = {
             # transformers' defaults (PhiConfig / Phi3Config / PhimoeConfig) where they differ from ours
             "max_position_embeddings": 2048 if phi else 131072 if moe else 4096,
-            "hidden_act": "gelu_new" if phi else "silu",
+            "hidden_act": "gelu_new" if phi else "gegelu" if mt == "phi3small" else "silu",
             "rope_theta": float(rp.get("rope_theta", 1e6 if moe else 10000.0)),
             "num_local_experts": 16 if moe else 0,
             "partial_rotary_factor": rp.get("partial_rotary_factor", 0.5 if phi else 1.0),
@@ -118,13 +139,15 @@ class PhiConfig:
             "model_type": mt,
             "num_key_value_heads": d.get("num_key_value_heads") or H,
             "head_dim": d.get("head_dim") or C // H,
-            "norm_eps": d.get("layer_norm_eps" if phi else "rms_norm_eps", 1e-5),
+            "norm_eps": d.get("rms_norm_eps" if mt in ("phi3", "phimoe") else "layer_norm_eps", 1e-5),
             "num_labels": len(d["id2label"]) if d.get("id2label") else d.get("num_labels", 2),
             "rope_scaling": None,  # parsed below
         }
         cfg = cls(**kw)
         if moe and cfg.num_experts_per_tok != 2:  # transformers' sparsemixer picks two, whatever the config says
             raise ValueError(f"{source}: num_experts_per_tok {cfg.num_experts_per_tok}: phimoe routes to 2 experts")
+        if (n := cfg.dense_attention_every_n_layers) < 1:
+            raise ValueError(f"{source}: dense_attention_every_n_layers must be >= 1, got {n}")
         if C % H or H % (KV := cfg.num_key_value_heads):
             raise ValueError(
                 f"{source}: hidden_size {C} / num_attention_heads {H} / num_key_value_heads {KV} do not divide evenly"
@@ -134,7 +157,7 @@ class PhiConfig:
 
     def to_hf(self) -> dict:
         """A config.json dict (current layout) that transformers' AutoConfig and our from_hf both read."""
-        skip = ["norm_eps", "num_labels"] + ([] if self.moe else MOE_KEYS.split())
+        skip = ["norm_eps", "num_labels", *([] if self.moe else MOE_KEYS.split()), *([] if self.small else SMALL_KEYS)]
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}  # (copies: the caller may change it)
         d["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
         if self.head_dim == self.hidden_size // self.num_attention_heads:
@@ -150,6 +173,9 @@ class PhiConfig:
         if self.rope_scaling:  # transformers 5 knows "su" as "longrope" (the same formula); phimoe reads original here
             rs = d["rope_scaling"] = dict(self.rope_scaling, type=self.rope_scaling["type"].replace("su", "longrope"))
             rs.update({"original_max_position_embeddings": original} if self.moe else {})
+        if self.small:
+            d = {({v: k for k, v in SMALL_NAMES.items()}).get(k, k): v for k, v in d.items()}
+            return dict(d, layer_norm_epsilon=self.norm_eps, original_max_position_embeddings=original)
         return dict(d, rms_norm_eps=self.norm_eps, original_max_position_embeddings=original)
 
 
@@ -170,7 +196,11 @@ def _need(d: dict, key: str, source: str):
 LEGACY_KEYS = {"n_embd": "hidden_size", "n_inner": "intermediate_size", "n_layer": "num_hidden_layers",
                "n_head": "num_attention_heads", "n_head_kv": "num_key_value_heads", "n_positions": "max_position_embeddings",
                "layer_norm_epsilon": "layer_norm_eps", "activation_function": "hidden_act", "attn_pdrop": "attention_dropout"}
+# Phi-3-small's config.json: its own names for three common settings, and its settings (all required there)
+SMALL_NAMES = {"ff_intermediate_size": "intermediate_size", "rope_embedding_base": "rope_theta",
+               "layer_norm_epsilon": "layer_norm_eps"}
 # fmt: on
+SMALL_KEYS = tuple(f.name for f in dataclasses.fields(PhiConfig))[-11:]  # (PhiConfig's last 11 fields)
 
 
 def _from_legacy(d: dict, source: str) -> dict:
@@ -232,6 +262,7 @@ class Rotary:
     def __init__(self, cfg: PhiConfig):
         d, rs, theta = cfg.rotary_dim, cfg.rope_scaling, cfg.rope_theta
         base = theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d)  # (d/2,), never on meta
+        base = base / cfg.rope_position_scale  # (Phi-3-small's positions x rope_position_scale: 1.0 in its configs)
         self.original, self.scaled, self.scale = cfg.original_max_position_embeddings, rs is not None, 1.0
         self.inv_freq = self.inv_freq_long = 1.0 / base
         if rs is None:
@@ -340,8 +371,19 @@ def make_norm(cfg, dim):
     return RMSNorm(dim, cfg.norm_eps) if cfg.model_type == "phi3" else nn.LayerNorm(dim, eps=cfg.norm_eps)
 
 
+def gegelu(h, limit):
+    """Phi-3-small's MLP activation, (.., 2I) -> (.., I): the even columns of h are the gate, the odd ones the linear
+    part; each is clamped to `limit` (the gate from above only; infinities pass, as in its code), then
+    quick_gelu(gate) * (linear + 1), where quick_gelu(x) = x * sigmoid(1.702 x)."""
+    gate, linear = h[..., ::2], h[..., 1::2]
+    gate = torch.where(gate.isinf(), gate, gate.clamp(max=limit))
+    linear = torch.where(linear.isinf(), linear, linear.clamp(-limit, limit))
+    return gate * torch.sigmoid(1.702 * gate) * (linear + 1)
+
+
 gelu_tanh = partial(F.gelu, approximate="tanh")  # transformers' "gelu_new" (phi), up to float rounding
 ACTIVATIONS = dict(gelu_new=gelu_tanh, gelu_pytorch_tanh=gelu_tanh, gelu_fast=gelu_tanh, gelu=F.gelu, silu=F.silu)
+ACTIVATIONS["gegelu"] = gegelu  # phi3small: it takes the whole fc1 output (see MLP)
 
 
 @dataclass
@@ -354,6 +396,7 @@ class AttentionInputs:
     cache: KVCache | None = None
     at: int | torch.Tensor = 0  # the cache slot of the first new token (see KVCache.update)
     flash: object = None  # flash_attn_func, when this call uses flash-attn
+    sparse: torch.Tensor | None = None  # bool (B, H, T, S): the mask of phi3small's block-sparse layers
 
 
 class Attention(nn.Module):
@@ -361,6 +404,8 @@ class Attention(nn.Module):
         super().__init__()
         self.layer, self.n_head, self.n_kv_head = layer, cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim, self.window, self.dropout = cfg.head_dim, cfg.sliding_window, cfg.attention_dropout
+        self.scale = cfg.mup_attn_multiplier / cfg.head_dim if cfg.mup_use_scaling else None  # None: 1/sqrt(hd)
+        self.grouped, self.sparse = cfg.small, (layer + 1) % cfg.dense_attention_every_n_layers != 0  # phi3small
         self.sizes = [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim]
         self.qkv = nn.Linear(cfg.hidden_size, sum(self.sizes), bias=cfg.attn_bias)  # q, k, v in one matmul
         self.out = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=cfg.attn_bias)
@@ -371,34 +416,41 @@ class Attention(nn.Module):
     def forward(self, x, a: AttentionInputs):
         """x (B, T, C) -> (B, T, C)."""
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(self.sizes, dim=-1)
-        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H | KV | KV, T, hd)
+        qkv = self.qkv(x)
+        if self.grouped:  # phi3small: per KV head, its H / KV queries, then its key, then its value
+            qkv = qkv.view(B, T, self.n_kv_head, -1, self.head_dim)  # (B, T, KV, H / KV + 2, hd)
+            q, k, v = qkv[..., :-2, :].flatten(2, 3), qkv[..., -2, :], qkv[..., -1, :]
+        else:
+            q, k, v = (t.view(B, T, -1, self.head_dim) for t in qkv.split(self.sizes, dim=-1))
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H | KV | KV, T, hd)
         if self.qk_layernorm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, a.cos, a.sin), apply_rotary(k, a.cos, a.sin)
         if a.cache is not None:
             k, v = a.cache.update(self.layer, k, v, a.at)  # (B, KV, S, hd), S = cached + T
-        dropout = self.dropout if self.training else 0.0
+        dropout, mask = self.dropout if self.training else 0.0, a.sparse if self.sparse else a.mask
         if a.flash:
             # flash-attn wants (B, T, H, hd) and aligns the causal mask bottom-right, so a decode step's single query
             # sees every cached key. window (w - 1, 0): w keys including the query itself, the same rule as the mask.
             window = (self.window - 1, 0) if self.window else (-1, -1)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            y = a.flash(q, k, v, dropout_p=dropout, causal=True, window_size=window).transpose(1, 2)
-        elif T == 1 and a.mask is not None:
-            y = self.decode_attention(q, k, v, a.mask)
+            y = a.flash(q, k, v, dropout_p=dropout, softmax_scale=self.scale, causal=True, window_size=window)
+            y = y.transpose(1, 2)
+        elif T == 1 and mask is not None:
+            y = self.decode_attention(q, k, v, mask)
         else:
             # phi-2's raw q·k can exceed fp16's 65504 (transformers#28163: an explicit fp16 q @ k.T overflows). SDPA's
             # kernels scale before the product and accumulate in fp32, so no upcast is needed here (tested).
-            gqa, causal = self.n_kv_head != self.n_head, a.mask is None and T > 1
-            y = F.scaled_dot_product_attention(q, k, v, a.mask, dropout, is_causal=causal, enable_gqa=gqa)
+            gqa, causal = self.n_kv_head != self.n_head, mask is None and T > 1
+            y = F.scaled_dot_product_attention(q, k, v, mask, dropout, causal, scale=self.scale, enable_gqa=gqa)
         return self.out(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
     def decode_attention(self, q, k, v, mask):
         """One query per row (a decode step): two small matmuls beat SDPA's masked kernel here. Query heads are
-        grouped by the KV head they share (GQA) instead of repeating k and v; softmax in fp32."""
+        grouped by the KV head they share (GQA) instead of repeating k and v; softmax in fp32. mask (B, 1 | H, 1, S)."""
         B, G = q.shape[0], self.n_head // self.n_kv_head
-        att = (q.view(B, self.n_kv_head, G, self.head_dim) @ k.transpose(-1, -2)) * self.head_dim**-0.5
+        att = (q.view(B, self.n_kv_head, G, self.head_dim) @ k.transpose(-1, -2)) * (self.scale or self.head_dim**-0.5)
+        mask = mask.view(B, -1, G if mask.shape[1] > 1 else 1, mask.shape[-1])  # (B, KV | 1, G | 1, S)
         att = att.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32).to(v.dtype)  # (B, KV, G, S)
         return (att @ v).view(B, self.n_head, 1, self.head_dim)
 
@@ -407,14 +459,17 @@ class MLP(nn.Module):
     def __init__(self, cfg: PhiConfig):
         super().__init__()
         # phi: fc1 -> gelu -> fc2.  phi3: fc1 holds [gate; up] (gate_up_proj), fc2 is down_proj.
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size * (2 if cfg.glu else 1), bias=not cfg.glu)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=not cfg.glu)
+        # phi3small: fc1 is up_proj, [gate; linear] interleaved column by column (see gegelu), fc2 down_proj.
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size * (2 if cfg.glu else 1), bias=cfg.mlp_bias)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         if cfg.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act '{cfg.hidden_act}' is not supported (supported: {', '.join(ACTIVATIONS)})")
-        self.act, self.glu = ACTIVATIONS[cfg.hidden_act], cfg.glu
+        self.act, self.glu, self.limit = ACTIVATIONS[cfg.hidden_act], cfg.glu, cfg.gegelu_limit
 
     def forward(self, x):
         h = self.fc1(x)
+        if self.act is gegelu:
+            return self.fc2(gegelu(h, self.limit))
         if self.glu:
             gate, up = h.chunk(2, dim=-1)  # first half is the gate
             return self.fc2(up * self.act(gate))
@@ -525,9 +580,33 @@ class PhiModel(nn.Module):
             cache.long, cache.padded = long, cache.padded or padded
             padded, key_valid = cache.padded, cache.valid[:, : start + input_ids.shape[1]]
         flash = None if padded else self.flash_attn  # flash-attn takes no mask: padded batches use SDPA
-        mask = None if flash else self.attention_mask(start, input_ids.shape[1], key_valid, padded)
+        T, k_pos = input_ids.shape[1], position_ids if cache is None else cache.pos[:, : start + input_ids.shape[1]]
+        mask = None if flash else self.attention_mask(start, T, key_valid, padded)
+        causal = self.config.block_sparse and self.attention_mask(start, T, key_valid, True)  # (explicit)
+        sparse = self.block_sparse_mask(causal, position_ids, k_pos)
         cos, sin = self.rotary(position_ids, self.embed.weight.dtype, long)
-        return self.blocks(self.drop(self.embed(input_ids)), AttentionInputs(cos, sin, mask, cache, start, flash))
+        x = self.drop(self.embeddings(input_ids))
+        return self.blocks(x, AttentionInputs(cos, sin, mask, cache, start, flash, sparse))
+
+    def embeddings(self, input_ids):
+        """Token ids (B, T) -> their embeddings (B, T, C), times Phi-3-small's mup_embedding_multiplier."""
+        x = self.embed(input_ids)
+        return x * self.config.mup_embedding_multiplier if self.config.small else x
+
+    def block_sparse_mask(self, mask, q_pos, k_pos):
+        """Phi-3-small's block-sparse layers: the bool mask (B, 1, T, S) narrowed per head to (B, H, T, S) by the
+        positions of queries (B, T) and keys (B, S) (so a padded row sees what it sees alone), in blocks of block_size:
+        a query sees the num_local_blocks last blocks up to its own, and before them every vert_stride-th block, from
+        another block for each head h (h * step: the heads together cover every block). None without such layers."""
+        c = self.config
+        if not c.block_sparse:
+            return None
+        bs = c.blocksparse_block_size
+        qb, kb = (q_pos // bs)[:, None, :, None], (k_pos // bs)[:, None, None]  # (B, 1, T, 1), (B, 1, 1, S) blocks
+        step = 0 if c.blocksparse_homo_head_pattern else max(1, c.blocksparse_vert_stride // c.num_attention_heads)
+        h = torch.arange(c.num_attention_heads, device=mask.device)[:, None, None]  # (H, 1, 1)
+        strided = (kb + h * step + 1) % c.blocksparse_vert_stride == 0  # (B, H, 1, S)
+        return mask & ((qb - kb < c.blocksparse_num_local_blocks) | strided)
 
     def positions(self, valid, cache, start):
         """Position ids (B, T): real tokens counted from the last cached position (pads repeat their neighbour's)."""
@@ -574,6 +653,8 @@ class PhiModel(nn.Module):
         self.flash_attn, w, why = None, self.embed.weight, None
         if impl == "flash" and (w.device.type != "cuda" or w.dtype not in (torch.float16, torch.bfloat16)):
             why = f"it needs CUDA and float16/bfloat16, the model is on {w.device.type} in {w.dtype}"
+        elif impl == "flash" and self.config.block_sparse:
+            why = "Phi-3-small's block-sparse layers need a mask, which flash-attn does not take"
         elif impl == "flash":
             try:
                 from flash_attn import flash_attn_func as flash_attn
@@ -661,7 +742,7 @@ class PhiModel(nn.Module):
             ckpt.copy_rows(srcs, ours[our])  # q, k, v stacked along dim 0 for phi
             used.update(srcs)
         # not ours, yet expected: another task's head or a tied lm_head (ignored, as transformers does), old buffers
-        heads = ("lm_head", "score", "classifier") if layout in ("phi", "phi3", "phimoe") else ()
+        heads = ("lm_head", "score", "classifier") if layout in ("phi", "phi3", "phimoe", "phi3small") else ()
         used |= {k for k in ckpt.files if k.endswith("rotary_emb.inv_freq") or k.split(".")[0] in heads}
         extra = [k for k in ckpt.files if k not in used]
         if extra:
@@ -687,7 +768,8 @@ class PhiModel(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         save_torch_state_dict(tensors, path, max_shard_size=max_shard_size)
         cfg = self.config.to_hf()
-        cfg["architectures"] = [self.config.model_type.capitalize() + type(self).hf_suffix]  # PhimoeForCausalLM ...
+        name = "Phi3Small" if self.config.small else self.config.model_type.capitalize()  # Phimoe, Phi3, Phi
+        cfg["architectures"] = [name + type(self).hf_suffix]  # Phi3SmallForCausalLM ...
         cfg["torch_dtype"] = str(self.embed.weight.dtype).removeprefix("torch.")
         (path / "config.json").write_text(json.dumps(cfg, indent=2))
 
@@ -725,6 +807,13 @@ HF_LAYOUTS = {
         "layers.{i}.attn.qkv": "layers.{j}.mixer.Wqkv",
         "layers.{i}.mlp.fc1": "layers.{j}.mlp.fc1",          "layers.{i}.mlp.fc2": "layers.{j}.mlp.fc2",
     },
+}
+HF_LAYOUTS["phi3small"] = {  # Phi3SmallForCausalLM, the checkpoint's own code (no lm_head: tied)
+    "embed": "model.embed_tokens",                           "norm": "model.final_layernorm",
+    "layers.{i}.norm1": "model.layers.{i}.input_layernorm",  "layers.{i}.attn.out": "model.layers.{i}.self_attn.dense",
+    "layers.{i}.attn.qkv": "model.layers.{i}.self_attn.query_key_value",  # head-major: see Attention
+    "layers.{i}.norm2": "model.layers.{i}.post_attention_layernorm",
+    "layers.{i}.mlp.fc1": "model.layers.{i}.mlp.up_proj",   "layers.{i}.mlp.fc2": "model.layers.{i}.mlp.down_proj",
 }
 HF_LAYOUTS["phimoe"] = HF_LAYOUTS["phi3"] | {  # PhimoeForCausalLM (Phi-3.5-MoE): as on the Hub, and as saved by
     "layers.{i}.attn.qkv": HF_LAYOUTS["phi"]["layers.{i}.attn.qkv"],  # transformers 5 (which holds it otherwise,
@@ -840,11 +929,20 @@ class Phi(PhiModel):
     def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None, cache=None):
         """Returns logits (B, T, vocab); with labels (B, T), returns (logits, loss): labels are shifted inside
         (position t predicts labels[t + 1]) and -100 is ignored, as in transformers."""
-        logits = self.lm_head(super().forward(input_ids, attention_mask, position_ids, cache))
+        logits = self.logits(super().forward(input_ids, attention_mask, position_ids, cache))
         if labels is None:
             return logits
         loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
         return logits, loss
+
+    def logits(self, h):
+        """Hidden states (.., C) -> logits (.., vocab). Phi-3-small's muP divides them by mup_width_multiplier, and
+        its unused (dummy) token ids get the lowest logit, as in its code."""
+        logits = self.lm_head(h)
+        if not self.config.small:
+            return logits
+        dummy = torch.tensor([i for i in SMALL_DUMMY_IDS if i < logits.shape[-1]], device=logits.device)
+        return (logits / self.config.mup_width_multiplier).index_fill(-1, dummy, torch.finfo(logits.dtype).min)
 
 
 class PhiForSequenceClassification(PhiModel):

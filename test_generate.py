@@ -35,6 +35,7 @@ from conftest import (
     record,
     run_cli,
     saved,
+    small_model,
     snapshot,
     stepped_logits,
     tiny_config,
@@ -674,3 +675,53 @@ def test_speculative_sampling_keeps_the_models_distribution(tmp_path):
             0.5 * (counts / counts.sum() - exact).abs().sum().item(),
         )
     assert tv["lookup"] <= 1.3 * tv["plain"] + 0.02 and tv["draft"] <= 1.3 * tv["plain"] + 0.02, tv
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Phi-3-small (phi3small): its logits are checked against mlx-lm in test_phi.py; here the paths around the model
+
+
+@needs_reference("tokenizers")
+def test_phi3small_cli_chat_with_its_cl100k_tokenizer(tmp_path, monkeypatch):
+    """A Hub-shaped Phi-3-small directory (weights, cl100k_base.tiktoken and nothing else for the tokenizer): --chat
+    renders its format, generates what the API generates, and stops at <|end|> (forced here as the 3rd token)."""
+    path = saved(small_model(), tmp_path / "m")
+    shutil.copy(TOK / "tiktoken" / "cl100k_base.tiktoken", path)
+    model, tok = generate.load(path, dtype="float32")
+    text = "<|endoftext|><|system|>\nBe brief.<|end|>\n<|user|>\nName a prime.<|end|>\n<|assistant|>\n"
+    assert tokenizer.chat_prompt(tok, "Name a prime.", "Be brief.") == text
+    want = list(generate.generate(model, tok.encode(text), 16, eos_ids=generate.end_of_turn_ids(model, tok)))
+    r = run_cli(tmp_path, "--model", path, "--chat", "--prompt", "Name a prime.", *CHAT_ARGS)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == tok.decode(want) + "\n" and len(want) == 16
+    sample, calls = generate.sample, []
+
+    def end_at_the_3rd(*args, **kw):
+        calls.append(1)
+        token = sample(*args, **kw)
+        return torch.full_like(token, 100266) if len(calls) == 3 else token
+
+    monkeypatch.setattr(generate, "sample", end_at_the_3rd)
+    r = run_cli(tmp_path, "--model", path, "--chat", "--prompt", "Name a prime.", *CHAT_ARGS)
+    assert r.stdout == tok.decode(want[:2]) + "\n" and len(calls) == 3  # nothing sampled after <|end|>
+
+
+def test_phi3small_compiled_decode_and_speculative_decoding_equal_plain_greedy(fresh_compiler):
+    """torch.compile traces the decode step (with its per-head block-sparse mask) once, in one graph, and it equals
+    the full forward; speculative decoding (prompt lookup, the model as its own draft) yields plain greedy's tokens."""
+    import torch._dynamo.testing
+
+    model = small_model()
+    counter = torch._dynamo.testing.CompileCounter()
+    ids = torch.randint(0, 100256, (2, 110), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(ids)
+        got = stepped_logits(model, compiled_step(backend=counter), ids, 60, phi.KVCache(model.config, 2, 110))
+    assert counter.frame_count == 1
+    assert record("phi3small compiled decode vs full", err(got, full[:, 60:])) <= TOL
+    prompt = ids[0, :20].tolist() * 3  # it repeats itself: prompt lookup finds drafts
+    want = list(generate.generate(model, prompt, 40, eos_ids=set()))
+    for draft in (None, model):
+        stats = {}
+        got = list(generate.generate_speculative(model, prompt, 40, k=4, draft=draft, eos_ids=set(), stats=stats))
+        assert got == want and stats["drafted"] > 0

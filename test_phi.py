@@ -1,6 +1,7 @@
 """phi.py against transformers (the oracle) on tiny random configs: logits, KV cache, padding, rotary variants, heads,
 saving and loading, the real Hub config.json files, error paths, fp16/bf16/flash-attn, Phi-3.5-MoE."""
 
+import dataclasses
 import json
 import os
 import re
@@ -33,7 +34,9 @@ from conftest import (
     record,
     rope,
     saved,
+    small_model,
     sparsemixer_cases,
+    stepped_logits,
     tiny_config,
     with_checkpoint_rotary,
 )
@@ -482,9 +485,21 @@ def test_real_longrope_config_values():
 
 
 @needs_reference("configs")
-def test_phi3_small_is_a_clear_unsupported_error():
-    with pytest.raises(ValueError, match=r"'phi3small' \(Phi-3-small\) is not supported yet; supported: phi"):
-        phi.PhiConfig.from_hf(json.loads((REF / "configs/Phi-3-small-8k-instruct.json").read_text()))
+def test_real_phi3_small_config_builds_7_39b_parameters():
+    d = json.loads((REF / "configs/Phi-3-small-8k-instruct.json").read_text())
+    cfg = phi.PhiConfig.from_hf(d)
+    with torch.device("meta"):
+        model = phi.Phi(cfg)
+    n = sum(p.numel() for p in model.parameters())  # the tied lm_head counted once
+    assert round(n / 1e9, 2) == 7.39, n
+    assert (cfg.intermediate_size, cfg.rope_theta, cfg.norm_eps, cfg.tie_word_embeddings) == (14336, 1e6, 1e-5, True)
+    assert [layer.attn.sparse for layer in model.layers[:4]] == [True, False, True, False]  # dense: (i + 1) % 2 == 0
+    assert model.layers[0].attn.scale == 1 / 128 and model.layers[0].mlp.fc1.out_features == 2 * 14336
+    again = phi.PhiConfig.from_hf(cfg.to_hf())  # to_hf round-trips (writing the original context it implies)
+    assert again == dataclasses.replace(cfg, original_max_position_embeddings=8192)
+    assert {k: cfg.to_hf()[k] for k in ("ff_intermediate_size", "rope_embedding_base", "layer_norm_epsilon")} == {
+        k: d[k] for k in ("ff_intermediate_size", "rope_embedding_base", "layer_norm_epsilon")
+    }
 
 
 def good_config():
@@ -506,6 +521,7 @@ def good_config():
         (dict(model_type="llama"), r"unknown model_type 'llama'; supported: phi, phi-msft"),
         (dict(model_type="phi3v"), r"'phi3v' \(Phi-3-vision\) is not supported yet"),
         (dict(model_type="phimoe", num_experts_per_tok=4), r"num_experts_per_tok 4: phimoe routes to 2 experts"),
+        (dict(model_type="phi3small"), r"required key 'dense_attention_every_n_layers' is missing"),
         (dict(model_type=None), r"no 'model_type' key"),
         (dict(hidden_size=None), r"required key 'hidden_size' is missing"),
         (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), r"rope_scaling type 'dynamic' is not supported"),
@@ -735,13 +751,13 @@ def test_flash_requested_on_cpu_falls_back_with_one_line(tmp_path, capfd):
     assert model.flash_attn is None
 
 
-def fake_flash_attn_func(q, k, v, dropout_p=0.0, causal=False, window_size=(-1, -1)):
+def fake_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1)):
     """flash_attn_func's documented semantics in plain torch: (B, T, H, hd) layout, GQA by head groups, causal mask
     aligned to the bottom-right corner, and key j visible from query i iff i + S - T - left <= j <= i + S - T + right."""
     B, T, H, D = q.shape
     S, KV = k.shape[1], k.shape[2]
     k, v = k.repeat_interleave(H // KV, 2), v.repeat_interleave(H // KV, 2)
-    scores = torch.einsum("bthd,bshd->bhts", q, k) / D**0.5
+    scores = torch.einsum("bthd,bshd->bhts", q, k) * (softmax_scale or D**-0.5)
     i = torch.arange(T)[:, None] + S - T
     j = torch.arange(S)[None, :]
     left, right = window_size
@@ -955,3 +971,220 @@ def test_phi35_moe_config_parses_with_its_real_size():
     back = transformers.PhimoeConfig(**cfg.to_hf())
     assert (back.num_local_experts, back.attention_bias, back.lm_head_bias) == (16, True, True)
     assert phi.PhiConfig.from_hf(cfg.to_hf()) == cfg
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Phi-3-small (phi3small) against mlx-lm 0.32.2's phi3small.py, and against the formulas written out in plain torch
+
+
+def mlx_small(path):
+    """mlx-lm's phi3small model of a checkpoint directory, with its block-sparse layers given an additive causal mask:
+    it adds create_attention_mask's boolean mask to the scores as numbers (True -> +1), so within a diagonal block a
+    query would see later keys."""
+    import mlx.core as mx
+    import mlx_lm.models.phi3small as small
+    from mlx_lm.utils import load_model
+
+    def additive(h, cache=None, return_array=False):
+        m = boolean(h, cache, return_array=return_array)
+        if m is None or isinstance(m, str) or m.dtype != mx.bool_:
+            return m
+        return mx.where(m, mx.array(0.0, mx.float32), mx.array(-float("inf"), mx.float32))
+
+    boolean = small.create_attention_mask
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(small, "create_attention_mask", additive)
+        model, _ = load_model(path)
+    return model, additive
+
+
+def mlx_small_logits(path, ids, prefill=64):
+    """mlx-lm's logits (1, T, V) at every position of ids (1, T): the first `prefill` tokens (a multiple of the block
+    size: its prefill takes the rows of a padded block mask, so query t would get the block of t + padding) at once,
+    then one token at a time through its KV cache (that path is right)."""
+    import mlx.core as mx
+    import mlx_lm.models.phi3small as small
+    import numpy as np
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model, additive = mlx_small(path)
+    cache, x = make_prompt_cache(model), mx.array(ids.numpy())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(small, "create_attention_mask", additive)
+        out = [np.array(model(x[:, :prefill], cache=cache))]
+        out += [np.array(model(x[:, t : t + 1], cache=cache)) for t in range(prefill, ids.shape[1])]
+    return torch.from_numpy(np.concatenate(out, 1))
+
+
+REAL_IDS = torch.ones(100352, dtype=torch.bool)
+REAL_IDS[phi.SMALL_DUMMY_IDS] = False
+
+
+def small_ids(T, B=1, seed=1):
+    return torch.randint(0, 100256, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_phi3small_logits_match_mlx_lm(tmp_path):
+    """200 tokens: 7 blocks of 32 (not a multiple), 2 local blocks, every 4th block before them by head: queries in
+    the last blocks lose some blocks to the stride; muP multipliers 10, 8, 1.5; a gegelu limit of 0.5 that clamps."""
+    ours = small_model()
+    ids = small_ids(200)
+    ref = mlx_small_logits(saved(ours, tmp_path), ids)
+    with torch.no_grad():
+        got = ours(ids)
+    e = record("logits phi3small vs mlx-lm T=200", err(got[..., REAL_IDS], ref[..., REAL_IDS]))
+    assert e <= TOL, e
+    assert (got[..., ~REAL_IDS] == torch.finfo(torch.float32).min).all() and ref[..., ~REAL_IDS].isneginf().all()
+    # what the comparison covers: the block mask cuts keys, and gegelu clamps
+    with torch.no_grad():
+        dense = small_model(dense_attention_every_n_layers=1)(ids)
+        h = ours.layers[0].mlp.fc1(ours.layers[0].norm2(torch.randn(1, 50, 64)))
+    assert err(dense[..., REAL_IDS], got[..., REAL_IDS]) > 100 * TOL
+    assert (h.abs() > ours.config.gegelu_limit).float().mean() > 0.2
+
+
+def reference_small_logits(sd, c, ids):
+    """Phi-3-small's forward written out from the formulas in plain torch, per head and per query: the checkpoint's
+    tensors (sd, by their Hub names) and config.json (c) in, logits (T, V) out; ids (T,)."""
+    T, H, KV, hd = (
+        len(ids),
+        c["num_attention_heads"],
+        c["num_key_value_heads"],
+        c["hidden_size"] // c["num_attention_heads"],
+    )
+    bs, local, stride = c["blocksparse_block_size"], c["blocksparse_num_local_blocks"], c["blocksparse_vert_stride"]
+    inv_freq = 1.0 / c["rope_embedding_base"] ** (torch.arange(0, hd, 2).float() / hd)
+    ang = torch.arange(T)[:, None].float() * c["rope_position_scale"] * inv_freq  # (T, hd / 2)
+    cos, sin = ang.cos(), ang.sin()
+
+    def ln(x, n):
+        return torch.nn.functional.layer_norm(x, x.shape[-1:], sd[n + ".weight"], sd[n + ".bias"], 1e-5)
+
+    def lin(x, n):
+        return x @ sd[n + ".weight"].T + sd[n + ".bias"]
+
+    def rot(x):  # (T, hd): dim j pairs with dim j + hd / 2
+        x1, x2 = x[:, : hd // 2], x[:, hd // 2 :]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+    x = sd["model.embed_tokens.weight"][ids] * c["mup_embedding_multiplier"]
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        qkv = lin(ln(x, p + "input_layernorm"), p + "self_attn.query_key_value").view(T, KV, H // KV + 2, hd)
+        sparse = (i + 1) % c["dense_attention_every_n_layers"] != 0
+        heads = []
+        for h in range(H):
+            q, k, v = (
+                rot(qkv[:, h // (H // KV), h % (H // KV)]),
+                rot(qkv[:, h // (H // KV), -2]),
+                qkv[:, h // (H // KV), -1],
+            )
+            scores = q @ k.T * c["mup_attn_multiplier"] / hd
+            t, s = torch.arange(T)[:, None], torch.arange(T)[None, :]  # query and key positions
+            qb, kb = t // bs, s // bs
+            seen = (s <= t) & (not sparse or (qb - kb < local) | ((kb + h * max(1, stride // H) + 1) % stride == 0))
+            scores = scores.masked_fill(~seen, float("-inf"))
+            heads.append(scores.softmax(-1) @ v)
+        x = x + lin(torch.cat(heads, -1), p + "self_attn.dense")
+        up = lin(ln(x, p + "post_attention_layernorm"), p + "mlp.up_proj")
+        gate, linear, limit = up[:, 0::2], up[:, 1::2], c["gegelu_limit"]
+        gate, linear = gate.clamp(max=limit), linear.clamp(-limit, limit)
+        x = x + lin(gate * torch.sigmoid(1.702 * gate) * (linear + 1), p + "mlp.down_proj")
+    logits = ln(x, "model.final_layernorm") @ sd["model.embed_tokens.weight"].T / c["mup_width_multiplier"]
+    logits[:, phi.SMALL_DUMMY_IDS] = float("-inf")
+    return logits
+
+
+def test_phi3small_matches_a_plain_torch_transcription(tmp_path):
+    """Independent of mlx-lm: 200 tokens (7 blocks of 32: the early ones fall out of a query's local window unless its
+    head's stride keeps them); the original's head step max(1, vert_stride // heads) with fewer heads than the stride
+    (2 heads, stride 8: head 1 keeps block 3 where mlx-lm's h + 1 would keep block 6)."""
+    from safetensors.torch import load_file
+
+    for over in ({}, dict(num_attention_heads=2, num_key_value_heads=1, blocksparse_vert_stride=8)):
+        ours = small_model(**over)
+        path = saved(ours, tmp_path / str(len(over)))
+        sd, c = load_file(path / "model.safetensors"), json.loads((path / "config.json").read_text())
+        ids = small_ids(200)
+        with torch.no_grad():
+            ref, got = reference_small_logits(sd, c, ids[0]), ours(ids)[0]
+        e = record("logits phi3small vs plain torch T=200", err(got[:, REAL_IDS], ref[:, REAL_IDS]))
+        assert e <= TOL, (over, e)
+
+
+def test_phi3small_decode_and_left_padding_equal_the_full_forward(tmp_path):
+    """The KV cache (prefill, then generate.py's decode step, whose mask spans all slots), and a left-padded row of a
+    batch: the same logits as the row alone in one forward."""
+    model, ids = small_model(), small_ids(150, B=2)
+    with torch.no_grad():
+        full = model(ids)
+        cache = phi.KVCache(model.config, 2, 150)
+        stepped = stepped_logits(model, generate.decode_one_token, ids, 70, cache)
+        short = small_ids(110, seed=2)
+        batch = torch.cat([torch.zeros(1, 40, dtype=torch.long), short], 1)
+        mask = torch.cat([torch.zeros(1, 40), torch.ones(1, 110)], 1).long()
+        padded = model(torch.cat([batch, ids[:1]]), attention_mask=torch.cat([mask, torch.ones(1, 150).long()]))
+        alone = model(short)
+    assert record("phi3small decode vs full", err(stepped, full[:, 70:])) <= TOL
+    assert record("phi3small left padding", err(padded[0, 40:], alone[0])) <= TOL
+    assert err(padded[1], full[0]) <= TOL
+
+
+def test_phi3small_greedy_equals_mlx_lm_greedy(tmp_path):
+    """generate.generate (prefill, compiled-shape decode steps) against mlx-lm's argmax loop through its cache."""
+    import mlx.core as mx
+    import mlx_lm.models.phi3small as small
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model, prompt = small_model(), small_ids(64)
+    ours = list(generate.generate(model, prompt, max_new_tokens=40, eos_ids=[]))
+    ref_model, additive = mlx_small(saved(model, tmp_path))
+    cache, x, ref = make_prompt_cache(ref_model), mx.array(prompt.numpy()), []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(small, "create_attention_mask", additive)
+        for _ in range(40):
+            ref.append(mx.argmax(ref_model(x, cache=cache)[0, -1]).item())
+            x = mx.array([[ref[-1]]])
+    assert ours == ref
+
+
+def test_phi3small_saves_the_hub_layout_and_loads_back(tmp_path):
+    from safetensors import safe_open
+
+    model = small_model()
+    path = saved(model, tmp_path)
+    with safe_open(path / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    assert "lm_head.weight" not in names and "model.final_layernorm.bias" in names
+    layer = {n.split(".", 3)[3] for n in names if n.startswith("model.layers.0.")}
+    assert layer == {
+        f"{m}.{w}"
+        for m in ("input_layernorm", "post_attention_layernorm", "self_attn.query_key_value", "self_attn.dense")
+        + ("mlp.up_proj", "mlp.down_proj")
+        for w in ("weight", "bias")
+    }
+    again, ids = phi.Phi.from_pretrained(path), small_ids(80)
+    with torch.no_grad():
+        assert torch.equal(again(ids), model(ids))
+    assert again.lm_head.weight is again.embed.weight
+
+
+def test_phi3small_classification_heads_pool_and_pad_like_the_causal_model(tmp_path):
+    """Phi-3-small's trunk under the sequence and token classification heads: a left-padded row scores as it does
+    alone (its block-sparse layers follow positions, not slots), and the score head saves and loads back."""
+    lm = small_model(pad_token_id=100257)
+    ids, short = small_ids(100), small_ids(70, seed=2)
+    batch = torch.cat([ids, torch.cat([torch.full((1, 30), 100257), short], 1)])
+    mask = torch.cat([torch.ones(1, 100), torch.cat([torch.zeros(1, 30), torch.ones(1, 70)], 1)]).long()
+    for cls in (phi.PhiForSequenceClassification, phi.PhiForTokenClassification):
+        model = cls(lm.config).eval()
+        model.load_state_dict({**lm.state_dict(), "score.weight": torch.randn_like(model.score.weight)}, strict=False)
+        with torch.no_grad():
+            got, alone = model(batch, attention_mask=mask), model(short)
+            hidden = phi.PhiModel.forward(model, short)
+            again = cls.from_pretrained(saved(model, tmp_path / cls.__name__))(short)
+        if cls is phi.PhiForSequenceClassification:
+            assert err(got[1], alone[0]) <= TOL and err(alone, model.score(hidden[:, -1])) <= TOL
+        else:
+            assert err(got[1, 30:], alone[0]) <= TOL
+        assert err(again, alone) <= TOL

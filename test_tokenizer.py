@@ -2,6 +2,7 @@
 of each family; streaming decoding; chat rendering."""
 
 import json
+import types
 import random
 import shutil
 import subprocess
@@ -247,26 +248,46 @@ def test_onnxruntime_extensions_vectors(tmp_path):
 
 
 @needs_reference("tokenizers")
-def test_phi3_small_cl100k(tmp_path):
-    """Phi-3-small: cl100k_base ranks + its specials, against tiktoken's own cl100k encoding of the same file."""
+@pytest.mark.parametrize("layout", ["hub", "onnxruntime-extensions"])
+def test_phi3_small_cl100k(layout, tmp_path):
+    """Phi-3-small: cl100k_base ranks + its specials, against tiktoken's own cl100k encoding of the same file. The
+    Hub checkpoint has only cl100k_base.tiktoken (its specials are in its tokenizer's code); ORT-ext adds a file."""
     shutil.copy(TOK / "tiktoken" / "cl100k_base.tiktoken", tmp_path)
-    shutil.copy(TOK / "phi3small" / "tokenizer_module.json", tmp_path)
+    if layout != "hub":
+        shutil.copy(TOK / "phi3small" / "tokenizer_module.json", tmp_path)
     tok = generate.load_tokenizer(tmp_path)
     assert tok.encode("This is a test.") == [2028, 374, 264, 1296, 13]
+    assert (tok.bos_id, tok.eos_id) == (100257, 100257)
     import tiktoken
     from tiktoken.load import load_tiktoken_bpe
 
-    specials = {
-        a["content"]: a["id"] for a in json.loads((tmp_path / "tokenizer_module.json").read_text())["added_tokens"]
-    }
+    module = json.loads((TOK / "phi3small" / "tokenizer_module.json").read_text())["added_tokens"]
+    specials = {a["content"]: a["id"] for a in module} | {"<|end|>": 100266}  # (ORT-ext's file lacks <|end|>)
+    assert tok.encode("<|user|>\nHi<|end|>\n<|assistant|>\n<|endoftext|>") == [
+        100262, 198, 13347, 100266, 198, 100263, 198, 100257
+    ]  # fmt: skip
     ref = tiktoken.Encoding(
         "cl100k",
         pat_str=tokenizer.CL100K_PATTERN,
         special_tokens=specials,
         mergeable_ranks=load_tiktoken_bpe(str(tmp_path / "cl100k_base.tiktoken")),
     )
-    for s in fuzz_strings("phi4", 500):
+    for s in fuzz_strings("phi4", 500) + ["<|user|>Hi <|end|>\n<|assistant|>", "a<|endoftext|> <|system|>"]:
         assert tok.encode(s) == ref.encode(s, allowed_special="all"), repr(s)
+
+
+@needs_reference("tokenizers")
+def test_phi3_small_chat_format(tmp_path):
+    """<|endoftext|><|user|>\n...<|end|>\n<|assistant|>\n (its template starts with bos = <|endoftext|>), and
+    <|end|> ends the assistant's turn."""
+    shutil.copy(TOK / "tiktoken" / "cl100k_base.tiktoken", tmp_path)
+    tok = generate.load_tokenizer(tmp_path)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    text = tok.render_chat(messages)
+    assert text == "<|endoftext|><|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\n"
+    assert tok.encode(text)[:3] == [100257, 100261, 198] and tok.encode(text)[-2:] == [100263, 198]
+    model = types.SimpleNamespace(eos_ids={100257})
+    assert generate.end_of_turn_ids(model, tok) == {100257, 100266}
 
 
 @needs_reference("tokenizers")

@@ -326,15 +326,30 @@ def load_tokenizer(name_or_dir, revision=None) -> Tokenizer:
     if (d / "tokenizer.model").exists():
         return _from_sentencepiece_model(d / "tokenizer.model", added, config)
     tiktoken_files = sorted(d.glob("*.tiktoken"))
-    if tiktoken_files:  # Phi-3-small: cl100k_base ranks
+    if tiktoken_files:  # Phi-3-small: cl100k_base ranks; its specials are in its tokenizer's code, not in a file
         from tiktoken.load import load_tiktoken_bpe
 
         ranks = load_tiktoken_bpe(str(tiktoken_files[0]))
+        added = {
+            c: dict(id=i, special=True, lstrip=False, rstrip=False) for c, i in PHI3_SMALL_SPECIALS.items()
+        } | added
+        config = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"} | config
         decode = _decode_table({i: b for b, i in ranks.items()}, added)
         return Tokenizer(ranks, CL100K_PATTERN, added, decode, config=config)
     raise FileNotFoundError(
         f"{d}: no tokenizer files (looked for tokenizer.json, vocab.json + merges.txt, tokenizer.model, *.tiktoken)"
     )
+
+
+# tokenization_phi3_small.py's SPECIAL_TOKENS (the Hub checkpoint ships no added tokens in its files): cl100k's own
+# specials, the chat tokens, and dummy tokens that fill the vocabulary up to 100352
+PHI3_SMALL_SPECIALS = {
+    "<|endoftext|>": 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259, "<|fim_suffix|>": 100260,
+    "<|system|>": 100261, "<|user|>": 100262, "<|assistant|>": 100263, "<|end|>": 100266, "<|endofprompt|>": 100276,
+    "<|dummy_id_0|>": 100264, "<|dummy_id_1|>": 100265, "<|dummy_id_2|>": 100256,
+    **{f"<|dummy_id_{i}|>": 100264 + i for i in range(3, 12)},  # 100267 .. 100275
+    **{f"<|dummy_id_{11 + i}|>": 100276 + i for i in range(1, 76)},  # 100277 .. 100351
+}  # fmt: skip
 
 
 def _from_tokenizer_json(tj: dict, d: Path, added, config) -> Tokenizer:
@@ -405,6 +420,8 @@ def chat_format(tok: Tokenizer) -> str:
         t = next((x["template"] for x in t if x.get("name") == "default"), "")
     if "<|im_start|>" in t or "<|im_sep|>" in tok.added:
         return "phi4"  # <|im_start|>user<|im_sep|>...<|im_end|>
+    if "<|end|>" in tok.added and "<|fim_prefix|>" in tok.added:  # Phi-3-small's cl100k tokenizer
+        return "phi3small"  # <|endoftext|><|user|>\n...<|end|>\n
     if "'<|' + message['role'] + '|>'" in t or ("<|user|>" in tok.added and "<|tool|>" in tok.added):
         return "phi4-mini"  # <|user|>...<|end|>
     if "<|user|>" in tok.added:
@@ -419,7 +436,7 @@ def render_chat(fmt, messages, add_generation_prompt=True, tok=None) -> str:
         role, content = m["role"], m["content"]
         if role not in ("system", "user", "assistant") and not (role == "tool" and fmt in ("phi3", "phi4-mini")):
             raise ValueError(f"chat message role {role!r} is not one of system, user, assistant (tool: Phi-3/4-mini)")
-        if fmt == "phi3":
+        if fmt in ("phi3", "phi3small"):
             out.append(f"<|{role}|>\n{content}<|end|>\n")
         elif fmt == "phi4":
             out.append(f"<|im_start|>{role}<|im_sep|>{content}<|im_end|>")
@@ -434,14 +451,16 @@ def render_chat(fmt, messages, add_generation_prompt=True, tok=None) -> str:
         out.append(
             {
                 "phi3": "<|assistant|>\n",
+                "phi3small": "<|assistant|>\n",
                 "phi4": "<|im_start|>assistant<|im_sep|>",
                 "phi4-mini": "<|assistant|>",
                 "phi2": "Output:",
             }[fmt]
         )
-    elif fmt in ("phi3", "phi4-mini"):
+    elif fmt in ("phi3", "phi3small", "phi4-mini"):
         out.append(eos)
-    return "".join(out)
+    bos = tok.decode([tok.bos_id]) if fmt == "phi3small" and tok is not None and tok.bos_id is not None else ""
+    return bos + "".join(out)  # Phi-3-small's template starts with its bos token
 
 
 def chat_prompt(tok: Tokenizer, user, system=None, history=()) -> str:
