@@ -157,14 +157,20 @@ def hf_model(name, head="ForCausalLM", **over):
     config_cls = getattr(transformers, HF_CLASSES[kind] + "Config")
     cfg = config_cls(**{**BASE, **kw, **over}, attn_implementation="eager")
     torch.manual_seed(0)
-    model = getattr(transformers, HF_CLASSES[kind] + head)(cfg).eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "norm" in n and n.endswith("weight"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            else:
-                p.normal_(0, 0.3 if "embed" in n else 0.15)
+    model = randomized(getattr(transformers, HF_CLASSES[kind] + head)(cfg).eval())
     return with_checkpoint_rotary(model) if kind == "phimoe" else model
+
+
+@torch.no_grad()
+def randomized(model):
+    """Random weights of a size that makes logits O(1..10): norms' weights near 1, the rest N(0, 0.15) (0.3 for the
+    embedding)."""
+    for n, p in model.named_parameters():
+        if "norm" in n and n.endswith("weight"):
+            p.copy_(1 + 0.2 * torch.randn_like(p))
+        else:
+            p.normal_(0, 0.3 if "embed" in n else 0.15)
+    return model
 
 
 def with_checkpoint_rotary(model):
@@ -520,11 +526,4 @@ def small_model(seed=0, **over):
     """Our phi3small model of the SMALL shape with random weights that make its gegelu clamp and its logits O(1)."""
     cfg = phi.PhiConfig.from_hf({**SMALL, **over})
     torch.manual_seed(seed)
-    model = phi.Phi.from_config(cfg).eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "norm" in n and n.endswith("weight"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            else:
-                p.normal_(0, 0.3 if "embed" in n else 0.15)
-    return model
+    return randomized(phi.Phi.from_config(cfg).eval())
