@@ -11,9 +11,10 @@ Benchmarks (never tests: speed is measured here, correctness in test_phi.py). Ne
         moe-tiny and moe-1b are Phi-3.5-MoE-shaped (phimoe), against transformers' PhimoeForCausalLM; small-2l is
         two layers of Phi-3-small (phi3small: one block-sparse, one dense; its vocabulary), ours only (transformers
         has no class for it)
-    python bench.py block-sparse [--lengths 1024,2048,4096] [--dtypes float32,bfloat16]
+    python bench.py block-sparse [--lengths 1024,2048,4096] [--dtypes float32]
         Phi-3-small's attention at its head shape (32 heads, 8 KV heads, 128 dims): a prompt through a dense layer
-        (SDPA, causal) and through a block-sparse one (SDPA under its per-head block mask, computed densely), ms each
+        (SDPA, causal) and through a block-sparse one (SDPA under its per-head block mask, a chunk of queries at a
+        time), ms and peak memory each
     python bench.py pairs [--sizes ...] [--dtypes ...] [--rounds 3] [--json out.json]
         ours (eager and compiled decode) and transformers (eager and SDPA) taking turns in one process on the CPU:
         the same measures, each a median over the turns, so that the host's drift hits every side alike
@@ -43,7 +44,6 @@ Benchmarks (never tests: speed is measured here, correctness in test_phi.py). Ne
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -213,33 +213,46 @@ def model_config(size):
 
 def bench_block_sparse(args):
     """A prompt through one attention layer of Phi-3-small's shape: dense (its odd layers) and block-sparse (its even
-    ones: the same SDPA under the per-head block mask, which PhiModel.block_sparse_mask builds once per forward)."""
+    ones: SDPA under the per-head block mask, a chunk of queries at a time, phi.Attention.block_sparse_attention);
+    time and the process's peak memory over its memory before the layer ran (each row in a process of its own)."""
+    import torch
+
+    print(
+        f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}: ms per prompt, one layer (its Linears too)"
+    )
+    print(f"{'dtype':8} {'tokens':>6} {'dense ms':>9} {'sparse ms':>9} {'sparse/dense':>12} {'dense MB':>9} "
+          f"{'sparse MB':>9} {'keys kept':>9}")  # fmt: skip
+    for dtype_name in args.dtypes.split(","):
+        for T in map(int, args.lengths.split(",")):
+            rows = {kind: row_process("_block_sparse_row", kind, dtype_name, T)[0] for kind in ("dense", "sparse")}
+            if None in rows.values():
+                print(f"{dtype_name:8} {T:6d} failed")
+                continue
+            d, sp = rows["dense"], rows["sparse"]
+            print(
+                f"{dtype_name:8} {T:6d} {d['ms']:9.1f} {sp['ms']:9.1f} {sp['ms'] / d['ms']:11.2f}x {d['peak_mb']:9.0f} "
+                f"{sp['peak_mb']:9.0f} {sp['kept']:9.0%}",
+                flush=True,
+            )
+
+
+def block_sparse_row(kind, dtype_name, T):
+    """One row of bench_block_sparse, in its own process: prints {ms, peak_mb, kept} as JSON."""
     import torch
 
     import phi
 
-    cfg = model_config("small-2l")
-    model = phi.PhiModel(dataclasses.replace(cfg, num_hidden_layers=0, vocab_size=1))  # for its mask only
-    print(f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}: ms per prompt, one layer")
-    print(f"{'dtype':8} {'tokens':>6} {'dense':>8} {'sparse':>8} {'mask':>8} {'sparse/dense':>12} {'keys kept':>9}")
-    for dtype_name in args.dtypes.split(","):
-        dtype = getattr(torch, dtype_name)
-        with torch.no_grad():
-            attn = [phi.Attention(cfg, i).to(dtype).eval() for i in (0, 1)]  # layer 0 block-sparse, 1 dense
-            for T in map(int, args.lengths.split(",")):
-                x, pos = torch.randn(1, T, cfg.hidden_size, dtype=dtype), torch.arange(T)[None]
-                cos, sin = phi.Rotary(cfg)(pos, dtype)
-                causal = model.attention_mask(0, T, torch.ones(1, T, dtype=torch.bool), True)
-                sparse = model.block_sparse_mask(causal, pos, pos)
-                a = phi.AttentionInputs(cos, sin, None, sparse=sparse)
-                mask_ms = 1000 * min(timed(lambda: model.block_sparse_mask(causal, pos, pos)) for _ in range(3))
-                dense_ms, sparse_ms = (1000 * min(timed(lambda: m(x, a)) for _ in range(3)) for m in attn[::-1])
-                kept = sparse.float().mean().item() / causal.float().mean().item()
-                print(
-                    f"{dtype_name:8} {T:6d} {dense_ms:8.1f} {sparse_ms:8.1f} {mask_ms:8.1f} "
-                    f"{sparse_ms / dense_ms:11.2f}x {kept:9.0%}",
-                    flush=True,
-                )
+    cfg, dtype = model_config("small-2l"), getattr(torch, dtype_name)
+    attn = phi.Attention(cfg, 0 if kind == "sparse" else 1).to(dtype).eval()  # layer 0 block-sparse, 1 dense
+    x, pos = torch.randn(1, T, cfg.hidden_size, dtype=dtype), torch.arange(T)[None]
+    a = phi.AttentionInputs(*phi.Rotary(cfg)(pos, dtype), pos=pos, key_pos=pos)
+    blocks = torch.arange(0, T, cfg.blocksparse_block_size)[None]  # the share of causal block pairs the pattern keeps
+    causal = blocks[:, None, None] <= blocks[:, None, :, None]
+    kept = (causal & attn.block_mask(blocks, blocks)).sum().item() / (causal.sum().item() * cfg.num_attention_heads)
+    base = rss_mb()
+    with torch.no_grad():
+        ms = 1000 * min(timed(lambda: attn(x, a)) for _ in range(3))
+    print(json.dumps(dict(ms=ms, peak_mb=rss_mb("VmHWM") - base, kept=kept)))
 
 
 def row_process(*argv):
@@ -956,6 +969,8 @@ if __name__ == "__main__":
         sys.exit(measure_row(*sys.argv[2:]))
     if sys.argv[1:2] == ["_finetune"]:  # bench_finetune runs each row as: bench.py _finetune SHAPE MODE DEVICE
         sys.exit(finetune_row(*sys.argv[2:]))
+    if sys.argv[1:2] == ["_block_sparse_row"]:  # bench_block_sparse's rows: bench.py _block_sparse_row KIND DTYPE T
+        sys.exit(block_sparse_row(sys.argv[2], sys.argv[3], int(sys.argv[4])))
     if sys.argv[1:2] == ["_llama"]:  # bench_llama_cpp runs each llama.cpp row as: bench.py _llama GGUF SIZE THREADS
         sys.exit(llama_row(*sys.argv[2:]))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

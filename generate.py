@@ -202,10 +202,8 @@ def decode_step(model, input_ids, cache):
     if model.config.sliding_window is not None:
         allowed = allowed & (cache.slots > at[:, None] - model.config.sliding_window)
     cos, sin = model.rotary(pos, model.embed.weight.dtype, cache.long)
-    sparse = model.block_sparse_mask(allowed[:, None], pos, cache.pos)  # Phi-3-small's block-sparse layers
-    return model.blocks(
-        model.embeddings(input_ids), phi.AttentionInputs(cos, sin, allowed[:, None], cache, at, sparse=sparse)
-    )
+    a = phi.AttentionInputs(cos, sin, allowed[:, None], cache, at, pos=pos, key_pos=cache.pos)
+    return model.blocks(model.embeddings(input_ids), a)
 
 
 @torch.no_grad()  # also under torch.compile: a compiled step run with grad enabled loses its cache writes

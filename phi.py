@@ -1,6 +1,7 @@
 """
 The whole Microsoft Phi family in one file: phi-1, phi-1.5, phi-2, Phi-3/3.5 mini and medium (4k and 128k LongRoPE),
-Phi-3-small, Phi-3.5-MoE, Phi-4 and Phi-4-mini. Numerically identical to Hugging Face transformers, small enough to read at once.
+Phi-3-small, Phi-3.5-MoE, Phi-4 and Phi-4-mini. Numerically identical to Hugging Face transformers (Phi-3-small,
+which it lacks: to mlx-lm), small enough to read at once.
 
 There are only two block shapes, and one code path with a few named switches covers them:
 
@@ -396,7 +397,8 @@ class AttentionInputs:
     cache: KVCache | None = None
     at: int | torch.Tensor = 0  # the cache slot of the first new token (see KVCache.update)
     flash: object = None  # flash_attn_func, when this call uses flash-attn
-    sparse: torch.Tensor | None = None  # bool (B, H, T, S): the mask of phi3small's block-sparse layers
+    pos: torch.Tensor | None = None  # (B, T) position ids of the new tokens, and (B, S) of the keys: for
+    key_pos: torch.Tensor | None = None  # phi3small's block-sparse layers, whose blocks are blocks of positions
 
 
 class Attention(nn.Module):
@@ -406,6 +408,8 @@ class Attention(nn.Module):
         self.head_dim, self.window, self.dropout = cfg.head_dim, cfg.sliding_window, cfg.attention_dropout
         self.scale = cfg.mup_attn_multiplier / cfg.head_dim if cfg.mup_use_scaling else None  # None: 1/sqrt(hd)
         self.grouped, self.sparse = cfg.small, (layer + 1) % cfg.dense_attention_every_n_layers != 0  # phi3small
+        step = 0 if cfg.blocksparse_homo_head_pattern else max(1, cfg.blocksparse_vert_stride // self.n_head)
+        self.block = (cfg.blocksparse_block_size, cfg.blocksparse_num_local_blocks, cfg.blocksparse_vert_stride, step)
         self.sizes = [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim]
         self.qkv = nn.Linear(cfg.hidden_size, sum(self.sizes), bias=cfg.attn_bias)  # q, k, v in one matmul
         self.out = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=cfg.attn_bias)
@@ -428,8 +432,10 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, a.cos, a.sin), apply_rotary(k, a.cos, a.sin)
         if a.cache is not None:
             k, v = a.cache.update(self.layer, k, v, a.at)  # (B, KV, S, hd), S = cached + T
-        dropout, mask = self.dropout if self.training else 0.0, a.sparse if self.sparse else a.mask
-        if a.flash:
+        dropout, mask = self.dropout if self.training else 0.0, a.mask
+        if self.sparse:
+            y = self.block_sparse_attention(q, k, v, a, dropout)
+        elif a.flash:
             # flash-attn wants (B, T, H, hd) and aligns the causal mask bottom-right, so a decode step's single query
             # sees every cached key. window (w - 1, 0): w keys including the query itself, the same rule as the mask.
             window = (self.window - 1, 0) if self.window else (-1, -1)
@@ -444,6 +450,34 @@ class Attention(nn.Module):
             gqa, causal = self.n_kv_head != self.n_head, mask is None and T > 1
             y = F.scaled_dot_product_attention(q, k, v, mask, dropout, causal, scale=self.scale, enable_gqa=gqa)
         return self.out(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+    def block_mask(self, q_pos, k_pos):
+        """Phi-3-small's block-sparse pattern: bool (B, H, T, S) from the positions of queries (B, T) and keys (B, S).
+        Positions fall in blocks of block_size; a query sees the num_local_blocks last blocks up to its own, and before
+        them every vert_stride-th block, from another block for each head h (h * step: the heads together cover every
+        block). Causality is the caller's."""
+        size, local, stride, step = self.block
+        qb, kb = (q_pos // size)[:, None, :, None], (k_pos // size)[:, None, None]  # (B, 1, T, 1), (B, 1, 1, S)
+        h = torch.arange(self.n_head, device=q_pos.device)[:, None, None]  # (H, 1, 1)
+        return (qb - kb < local) | ((kb + h * step + 1) % stride == 0)
+
+    def block_sparse_attention(self, q, k, v, a, dropout):
+        """Block-sparse attention computed densely under the block mask, 4 blocks of queries at a time: a chunk
+        attends to the keys up to its last query only, and its mask is H x chunk x keys bools (all queries at once:
+        H x T x S, 2 GiB at 8k tokens)."""
+        T, S, outs = q.shape[2], k.shape[2], []
+        for c in range(0, T, 4 * self.block[0]):
+            rows, end = slice(c, c + 4 * self.block[0]), S - T + min(c + 4 * self.block[0], T)  # end: last key slot
+            q_pos, k_pos = a.pos[:, rows], a.key_pos[:, :end]
+            causal = a.mask[:, :, rows, :end] if a.mask is not None else k_pos[:, None, None] <= q_pos[:, None, :, None]
+            mask = causal & self.block_mask(q_pos, k_pos)
+            qc, kc, vc = q[:, :, rows], k[:, :, :end], v[:, :, :end]
+            if T == 1:
+                outs.append(self.decode_attention(qc, kc, vc, mask))
+                continue
+            gqa = self.n_kv_head != self.n_head
+            outs.append(F.scaled_dot_product_attention(qc, kc, vc, mask, dropout, scale=self.scale, enable_gqa=gqa))
+        return torch.cat(outs, 2)
 
     def decode_attention(self, q, k, v, mask):
         """One query per row (a decode step): two small matmuls beat SDPA's masked kernel here. Query heads are
@@ -519,7 +553,7 @@ class MoE(nn.Module):
 
 class Block(nn.Module):
     """
-    parallel_block (phi):            sequential (phi3, phimoe):
+    parallel_block (phi):            sequential (phi3, phimoe, phi3small):
         x ─┬─ norm1 ─┬─ attn ─┐         x ─┬─ norm1 ─ attn ─(+)─┬─ norm2 ─ mlp ─(+)─>
            │         └─ mlp ──(+)─>        └────────────────────┘└─────────────────┘
            └───────────────────┘
@@ -580,33 +614,16 @@ class PhiModel(nn.Module):
             cache.long, cache.padded = long, cache.padded or padded
             padded, key_valid = cache.padded, cache.valid[:, : start + input_ids.shape[1]]
         flash = None if padded else self.flash_attn  # flash-attn takes no mask: padded batches use SDPA
-        T, k_pos = input_ids.shape[1], position_ids if cache is None else cache.pos[:, : start + input_ids.shape[1]]
-        mask = None if flash else self.attention_mask(start, T, key_valid, padded)
-        causal = self.config.block_sparse and self.attention_mask(start, T, key_valid, True)  # (explicit)
-        sparse = self.block_sparse_mask(causal, position_ids, k_pos)
+        mask = None if flash else self.attention_mask(start, input_ids.shape[1], key_valid, padded)
+        k_pos = position_ids if cache is None else cache.pos[:, : start + input_ids.shape[1]]
         cos, sin = self.rotary(position_ids, self.embed.weight.dtype, long)
         x = self.drop(self.embeddings(input_ids))
-        return self.blocks(x, AttentionInputs(cos, sin, mask, cache, start, flash, sparse))
+        return self.blocks(x, AttentionInputs(cos, sin, mask, cache, start, flash, position_ids, k_pos))
 
     def embeddings(self, input_ids):
         """Token ids (B, T) -> their embeddings (B, T, C), times Phi-3-small's mup_embedding_multiplier."""
         x = self.embed(input_ids)
         return x * self.config.mup_embedding_multiplier if self.config.small else x
-
-    def block_sparse_mask(self, mask, q_pos, k_pos):
-        """Phi-3-small's block-sparse layers: the bool mask (B, 1, T, S) narrowed per head to (B, H, T, S) by the
-        positions of queries (B, T) and keys (B, S) (so a padded row sees what it sees alone), in blocks of block_size:
-        a query sees the num_local_blocks last blocks up to its own, and before them every vert_stride-th block, from
-        another block for each head h (h * step: the heads together cover every block). None without such layers."""
-        c = self.config
-        if not c.block_sparse:
-            return None
-        bs = c.blocksparse_block_size
-        qb, kb = (q_pos // bs)[:, None, :, None], (k_pos // bs)[:, None, None]  # (B, 1, T, 1), (B, 1, 1, S) blocks
-        step = 0 if c.blocksparse_homo_head_pattern else max(1, c.blocksparse_vert_stride // c.num_attention_heads)
-        h = torch.arange(c.num_attention_heads, device=mask.device)[:, None, None]  # (H, 1, 1)
-        strided = (kb + h * step + 1) % c.blocksparse_vert_stride == 0  # (B, H, 1, S)
-        return mask & ((qb - kb < c.blocksparse_num_local_blocks) | strided)
 
     def positions(self, valid, cache, start):
         """Position ids (B, T): real tokens counted from the last cached position (pads repeat their neighbour's)."""
@@ -653,8 +670,6 @@ class PhiModel(nn.Module):
         self.flash_attn, w, why = None, self.embed.weight, None
         if impl == "flash" and (w.device.type != "cuda" or w.dtype not in (torch.float16, torch.bfloat16)):
             why = f"it needs CUDA and float16/bfloat16, the model is on {w.device.type} in {w.dtype}"
-        elif impl == "flash" and self.config.block_sparse:
-            why = "Phi-3-small's block-sparse layers need a mask, which flash-attn does not take"
         elif impl == "flash":
             try:
                 from flash_attn import flash_attn_func as flash_attn

@@ -1113,21 +1113,20 @@ def test_phi3small_matches_a_plain_torch_transcription(tmp_path):
 
 
 def test_phi3small_decode_and_left_padding_equal_the_full_forward(tmp_path):
-    """The KV cache (prefill, then generate.py's decode step, whose mask spans all slots), and a left-padded row of a
-    batch: the same logits as the row alone in one forward."""
-    model, ids = small_model(), small_ids(150, B=2)
+    """The KV cache (a prefill of more queries than one chunk of block_sparse_attention, then generate.py's decode
+    step, whose mask spans all slots), and a left-padded row of a batch: the same logits as the row in one forward."""
+    model, ids = small_model(), small_ids(200, B=2)
     with torch.no_grad():
         full = model(ids)
-        cache = phi.KVCache(model.config, 2, 150)
-        stepped = stepped_logits(model, generate.decode_one_token, ids, 70, cache)
+        stepped = stepped_logits(model, generate.decode_one_token, ids, 150, phi.KVCache(model.config, 2, 200))
         short = small_ids(110, seed=2)
         batch = torch.cat([torch.zeros(1, 40, dtype=torch.long), short], 1)
         mask = torch.cat([torch.zeros(1, 40), torch.ones(1, 110)], 1).long()
-        padded = model(torch.cat([batch, ids[:1]]), attention_mask=torch.cat([mask, torch.ones(1, 150).long()]))
+        padded = model(torch.cat([batch, ids[:1, :150]]), attention_mask=torch.cat([mask, torch.ones(1, 150).long()]))
         alone = model(short)
-    assert record("phi3small decode vs full", err(stepped, full[:, 70:])) <= TOL
+    assert record("phi3small decode vs full", err(stepped, full[:, 150:])) <= TOL
     assert record("phi3small left padding", err(padded[0, 40:], alone[0])) <= TOL
-    assert err(padded[1], full[0]) <= TOL
+    assert err(padded[1], full[0, :150]) <= TOL
 
 
 def test_phi3small_greedy_equals_mlx_lm_greedy(tmp_path):
@@ -1188,3 +1187,24 @@ def test_phi3small_classification_heads_pool_and_pad_like_the_causal_model(tmp_p
         else:
             assert err(got[1, 30:], alone[0]) <= TOL
         assert err(again, alone) <= TOL
+
+
+def test_phi3small_dense_layers_take_flash_with_the_mup_scale():
+    """With flash-attn, Phi-3-small's dense layers call it (softmax_scale = mup_attn_multiplier / head_dim, not
+    flash's 1/sqrt(head_dim)); its block-sparse layers keep SDPA under their mask. Same logits, prompt and decode."""
+    model, ids = small_model(), small_ids(150, B=2)
+    scales = []
+
+    def flash(*args, **kw):
+        scales.append(kw["softmax_scale"])
+        return fake_flash_attn_func(*args, **kw)
+
+    with torch.no_grad():
+        want = model(ids)
+        model.flash_attn = flash
+        cache = phi.KVCache(model.config, 2, 150)
+        got = torch.cat(
+            [model(ids[:, :140], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(140, 150)], 1
+        )
+    assert len(scales) == 2 * 11 and set(scales) == {1.5 / 16}  # 2 dense layers, 11 calls each
+    assert record("phi3small flash path", err(got, want)) <= TOL
