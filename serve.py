@@ -6,20 +6,32 @@ generate.py).
     curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 32}'
 
-Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health. Requests are queued: one
-generation runs at a time (each client gets its own, complete answer; a second waits for the first). A client that
-disconnects mid-stream stops its generation. Bad input is HTTP 400 with an OpenAI-style error body.
+Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{id}, GET /health.
+Requests are checked and tokenized as they come, then queued: one generation runs at a time (each client gets its
+own, complete answer; a second waits for the first). A client that disconnects stops its generation. Bad input is an
+HTTP 4xx with an OpenAI-style error body, and the server keeps serving.
+Completions as evaluation harnesses call them: a prompt is a string, token ids, or a batch of either; `echo` and
+`logprobs` (tokens, token_logprobs, top_logprobs, text_offset) score a prompt. Chat: `logprobs`, `top_logprobs`.
+Log-probabilities are the model's own distribution (before temperature and top-p).
 Phi-4-mini tool calls: `tools` go into the system turn as its chat template puts them
 (<|system|>...<|tool|>[...]<|/tool|><|end|>); the model's <|tool_call|>[...]<|/tool_call|> comes back as OpenAI
-`tool_calls`, and `role: "tool"` messages are rendered back for the next turn.
+`tool_calls` (streamed: as tool_calls deltas), and `role: "tool"` messages are rendered back for the next turn.
+Limits: --api-key (Bearer), --max-body (larger bodies: 413, unread), --cors ORIGIN (else no cross-origin preflight);
+on loopback the Host header must name this machine (DNS rebinding); a socket that waits over 15 s times out.
 """
 
 import argparse
+import hmac
 import json
+import os
+import select
+import socket
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
@@ -28,39 +40,65 @@ import generate
 
 
 class BadRequest(ValueError):
-    """A request we cannot serve: HTTP 400, {"error": {"message", "type": "invalid_request_error", "param"}}."""
+    """A request we cannot serve: an HTTP error (400 unless said), {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, message, param=None):
+    def __init__(self, message, param=None, status=400, kind="invalid_request_error"):
         super().__init__(message)
-        self.param = param
+        self.param, self.status, self.kind = param, status, kind
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Requests: checked field by field (OpenAI's types and ranges), then turned into a prompt and sampling settings
+# Requests: checked field by field (OpenAI's types and ranges), then turned into prompts and sampling settings
+
+MAX_STOPS, MAX_STOP_CHARS = 16, 256  # stop strings are checked at every token: a request gets this many at most
+MAX_PROMPTS = 128  # a completions request's batch of prompts
 
 FIELDS = {  # name -> (types, check, what it must be)
     "max_tokens": (int, lambda v: v >= 1, "an integer >= 1"),
+    "max_completion_tokens": (int, lambda v: v >= 1, "an integer >= 1"),
     "temperature": ((int, float), lambda v: 0 <= v <= 2, "a number in [0, 2]"),
     "top_p": ((int, float), lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "n": (int, lambda v: 1 <= v <= 16, "an integer in [1, 16]"),
-    "seed": (int, lambda v: True, "an integer"),
+    "seed": (int, lambda v: -(2**63) <= v < 2**64, "an integer in [-2**63, 2**64)"),
     "stream": (bool, lambda v: True, "true or false"),
-    "stop": ((str, list), lambda v: isinstance(v, str) or all(isinstance(s, str) for s in v), "a string or strings"),
+    "stream_options": (dict, lambda v: isinstance(v.get("include_usage", False), bool), '{"include_usage": bool}'),
+    "stop": (
+        (str, list),
+        lambda v: isinstance(v, str) or (len(v) <= MAX_STOPS and all(isinstance(s, str) for s in v)),
+        f"a string or up to {MAX_STOPS} strings",
+    ),
+    "echo": (bool, lambda v: True, "true or false"),
+    "top_logprobs": (int, lambda v: 0 <= v <= 20, "an integer in [0, 20]"),
     "tools": (list, lambda v: all(isinstance(t, dict) and isinstance(t.get("function"), dict) for t in v), "tools"),
     "tool_choice": ((str, dict), lambda v: True, '"none", "auto", "required" or a function'),
 }
+LOGPROBS = {  # "logprobs" is a flag in chat, the number of alternatives to list in completions
+    True: (bool, lambda v: True, "true or false"),
+    False: (int, lambda v: 0 <= v <= 5, "an integer in [0, 5]"),
+}
 
 
-def checked(body: dict) -> dict:
+def checked(body: dict, chat: bool) -> dict:
     """The body, once every known field is of its type and in its range (null counts as absent)."""
-    for name, (types, ok, what) in FIELDS.items():
+    for name, (types, ok, what) in {**FIELDS, "logprobs": LOGPROBS[chat]}.items():
         value = body.get(name)
         if value is None:
             continue
         a_bool_for_a_number = isinstance(value, bool) and types is not bool  # (True is an int to isinstance)
         if a_bool_for_a_number or not isinstance(value, types) or not ok(value):
-            raise BadRequest(f"'{name}' must be {what}, got {json.dumps(value)}", name)
+            raise BadRequest(f"'{name}' must be {what}, got {shown(value)}", name)
+    stops = [body["stop"]] if isinstance(body.get("stop"), str) else body.get("stop") or []
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise BadRequest(f"a stop string is at most {MAX_STOP_CHARS} characters", "stop")
+    if body.get("stream") and (body.get("logprobs") or body.get("echo")):
+        raise BadRequest("logprobs and echo are not served with stream yet: ask without stream", "stream")
     return body
+
+
+def shown(value, limit=80) -> str:
+    """A request's value as an error message quotes it: as JSON, cut to `limit` characters."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def chat_messages(body: dict) -> list:
@@ -75,15 +113,14 @@ def chat_messages(body: dict) -> list:
             raise BadRequest(f"messages[{i}] must have a role of system, user, assistant or tool", "messages")
         content = m.get("content") or ""
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+            texts = [part.get("text", "") for part in content if isinstance(part, dict)]
+            if not all(isinstance(t, str) for t in texts):
+                raise BadRequest(f"messages[{i}].content: a part's text must be a string", "messages")
+            content = "".join(texts)
         if not isinstance(content, str):
             raise BadRequest(f"messages[{i}].content must be a string", "messages")
         if m.get("tool_calls"):
-            calls = [
-                {"name": c["function"]["name"], "arguments": json.loads(c["function"].get("arguments") or "{}")}
-                for c in m["tool_calls"]
-            ]
-            content += f"<|tool_call|>{json.dumps(calls)}<|/tool_call|>"
+            content += f"<|tool_call|>{json.dumps(tool_calls_of(m['tool_calls'], i))}<|/tool_call|>"
         out.append({"role": m["role"], "content": content})
     tools = body.get("tools")
     if tools and body.get("tool_choice") != "none":
@@ -91,6 +128,19 @@ def chat_messages(body: dict) -> list:
             out.insert(0, {"role": "system", "content": ""})
         out[0]["tools"] = json.dumps([t["function"] for t in tools])
     return out
+
+
+def tool_calls_of(calls, i) -> list:
+    """An assistant message's OpenAI tool_calls as the model writes them: [{"name", "arguments": {...}}]."""
+    try:
+        return [
+            {"name": c["function"]["name"], "arguments": json.loads(c["function"].get("arguments") or "{}")}
+            for c in calls
+        ]
+    except (KeyError, TypeError, AttributeError, ValueError):
+        raise BadRequest(
+            f'messages[{i}].tool_calls must be [{{"function": {{"name", "arguments": a JSON string}}}}]', "messages"
+        ) from None
 
 
 def parse_tool_calls(text: str):
@@ -106,7 +156,10 @@ def parse_tool_calls(text: str):
             {
                 "id": f"call_{uuid.uuid4().hex[:24]}",
                 "type": "function",
-                "function": {"name": c["name"], "arguments": json.dumps(c.get("arguments", c.get("parameters", {})))},
+                "function": {
+                    "name": c["name"],
+                    "arguments": arguments_json(c.get("arguments", c.get("parameters", {}))),
+                },
             }
             for c in calls
         ]
@@ -115,170 +168,384 @@ def parse_tool_calls(text: str):
     return text[:start] or None, tool_calls
 
 
+def arguments_json(arguments) -> str:
+    """OpenAI's function.arguments, a JSON string: the model's object encoded, or the string it wrote as it is."""
+    return arguments if isinstance(arguments, str) else json.dumps(arguments)
+
+
 # -----------------------------------------------------------------------------------------------------------------
 # The server
 
 
-class Server:
-    """The model, its tokenizer, and the request being served: request_id and usage belong to the one request that
-    holds the lock (requests are served one at a time)."""
+@dataclass
+class Request:
+    """One request, checked and tokenized before it waits for the model."""
 
-    def __init__(self, model, tok, name, steps=None):
+    body: dict
+    chat: bool
+    prompts: list  # token ids of each prompt (a chat: one; a completions batch: several)
+    id: str
+    usage: dict = field(default_factory=dict)
+
+
+class Server:
+    """The model and its tokenizer; requests are served one at a time (the lock), each checked and tokenized before it
+    waits for the model."""
+
+    def __init__(self, model, tok, name, steps=None, api_key=None, cors=None, max_body=4 << 20):
         self.model, self.tok, self.name = model, tok, name
         self.steps = steps or generate.Steps()  # generate.Steps.compiled(device) with --compile
         self.lock = threading.Lock()  # one generation at a time: concurrent requests queue here
         self.chat_eos = generate.end_of_turn_ids(model, tok)
+        self.api_key, self.cors, self.max_body = api_key, cors, max_body
 
-    def prompt_ids(self, text):
-        ids = self.tok.encode(text, bos=self.tok.add_bos)
-        context = self.model.config.max_position_embeddings
+    def request(self, body, chat) -> Request:
+        """A Request of a parsed body: its fields checked, its prompts tokenized and within the context."""
+        checked(body, chat)
+        prompts = [self.checked_ids(ids, "messages" if chat else "prompt") for ids in self.prompt_ids(body, chat)]
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        return Request(body, chat, prompts, rid, {"prompt_tokens": sum(map(len, prompts)), "completion_tokens": 0})
+
+    def prompt_ids(self, body, chat) -> list:
+        """Each prompt's token ids. A completion's prompt is a string, a list of strings, a list of token ids, or a
+        list of token-id lists (a batch, as evaluation harnesses send: one choice each, n with n)."""
+        if chat:
+            return [self.tok.encode(self.tok.render_chat(chat_messages(body)), bos=self.tok.add_bos)]
+        p = body.get("prompt")
+        batch = [p] if isinstance(p, str) or (isinstance(p, list) and p and all(map(is_int, p))) else p
+        if not isinstance(batch, list) or not 0 < len(batch) <= MAX_PROMPTS:
+            raise BadRequest(
+                f"'prompt' must be a string, a list of token ids, or a list of up to {MAX_PROMPTS} of either", "prompt"
+            )
+        if not all(isinstance(x, str) or (isinstance(x, list) and all(map(is_int, x))) for x in batch):
+            raise BadRequest("'prompt' must be a string, a list of token ids, or a list of either", "prompt")
+        return [self.tok.encode(x, bos=self.tok.add_bos) if isinstance(x, str) else x for x in batch]
+
+    def checked_ids(self, ids, param):
+        context, vocab = self.model.config.max_position_embeddings, self.model.config.vocab_size
+        if not ids:
+            raise BadRequest("a prompt is empty", param)
+        if not all(0 <= i < vocab for i in ids):
+            raise BadRequest(f"a prompt's token ids must be in [0, {vocab})", param)
         if len(ids) >= context:
-            raise BadRequest(f"the prompt is {len(ids)} tokens; this model's context is {context}", "messages")
+            raise BadRequest(f"the prompt is {len(ids)} tokens; this model's context is {context}", param)
         return ids
 
-    def choices(self, body, ids, chat):
-        """Yields (index, text piece, finish_reason or None) as tokens come, for each of the n choices. A chat
-        reply's text is the decode of its own tokens; a completion's continues the prompt's text."""
+    def choices(self, r: Request, alive=lambda: True):
+        """Yields (index, text piece, finish_reason or None, TextStream) as tokens come: for each prompt, n choices
+        (index = prompt * n + j). A chat reply's text is the decode of its own tokens; a completion's continues its
+        prompt's text. alive(): False once the client has gone (the generation stops)."""
+        body, context = r.body, self.model.config.max_position_embeddings
         stops = [body["stop"]] if isinstance(body.get("stop"), str) else body.get("stop") or []
-        context = self.model.config.max_position_embeddings
-        max_tokens = min(body.get("max_tokens") or context, context - len(ids))
+        limit = body.get("max_completion_tokens") or body.get("max_tokens") or context
         generator = torch.Generator(self.model.embed.weight.device)
         generator.manual_seed(body["seed"] if body.get("seed") is not None else int(time.time() * 1e6))
         sampling = generate.Sampling(body.get("temperature", 1.0), top_p=body.get("top_p") or 1.0, generator=generator)
-        eos = self.chat_eos if chat else self.model.eos_ids
-        for index in range(body.get("n") or 1):
-            tokens = generate.generate(self.model, ids, max_tokens, eos_ids=eos, sampling=sampling, steps=self.steps)
-            stream = generate.TextStream(self.tok, tokens, stops, context=() if chat else ids)
-            for piece in stream:
-                yield index, piece, None
-            yield index, "", "stop" if stream.stopped or len(stream.ids) < max_tokens else "length"
-            self.usage["completion_tokens"] += len(stream.ids)
+        eos, n = self.chat_eos if r.chat else self.model.eos_ids, body.get("n") or 1
+        for p, ids in enumerate(r.prompts):
+            max_tokens = min(limit, context - len(ids))
+            for index in range(p * n, p * n + n):
+                tokens = generate.generate(
+                    self.model, ids, max_tokens, eos_ids=eos, sampling=sampling, steps=self.steps
+                )
+                stream = generate.TextStream(self.tok, tokens, stops, context=() if r.chat else ids)
+                for piece in stream:
+                    if not alive():
+                        raise ClientGone
+                    yield index, piece, None, stream
+                yield index, "", "stop" if stream.stopped or len(stream.ids) < max_tokens else "length", stream
+                r.usage["completion_tokens"] += len(stream.ids)
 
-    def complete(self, body, chat):
+    def complete(self, r: Request, alive=lambda: True):
         """The whole response object (stream=False)."""
-        ids = self.prompt(body, chat)
-        texts, finish = {}, {}
-        for index, piece, reason in self.choices(body, ids, chat):
+        texts, finish, ids = {}, {}, {}
+        for index, piece, reason, stream in self.choices(r, alive):
             texts[index] = texts.get(index, "") + piece
-            finish[index] = reason or finish.get(index)
-        out = []
+            finish[index], ids[index] = reason or finish.get(index), stream.ids
+        out, n = [], r.body.get("n") or 1
         for i in sorted(texts):
-            if chat:
-                content, calls = parse_tool_calls(texts[i]) if body.get("tools") else (texts[i], None)
-                message = {"role": "assistant", "content": content}
-                if calls:
-                    message["tool_calls"] = calls
-                out.append({"index": i, "message": message, "finish_reason": "tool_calls" if calls else finish[i]})
+            prompt, k = r.prompts[i // n], r.body.get("top_logprobs") or 0
+            if r.chat:
+                content, calls = parse_tool_calls(texts[i]) if r.body.get("tools") else (texts[i], None)
+                message = {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
+                logprobs = {"content": self.chat_logprobs(prompt, ids[i], k)} if r.body.get("logprobs") else None
+                reason = "tool_calls" if calls else finish[i]
+                out.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": reason})
             else:
-                out.append({"index": i, "text": texts[i], "finish_reason": finish[i], "logprobs": None})
-        return self.envelope(chat, choices=out, usage=self.totals())
+                echo = r.body.get("echo")
+                text = (self.tok.decode(prompt) if echo else "") + texts[i]
+                k = r.body.get("logprobs")
+                logprobs = None if k is None else self.completion_logprobs(prompt, ids[i], k, echo)
+                out.append({"index": i, "text": text, "finish_reason": finish[i], "logprobs": logprobs})
+        return self.envelope(r, choices=out, usage=totals(r.usage))
 
-    def prompt(self, body, chat):
-        if chat:
-            text = self.tok.render_chat(chat_messages(body))
-        else:
-            text = body.get("prompt")
-            if isinstance(text, list) and len(text) == 1 and isinstance(text[0], str):
-                text = text[0]
-            if not isinstance(text, str):
-                raise BadRequest("'prompt' must be a string", "prompt")
-        ids = self.prompt_ids(text)
-        self.usage = {"prompt_tokens": len(ids), "completion_tokens": 0}
-        return ids
+    # Log-probabilities: the model's own distribution (log-softmax of its logits, before temperature and top-p), from
+    # one forward pass over the prompt and the reply
 
-    def totals(self):
-        return {**self.usage, "total_tokens": self.usage["prompt_tokens"] + self.usage["completion_tokens"]}
+    @torch.no_grad()
+    def scored(self, ids, first, k):
+        """For each position t >= first of ids: (the log-probability of ids[t], the k likeliest tokens, theirs)."""
+        x = torch.tensor([ids], device=self.model.embed.weight.device)
+        logprobs = self.model(x)[0, first - 1 : -1].float().log_softmax(-1)  # position t - 1 predicts token t
+        chosen = logprobs.gather(-1, x[0, first:, None])[:, 0]
+        top = logprobs.topk(k, -1) if k else None
+        for t in range(len(ids) - first):
+            alts = [] if top is None else list(zip(top.indices[t].tolist(), top.values[t].tolist()))
+            yield chosen[t].item(), alts
 
-    def envelope(self, chat, **fields):
-        kind = "chat.completion" if chat else "text_completion"
-        return {"id": self.request_id, "object": kind, "created": int(time.time()), "model": self.name, **fields}
+    def token_text(self, i) -> str:
+        table = self.tok.decode_table
+        return (table[i] if i < len(table) else b"").decode("utf-8", errors="replace")
+
+    def completion_logprobs(self, prompt, new, k, echo):
+        """Completions' logprobs: tokens, token_logprobs (with echo the prompt's first, whose is null),
+        top_logprobs (a {token: logprob} per position: the k likeliest and the token itself), text_offset (where each
+        token's text starts in the prompt's text followed by the completion's)."""
+        ids, first = prompt + new, 1 if echo else len(prompt)
+        decoder, offsets, at = self.tok.stream(), [], 0
+        for i in ids:
+            offsets.append(at)
+            at += len(decoder.push(i))
+        shown = range(0 if echo else len(prompt), len(ids))
+        out = {"tokens": [self.token_text(ids[t]) for t in shown], "text_offset": [offsets[t] for t in shown]}
+        out["token_logprobs"], out["top_logprobs"] = ([None], [None]) if echo else ([], [])
+        for t, (logprob, alts) in zip(range(first, len(ids)), self.scored(ids, first, k)):
+            out["token_logprobs"].append(logprob)
+            top = {}
+            for a, lp in alts + [(ids[t], logprob)]:  # the likeliest first: a text two tokens share keeps its best
+                top.setdefault(self.token_text(a), lp)
+            out["top_logprobs"].append(top)
+        return out
+
+    def chat_logprobs(self, prompt, new, k):
+        """Chat's logprobs.content: per reply token {token, logprob, bytes, top_logprobs: the k likeliest}."""
+
+        def entry(i, lp):
+            table = self.tok.decode_table
+            return {"token": self.token_text(i), "logprob": lp, "bytes": list(table[i] if i < len(table) else b"")}
+
+        scored = self.scored(prompt + new, len(prompt), k)
+        return [dict(entry(i, lp), top_logprobs=[entry(a, x) for a, x in alts]) for i, (lp, alts) in zip(new, scored)]
+
+    def envelope(self, r: Request, **fields):
+        kind = "chat.completion" if r.chat else "text_completion"
+        return {"id": r.id, "object": kind, "created": int(time.time()), "model": self.name, **fields}
+
+
+class ClientGone(Exception):
+    """The client closed its connection: its generation stops."""
+
+
+def is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def totals(usage):
+    return {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
 
 
 class Handler(BaseHTTPRequestHandler):
-    """One HTTP request (a thread each: ThreadingHTTPServer); self.server.app is the Server that answers it."""
+    """One HTTP connection (a thread each: ThreadingHTTPServer); self.server.app is the Server that answers it.
+    Every request is framed by its Content-Length (a body over --max-body is refused unread, and the connection
+    closed); a client that sends or reads too slowly times out (`timeout`, on the socket)."""
 
     protocol_version = "HTTP/1.1"
+    timeout = 15  # seconds a read or write on this client's socket may wait
 
     def log_message(self, fmt, *args):  # one line per request on stderr, without the default's date noise
-        print(f"serve.py: {self.command} {self.path} {args[1] if len(args) > 1 else ''}", file=sys.stderr)
+        what = f"{getattr(self, 'command', None) or '-'} {getattr(self, 'path', '-')[:200]!r}"
+        print(f"serve.py: {what} {args[1] if len(args) > 1 else ''}", file=sys.stderr)
 
-    def send_json(self, status, obj):
+    def send_json(self, status, obj, close=False):
         data = json.dumps(obj).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        self.send_cors()
+        if close:  # the rest of what the client sent cannot be framed (or was not read): no next request from it
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.end_headers()
         self.wfile.write(data)
 
+    def send_error(self, code, message=None, explain=None):
+        """The standard library's own refusals (a malformed request line, headers too long, a TLS hello) as the
+        others: a status line and a JSON error body, then the connection closed."""
+        self.request_version = "HTTP/1.1"  # (what it could not parse left "HTTP/0.9": no status line at all)
+        self.send_json(code, error(message or "bad request", "invalid_request_error"), close=True)
+
+    def send_error_json(self, e: BadRequest, close=False):
+        self.send_json(e.status, error(str(e), e.kind, e.param), close=close)
+
+    def send_cors(self):
+        if self.server.app.cors:
+            self.send_header("Access-Control-Allow-Origin", self.server.app.cors)
+            self.send_header("Vary", "Origin")
+
+    def refused(self):
+        """Why this request is refused before its route runs (a BadRequest), or None."""
+        app, host = self.server.app, (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
+        if self.server.loopback and host not in ("localhost", "127.0.0.1", "::1"):  # DNS rebinding
+            return BadRequest(f"Host {shown(host)} is not this machine (the server listens on loopback)", status=403)
+        given = (self.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
+        if (
+            app.api_key
+            and self.path.startswith("/v1")
+            and not hmac.compare_digest(given.encode(), app.api_key.encode())
+        ):
+            return BadRequest("invalid API key (Authorization: Bearer KEY)", status=401, kind="authentication_error")
+        return None
+
     def do_GET(self):
+        if (e := self.refused()) is not None:
+            return self.send_error_json(e)
+        app = self.server.app
+        model = {"id": app.name, "object": "model", "created": 0, "owned_by": "phi"}
         if self.path == "/health":
             return self.send_json(200, {"status": "ok"})
         if self.path == "/v1/models":
-            model = {"id": self.server.app.name, "object": "model", "created": 0, "owned_by": "phi"}
             return self.send_json(200, {"object": "list", "data": [model]})
-        self.send_json(404, error(f"no route {self.path}", "not_found_error"))
+        if urllib.parse.unquote(self.path) == f"/v1/models/{app.name}":  # (a Hub id's "/" comes as %2F)
+            return self.send_json(200, model)
+        self.send_json(404, error(f"no route {shown(self.path)}", "not_found_error"))
+
+    def do_OPTIONS(self):
+        """A browser's CORS preflight: answered only with --cors."""
+        if not self.server.app.cors:
+            return self.send_json(
+                405, error("OPTIONS: this server answers no cross-origin requests", "invalid_request_error")
+            )
+        self.send_response(204)
+        self.send_cors()
+        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def do_POST(self):
         chat, app = self.path == "/v1/chat/completions", self.server.app
-        if not chat and self.path != "/v1/completions":
-            return self.send_json(404, error(f"no route {self.path}", "not_found_error"))
         try:
-            body = checked(self.read_body())
-            with app.lock:
-                app.request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-                if body.get("stream"):
-                    return self.stream(body, chat)
-                self.send_json(200, app.complete(body, chat))
-        except BadRequest as e:
-            self.send_json(400, error(str(e), "invalid_request_error", e.param))
+            if (e := self.refused()) is not None:
+                raise e
+            if not chat and self.path != "/v1/completions":
+                raise BadRequest(f"no route {shown(self.path)}", status=404, kind="not_found_error")
+            body = self.read_body()
+            r = app.request(body, chat)  # checked and tokenized before it waits for the model
+        except BadRequest as e:  # (a refusal before the body was read closes the connection: the body stays unread)
+            return self.send_error_json(e, close=e.status != 400)
+        with app.lock:
+            if body.get("stream"):
+                return self.stream(r)
+            try:
+                response = app.complete(r, self.client_alive)
+            except ClientGone:
+                return print("serve.py: the client went away: generation stopped", file=sys.stderr)
+            self.send_json(200, response)
 
     def read_body(self) -> dict:
-        length = int(self.headers.get("Content-Length") or 0)
+        """The JSON object the request carries: its Content-Length read, no more (one clear error otherwise)."""
+        kind = (self.headers.get("Content-Type") or "").split(";")[0].strip()
+        if kind != "application/json":  # (a browser page may POST text/plain to any server without asking)
+            raise BadRequest(f"Content-Type must be application/json, got {shown(kind)}", status=415)
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise BadRequest(f"Content-Length must be a number of bytes, got {shown(length)}", status=411)
+        if int(length) > self.server.app.max_body:
+            raise BadRequest(
+                f"the body is {length} bytes; this server takes up to {self.server.app.max_body}", status=413
+            )
         try:
-            body = json.loads(self.rfile.read(length) or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BadRequest(f"the body is not valid JSON ({e})") from None
+            body = json.loads(self.rfile.read(int(length)) or b"null")
+        except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, a 5,000-digit integer, nesting too deep
+            raise BadRequest(f"the body is not valid JSON ({shown(str(e))})") from None
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object")
         return body
 
-    def stream(self, body, chat):
-        """Server-sent events: one chunk per piece of text, a last one per choice with its finish_reason, then
-        data: [DONE]. A client gone mid-stream (broken pipe) ends the generation."""
-        app = self.server.app
-        ids = app.prompt(body, chat)  # a bad prompt is still a 400, before any event
+    def client_alive(self) -> bool:
+        """False once the client has closed its connection (its socket reads as at its end)."""
+        readable, _, _ = select.select([self.connection], [], [], 0)
+        try:
+            return not readable or self.connection.recv(1, socket.MSG_PEEK) != b""
+        except OSError:
+            return False
+
+    def stream(self, r: Request):
+        """Server-sent events: one chunk per piece of text, a last one per choice with its finish_reason (with
+        stream_options.include_usage, then one with the usage), then data: [DONE]. Chat with tools: text from a
+        <|tool_call|> on is held back and sent as tool_calls deltas at the end, as OpenAI streams them. A client
+        gone mid-stream (broken pipe, or a write that times out) ends the generation."""
+        app, usage = self.server.app, (r.body.get("stream_options") or {}).get("include_usage")
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Connection", "close")
+        self.send_cors()
         self.end_headers()
         self.close_connection = True
+        tools, held = r.chat and r.body.get("tools") and r.body.get("tool_choice") != "none", {}
         try:
-            for index, piece, reason in app.choices(body, ids, chat):
-                if chat:
-                    choice = {"index": index, "delta": {"content": piece} if piece else {}, "finish_reason": reason}
-                else:
-                    choice = {"index": index, "text": piece, "finish_reason": reason, "logprobs": None}
-                chunk = app.envelope(chat, choices=[choice])
-                if chat:
-                    chunk["object"] = "chat.completion.chunk"
-                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-                self.wfile.flush()
+            for index, piece, reason, _ in app.choices(r):
+                if tools:
+                    piece, calls, reason = tool_call_delta(held, index, piece, reason)
+                    if calls:
+                        self.send_event(
+                            app.envelope(r, choices=[{"index": index, "delta": {"tool_calls": calls}}]), r, usage
+                        )
+                choice = {"index": index, "finish_reason": reason}
+                choice |= (
+                    ({"delta": {"content": piece} if piece else {}}) if r.chat else {"text": piece, "logprobs": None}
+                )
+                self.send_event(app.envelope(r, choices=[choice]), r, usage)
+            if usage:
+                self.send_event(app.envelope(r, choices=[], usage=totals(r.usage)), r, False)
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
             print("serve.py: the client went away: generation stopped", file=sys.stderr)
+
+    def send_event(self, chunk, r, usage):
+        if r.chat:
+            chunk["object"] = "chat.completion.chunk"
+        if usage:
+            chunk.setdefault("usage", None)
+        self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        self.wfile.flush()
+
+
+def tool_call_delta(held: dict, index, piece, reason):
+    """Streamed chat with tools: (the text to send now, tool_calls deltas or None, finish_reason). Text from a
+    <|tool_call|> on is held (held[index]); at the choice's end it is sent as tool_calls (finish_reason "tool_calls")
+    if it parses, else as the text it is."""
+    text = held.get(index, "") + piece
+    if index not in held and "<|tool_call|>" not in text:
+        return piece, None, reason
+    start = text.find("<|tool_call|>") if index not in held else 0
+    before, held[index] = text[:start], text[start:]
+    if reason is None:
+        return before, None, None
+    content, calls = parse_tool_calls(held.pop(index))
+    if not calls:
+        return before + (content or ""), None, reason
+    return before, [dict(c, index=k) for k, c in enumerate(calls)], "tool_calls"
 
 
 def error(message, kind, param=None):
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
 
-def serve(model, tok, name, host="127.0.0.1", port=8000, steps=None) -> ThreadingHTTPServer:
+class HTTPServer(ThreadingHTTPServer):
+    request_queue_size = 64  # connections waiting to be accepted (the standard library's default is 5)
+    daemon_threads = True
+
+
+def serve(model, tok, name, host="127.0.0.1", port=8000, steps=None, api_key=None, cors=None, max_body=4 << 20):
     """An HTTP server for (model, tok), not yet started: call serve_forever() (port 0: a free port,
-    server.server_address tells which). steps: generate.Steps.compiled(device) for the compiled decode step."""
-    httpd = ThreadingHTTPServer((host, port), Handler)
-    httpd.app = Server(model, tok, name, steps)
+    server.server_address tells which). steps: generate.Steps.compiled(device) for the compiled decode step;
+    api_key: the Bearer key every /v1 request needs; cors: the one Origin browsers may call it from; max_body: bytes."""
+    httpd = HTTPServer((host, port), Handler)
+    httpd.app = Server(model, tok, name, steps, api_key, cors, max_body)
+    httpd.loopback = host in ("127.0.0.1", "localhost", "::1")  # then the Host header must name this machine
     return httpd
 
 
@@ -292,6 +559,17 @@ def main(argv=None):
     p.add_argument("--device", default=None)
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
     p.add_argument("--quantize", choices=["int8", "int4"])
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("PHI_API_KEY"),
+        help="the Bearer key every /v1 request needs (default: $PHI_API_KEY; none: open)",
+    )
+    p.add_argument(
+        "--cors", metavar="ORIGIN", help="the one Origin browsers may call this server from (CORS headers, preflight)"
+    )
+    p.add_argument(
+        "--max-body", type=int, default=4 << 20, help="largest request body in bytes (default 4 MiB; larger: 413)"
+    )
     args = p.parse_args(argv)
     try:
         model, tok = generate.load(args.model, args.dtype, args.device, quantize=args.quantize, adapter=args.adapter)
@@ -299,7 +577,7 @@ def main(argv=None):
         print(f"serve.py: error: {e}", file=sys.stderr)
         return 1
     steps = generate.Steps.compiled(model.embed.weight.device) if args.compile else None
-    httpd = serve(model, tok, args.model, args.host, args.port, steps)
+    httpd = serve(model, tok, args.model, args.host, args.port, steps, args.api_key, args.cors, args.max_body)
     print(f"serve.py: {args.model} on http://{args.host}:{httpd.server_address[1]}/v1", file=sys.stderr)
     try:
         httpd.serve_forever()

@@ -12,7 +12,7 @@ import transformers
 
 import generate
 import serve
-from conftest import GEN_CASES, PROMPT, ROOT, TOK, continuation, needs_reference, python_env, run_cli, snapshot
+from conftest import GEN_CASES, PROMPT, ROOT, TOK, continuation, needs_reference, python_env, record, run_cli, snapshot
 
 CHAT_ARGS = ("--max-new-tokens", 20, "--temperature", 0, "--dtype", "float32")
 
@@ -20,13 +20,13 @@ CHAT_ARGS = ("--max-new-tokens", 20, "--temperature", 0, "--dtype", "float32")
 @pytest.fixture
 def server(hub):
     """serve.py on a free loopback port, in a thread of this process, for a checkpoint of the hub fixture:
-    yields (base_url, model, tok, start) where start(name) (re)starts it on another checkpoint."""
+    yields start: start(name, **serve_kw) starts one on a checkpoint and returns (base_url, model, tok)."""
 
     running = []
 
-    def start(name):
+    def start(name, **kw):
         model, tok = generate.load(snapshot(hub[0], name), dtype="float32")
-        httpd = serve.serve(model, tok, f"test/{name}", port=0)
+        httpd = serve.serve(model, tok, f"test/{name}", port=0, **kw)
         threading.Thread(target=httpd.serve_forever, daemon=True).start()
         running.append(httpd)
         return f"http://127.0.0.1:{httpd.server_address[1]}/v1", model, tok
@@ -273,3 +273,276 @@ def test_serve_n_choices_and_seed_and_the_program(server, hub):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Completions as evaluation harnesses call them; logprobs; what else clients send
+
+
+def log_softmax_of(model, ids):
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]))
+    return (logits if isinstance(logits, torch.Tensor) else logits.logits)[0].float().log_softmax(-1)
+
+
+@needs_reference("tokenizers")
+def test_serve_scores_token_id_prompts_as_lm_evaluation_harness_asks(server, hub):
+    """lm-evaluation-harness's local-completions loglikelihood request: a batch of token-id prompts, max_tokens 1,
+    logprobs 1, echo, temperature 0. Each choice (index in order) echoes its prompt; token_logprobs has one entry
+    per prompt token (the first null) and one for the generated token, each equal to the log-softmax of our logits
+    and of transformers' on the same weights; top_logprobs' best is the greedy token (its is_greedy test)."""
+    url, model, tok = server("phi3-4k")
+    ref = hub[1]["phi3-4k"]
+    prompts = [tok.encode("def add(a, b):\n    return a + b"), tok.encode("The capital of France is Paris")]
+    r = openai_client(url).completions.create(
+        model="m", prompt=prompts, max_tokens=1, logprobs=1, echo=True, temperature=0, seed=1234
+    )
+    assert [c.index for c in r.choices] == [0, 1]
+    for c, ids in zip(r.choices, prompts):
+        new = list(generate.generate(model, ids, 1, eos_ids=set()))
+        lp = c.logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(ids) + 1
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        full = ids + new
+        for oracle in (model, ref):
+            want = log_softmax_of(oracle, full)[:-1].gather(-1, torch.tensor(full[1:])[:, None])[:, 0]
+            got = torch.tensor(lp.token_logprobs[1:])
+            assert record("serve logprobs vs log-softmax", (got - want).abs().max().item()) <= 1e-4
+        assert max(lp.top_logprobs[-1].values()) == lp.token_logprobs[-1]  # greedy: the best is the token taken
+        assert c.text == tok.decode(ids) + continuation(tok, ids, new)
+        offsets = lp.text_offset
+        assert offsets == sorted(offsets) and offsets[0] == 0 and offsets[len(ids)] == len(tok.decode(ids))
+    assert r.usage.prompt_tokens == sum(map(len, prompts)) and r.usage.completion_tokens == 2
+
+
+@needs_reference("tokenizers")
+def test_serve_prompt_forms_logprobs_without_echo_and_chat_logprobs(server):
+    """A prompt as a string, a list of strings (choices in order, n each), token ids: each choice equals the same
+    prompt asked alone. Without echo, logprobs cover the completion only. Chat: logprobs.content per reply token,
+    with top_logprobs (the likeliest first), equal to the log-softmax of our logits."""
+    url, model, tok = server("phi3-4k")
+    client = openai_client(url)
+    alone = [
+        client.completions.create(model="m", prompt=p, max_tokens=6, temperature=0).choices[0].text
+        for p in ("Once upon", "def f(x):")
+    ]
+    r = client.completions.create(model="m", prompt=["Once upon", "def f(x):"], max_tokens=6, temperature=0, n=2)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3] and [c.text for c in r.choices] == [alone[0]] * 2 + [
+        alone[1]
+    ] * 2
+    ids = tok.encode("Once upon", bos=tok.add_bos)
+    r = client.completions.create(model="m", prompt=ids, max_tokens=6, temperature=0, logprobs=3)
+    lp, new = r.choices[0].logprobs, list(generate.generate(model, ids, 6, eos_ids=set()))
+    assert r.choices[0].text == alone[0] and len(lp.token_logprobs) == len(lp.tokens) == 6
+    want = log_softmax_of(model, ids + new)[len(ids) - 1 : -1].gather(-1, torch.tensor(new)[:, None])[:, 0]
+    assert (torch.tensor(lp.token_logprobs) - want).abs().max() <= 1e-4
+    assert all(1 <= len(top) <= 4 for top in lp.top_logprobs) and lp.text_offset[0] == len(tok.decode(ids))
+    msg = [{"role": "user", "content": "Name a prime."}]
+    r = client.chat.completions.create(
+        model="m", messages=msg, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
+    )
+    content = r.choices[0].logprobs.content
+    prompt = tok.encode(tok.render_chat(msg), bos=tok.add_bos)
+    new = list(generate.generate(model, prompt, 6, eos_ids=generate.end_of_turn_ids(model, tok)))
+    want = log_softmax_of(model, prompt + new)[len(prompt) - 1 : -1]
+    assert [e.logprob for e in content] == pytest.approx(
+        want.gather(-1, torch.tensor(new)[:, None])[:, 0].tolist(), abs=1e-4
+    )
+    for e, row in zip(content, want):
+        assert [t.logprob for t in e.top_logprobs] == pytest.approx(row.topk(3).values.tolist(), abs=1e-4)
+        assert bytes(e.bytes).decode("utf-8", errors="replace") == e.token
+
+
+@needs_reference("tokenizers")
+def test_serve_stream_usage_max_completion_tokens_and_the_model_route(server):
+    """stream_options.include_usage: every chunk has usage null and a last one (no choices) the totals;
+    max_completion_tokens caps the reply (over max_tokens); GET /v1/models/{id}, and 404 for another id."""
+    import openai
+
+    url, model, tok = server("phi3-4k")
+    client = openai_client(url)
+    msg = [{"role": "user", "content": "Count to ten."}]
+    chunks = list(
+        client.chat.completions.create(
+            model="m", messages=msg, max_tokens=9, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert all(c.usage is None for c in chunks[:-1]) and chunks[-1].choices == []
+    prompt = len(tok.encode(tok.render_chat(msg), bos=tok.add_bos))
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (prompt, 9)
+    assert chunks[-1].usage.total_tokens == prompt + 9
+    r = client.chat.completions.create(model="m", messages=msg, max_tokens=9, max_completion_tokens=3, temperature=0)
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+    assert client.models.retrieve("test/phi3-4k").id == "test/phi3-4k"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("other")
+
+
+@needs_reference("tokenizers")
+def test_serve_streamed_tool_calls_arrive_as_deltas_the_client_assembles(server, monkeypatch):
+    """A streamed reply with tools: the text before <|tool_call|> as content, then tool_calls deltas that the openai
+    client's stream assembles into the non-streamed reply's calls, finish_reason "tool_calls"; arguments the model
+    wrote as a JSON string are that string, not encoded twice."""
+    url, model, tok = server("phi4-mini")
+    client = openai_client(url)
+    fn = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    end, reply = tok.added["<|end|>"]["id"], []
+    monkeypatch.setattr(generate, "sample", lambda logits, *a, **kw: torch.full(logits.shape[:1], reply.pop(0)))
+    msg, tools = [{"role": "user", "content": "Weather in Rome?"}], [{"type": "function", "function": fn}]
+    text = 'Let me look.<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Rome"}}]<|/tool_call|>'
+    reply[:] = tok.encode(text) + [end]
+    whole = client.chat.completions.create(model="m", messages=msg, tools=tools, max_tokens=60).choices[0]
+    reply[:] = tok.encode(text) + [end]
+    content, calls, finish = "", {}, None
+    for chunk in client.chat.completions.create(model="m", messages=msg, tools=tools, max_tokens=60, stream=True):
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for c in delta.tool_calls or []:
+            calls.setdefault(c.index, {"name": "", "arguments": ""})
+            calls[c.index]["name"] += c.function.name or ""
+            calls[c.index]["arguments"] += c.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert content == whole.message.content == "Let me look." and finish == whole.finish_reason == "tool_calls"
+    assert [calls[0]["name"], json.loads(calls[0]["arguments"])] == ["get_weather", {"city": "Rome"}]
+    assert calls[0]["arguments"] == whole.message.tool_calls[0].function.arguments
+    reply[:] = tok.encode(
+        '<|tool_call|>[{"name": "get_weather", "arguments": "{\\"city\\": \\"Oslo\\"}"}]<|/tool_call|>'
+    ) + [end]
+    r = client.chat.completions.create(model="m", messages=msg, tools=tools, max_tokens=60)
+    assert r.choices[0].message.tool_calls[0].function.arguments == '{"city": "Oslo"}'
+
+
+def raw(url, data: bytes, wait=10.0) -> bytes:
+    """What the server sends back for these bytes, read until it closes the connection (or `wait` seconds pass)."""
+    import socket
+
+    host, port = url.removeprefix("http://").removesuffix("/v1").split(":")
+    with socket.create_connection((host, int(port)), timeout=wait) as sock:
+        sock.sendall(data)
+        out = b""
+        try:
+            while chunk := sock.recv(65536):
+                out += chunk
+        except TimeoutError:
+            pass
+    return out
+
+
+def post(path, body: bytes, **headers) -> bytes:
+    head = {"Host": "127.0.0.1", "Content-Type": "application/json", "Content-Length": str(len(body))}
+    head |= {"Connection": "close", **headers}
+    return (
+        f"POST {path} HTTP/1.1\r\n".encode()
+        + "".join(f"{k}: {v}\r\n" for k, v in head.items() if v is not None).encode()
+        + b"\r\n"
+        + body
+    )
+
+
+def status_and_body(reply: bytes):
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+@needs_reference("tokenizers")
+def test_serve_refuses_what_it_cannot_frame_or_parse_with_one_answer_each(server):
+    """Hostile or careless requests, each one HTTP answer with an OpenAI error body, and the server keeps serving:
+    bodies it cannot frame (no or a bad Content-Length: 411; over --max-body: 413 unread; not JSON's Content-Type:
+    415), bodies it cannot parse (nested 100k deep, a 5,000-digit integer), values out of range (seed 2**70, too many
+    stop strings), malformed messages; a POST to an unknown path does not run the request hidden in its body; a
+    malformed request line; error messages quote a bad value cut short."""
+    url, model, tok = server("phi3-4k", max_body=1 << 20)
+    chat = "/v1/chat/completions"
+    hello = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+    cases = [
+        (post(chat, b"", **{"Content-Length": None}), 411),
+        (post(chat, b"", **{"Content-Length": "abc"}), 411),
+        (post(chat, b"", **{"Content-Length": str(10**12)}), 413),
+        (post(chat, hello, **{"Content-Type": "text/plain"}), 415),
+        (post(chat, hello, Host="evil.example:80"), 403),
+        (post(chat, b"[" * 100_000 + b"]" * 100_000), 400),
+        (post(chat, b'{"n": ' + b"7" * 5000 + b"}"), 400),
+        (post(chat, json.dumps({"messages": [{"role": "user", "content": "hi"}], "seed": 2**70}).encode()), 400),
+        (post(chat, json.dumps({"messages": [{"role": "user", "content": "hi"}], "stop": ["x"] * 17}).encode()), 400),
+        (
+            post(chat, json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}).encode()),
+            400,
+        ),
+        (
+            post(
+                chat,
+                json.dumps({"messages": [{"role": "assistant", "content": "", "tool_calls": [{"f": 1}]}]}).encode(),
+            ),
+            400,
+        ),
+        (
+            post(
+                chat,
+                json.dumps(
+                    {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "stream": True}
+                ).encode(),
+            ),
+            400,
+        ),
+    ]
+    for data, want in cases:
+        status, body = status_and_body(raw(url, data))
+        assert status == want and "message" in json.loads(body)["error"], (data[:80], status, body[:200])
+    # a POST to an unknown path: 404, and the request in its body is not run as the next one
+    smuggled = post(chat, hello)
+    reply = raw(url, post("/v1/nothing", smuggled, Connection="keep-alive"))
+    assert status_and_body(reply)[0] == 404 and reply.count(b"HTTP/1.1") == 1
+    assert raw(url, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 garbage\r\n\r\n").startswith(
+        b"HTTP/1"
+    )  # a TLS hello
+    status, body = status_and_body(
+        raw(url, post(chat, json.dumps({"messages": "x" * 500_000, "max_tokens": "y" * 500_000}).encode()))
+    )
+    assert status == 400 and len(body) < 400
+    r = openai_client(url).chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    assert r.usage.completion_tokens == 2  # still serving
+
+
+@needs_reference("tokenizers")
+def test_serve_api_key_and_cors(server):
+    """--api-key: /v1 without `Authorization: Bearer KEY` is 401 (an OpenAI error body, the openai client's
+    AuthenticationError), with it 200; /health stays open. --cors ORIGIN: its headers on answers, preflight 204;
+    without --cors a preflight is refused."""
+    import openai
+
+    url, model, tok = server("phi3-4k", api_key="s3cret", cors="https://app.example")
+    msg = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.AuthenticationError) as e:
+        openai_client(url).chat.completions.create(model="m", messages=msg, max_tokens=2)
+    assert e.value.status_code == 401 and e.value.body["type"] == "authentication_error"
+    good = openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0, timeout=120)
+    assert good.chat.completions.create(model="m", messages=msg, max_tokens=2).usage.completion_tokens == 2
+    assert status_and_body(raw(url, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"))[0] == 200
+    preflight = b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: https://app.example\r\nConnection: close\r\n\r\n"
+    reply = raw(url, preflight)
+    assert status_and_body(reply)[0] == 204 and b"Access-Control-Allow-Origin: https://app.example" in reply
+    plain_url = server("phi3-4k")[0]
+    assert status_and_body(raw(plain_url, preflight))[0] == 405
+
+
+@needs_reference("tokenizers")
+def test_serve_stops_generating_for_a_client_that_left_without_reading(server, monkeypatch):
+    """A non-streamed request whose client hangs up mid-generation: the generation stops at its next token (not after
+    its max_tokens), and the next request is served."""
+    import socket
+
+    url, model, tok = server("phi3-4k")
+    calls, sample = [], generate.sample
+    monkeypatch.setattr(generate, "sample", lambda *a, **kw: calls.append(1) or sample(*a, **kw))
+    host, port = url.removeprefix("http://").removesuffix("/v1").split(":")
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100, "temperature": 0}).encode()
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(post("/v1/chat/completions", body))
+        while not calls:  # (no timing: wait until the generation has begun)
+            threading.Event().wait(0.01)
+    r = openai_client(url).chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=3
+    )
+    assert r.usage.completion_tokens == 3 and len(calls) < 100
