@@ -21,6 +21,7 @@ on loopback the Host header must name this machine (DNS rebinding); a socket tha
 """
 
 import argparse
+import queue
 import hmac
 import json
 import os
@@ -37,6 +38,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 import generate
+import phi
 
 
 class BadRequest(ValueError):
@@ -177,6 +179,157 @@ def arguments_json(arguments) -> str:
 # The server
 
 
+# -----------------------------------------------------------------------------------------------------------------
+# Continuous batching: one thread owns the model; every decode step runs all active sequences as one batch
+
+
+@dataclass
+class Sequence:
+    """One choice being generated: its prompt, how it samples and stops; its tokens go to `out` as they come (None
+    ends them). cancelled: set by its client's thread (a stop string, a client gone): its row is freed at once."""
+
+    ids: list
+    max_tokens: int
+    eos: set
+    sampling: generate.Sampling
+    out: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    produced: int = 0
+
+    def tokens(self):
+        """The tokens as they come (for generate.TextStream); cancels the sequence if the reader stops early."""
+        try:
+            while (token := self.out.get()) is not None:
+                yield token
+        finally:
+            self.cancelled.set()
+
+
+class Batcher:
+    """Continuous batching over one KVCache of max_batch rows. A new sequence is prefilled alone (generate.prefill)
+    and placed into a free row between steps, its prompt in the slots just before the shared fill level (all rows
+    move right when it is longer than that level); then each step decodes one token for every row
+    (generate.decode_one_token, compiled with --compile) and samples each row with its own settings. A row whose
+    sequence ends (EOS, max_tokens, cancelled) is free for the next one at once; when the cache is full its rows
+    move left past the slots no active row uses, and it grows (up to the context) when that is not enough. Positions
+    come from each row's own tokens, so a sequence computes what it computes alone."""
+
+    def __init__(self, model, steps, max_batch=8):
+        # a LongRoPE model switches to its long factors for the whole batch at once (PhiModel.rerun_long): it decodes
+        # one sequence at a time, so that each switches when it crosses the original context itself, as alone
+        self.model, self.steps, self.max_batch = model, steps, 1 if model.rotary.scaled else max_batch
+        self.waiting, self.rows = queue.Queue(), [None] * max_batch
+        self.cache, self.logits = None, None
+        self.lock = threading.Lock()  # the model runs one thing at a time: a step, a prefill, a scoring pass
+        threading.Thread(target=self.run, daemon=True, name="batcher").start()
+
+    def submit(self, seq: Sequence):
+        self.waiting.put(seq)
+
+    @torch.no_grad()
+    def run(self):
+        while True:
+            self.admit(wait=not any(self.rows))
+            active = [r for r, seq in enumerate(self.rows) if seq is not None]
+            if not active:
+                continue
+            tokens = torch.zeros(self.max_batch, dtype=torch.long, device=self.logits.device)
+            for r in active:
+                tokens[r] = self.next_token(r)
+            if not any(self.rows):
+                continue
+            self.make_room(1)
+            step = self.steps.decode if generate.compiled_step_ok(self.model, self.cache) else generate.decode_one_token
+            with self.lock:
+                self.logits = step(self.model, tokens, self.cache).clone()  # (B, V) (a CUDA graph reuses its output)
+
+    def next_token(self, r) -> int:
+        """Sample row r's next token and hand it out; free the row when its sequence ends."""
+        seq = self.rows[r]
+        token = -1 if seq.cancelled.is_set() else int(generate.sample(self.logits[r : r + 1], None, seq.sampling)[0])
+        seq.produced += 1
+        if token >= 0 and token not in seq.eos:
+            seq.out.put(token)
+        if token < 0 or token in seq.eos or seq.produced >= seq.max_tokens:
+            seq.out.put(None)
+            self.rows[r] = None
+        return max(token, 0)
+
+    def admit(self, wait):
+        """Place waiting sequences into free rows (blocking for one while nothing runs)."""
+        while None in self.rows:
+            try:
+                seq = self.waiting.get(block=wait)
+            except queue.Empty:
+                return
+            wait = False
+            if seq.cancelled.is_set():
+                seq.out.put(None)
+                continue
+            self.place(self.rows.index(None), seq)
+
+    def place(self, r, seq):
+        cfg, P = self.model.config, len(seq.ids)
+        dev, dtype = self.model.embed.weight.device, self.model.embed.weight.dtype
+        alone = phi.KVCache(cfg, 1, P, dtype, dev)
+        with self.lock:
+            logits = generate.prefill(self.model, torch.tensor([seq.ids], device=dev), None, alone)  # (1, V)
+        if self.cache is None:
+            self.cache = phi.KVCache(cfg, self.max_batch, min(cfg.max_position_embeddings, 512), dtype, dev)
+            self.cache.padded, self.logits = True, logits.new_zeros(self.max_batch, logits.shape[-1])
+        if not any(self.rows):  # nothing running: the cache starts over
+            self.cache.slot.zero_()
+            self.cache.valid.fill_(False)
+            self.cache.long = False
+        self.make_room(max(0, P - int(self.cache.slot)), at_least=P)
+        c, S = self.cache, int(self.cache.slot)
+        if P > S:  # every row moves right: the new prompt ends at the fill level too
+            shift(c, P - S)
+            S = P
+        for layer in range(cfg.num_hidden_layers):
+            c.k[layer][r, :, S - P : S], c.v[layer][r, :, S - P : S] = alone.k[layer][0], alone.v[layer][0]
+        c.valid[r], c.ids[r, S - P : S], c.pos[r, S - P : S] = False, alone.ids[0], alone.pos[0]
+        c.valid[r, S - P : S] = True
+        self.logits[r], self.rows[r] = logits[0], seq
+
+    def make_room(self, more, at_least=0):
+        """Room for `more` slots past the fill level (and a cache of at least `at_least` slots): move the rows left
+        past the slots no active row uses; grow the cache when that is not enough."""
+        c = self.cache
+        need = int(c.slot) + more
+        if need <= c.ids.shape[1] and at_least <= c.ids.shape[1]:
+            return
+        used = c.valid[[r for r, seq in enumerate(self.rows) if seq is not None]].any(0).nonzero()
+        free = int(used[0]) if len(used) else int(c.slot)  # slots before the first one in use
+        shift(c, -free)
+        need -= free
+        if need > c.ids.shape[1] or at_least > c.ids.shape[1]:
+            self.cache = grown(c, self.model.config, max(need, at_least))
+
+
+def shift(c: phi.KVCache, d: int):
+    """Move every row's slots d places right (d > 0) or left (d < 0), in place; the slots moved in hold nothing."""
+    for t in c.k + c.v:  # (B, KV, L, hd)
+        t.copy_(t.roll(d, 2))
+    for t in (c.valid, c.pos, c.ids):  # (B, L)
+        t.copy_(t.roll(d, 1))
+    (c.valid[:, :d] if d > 0 else c.valid[:, d:]).fill_(False)
+    c.slot += d
+
+
+def grown(c: phi.KVCache, cfg, need) -> phi.KVCache:
+    """A larger cache (double, up to the context) holding c's slots."""
+    L = c.ids.shape[1]
+    size = min(cfg.max_position_embeddings, max(need, 2 * L))
+    new = phi.KVCache(cfg, c.ids.shape[0], size, c.k[0].dtype, c.k[0].device)
+    for a, b in zip(new.k + new.v, c.k + c.v):
+        a[:, :, :L] = b
+    new.valid[:, :L], new.pos[:, :L], new.ids[:, :L] = c.valid, c.pos, c.ids
+    new.slot.fill_(int(c.slot))
+    new.padded, new.long = True, c.long
+    return new
+
+
 @dataclass
 class Request:
     """One request, checked and tokenized before it waits for the model."""
@@ -189,13 +342,12 @@ class Request:
 
 
 class Server:
-    """The model and its tokenizer; requests are served one at a time (the lock), each checked and tokenized before it
-    waits for the model."""
+    """The model and its tokenizer. Each request is checked and tokenized in its client's thread, then its choices
+    join the Batcher's batch; its thread turns their tokens into text and writes them to its client."""
 
-    def __init__(self, model, tok, name, steps=None, api_key=None, cors=None, max_body=4 << 20):
+    def __init__(self, model, tok, name, steps=None, api_key=None, cors=None, max_body=4 << 20, max_batch=8):
         self.model, self.tok, self.name = model, tok, name
-        self.steps = steps or generate.Steps()  # generate.Steps.compiled(device) with --compile
-        self.lock = threading.Lock()  # one generation at a time: concurrent requests queue here
+        self.batcher = Batcher(model, steps or generate.Steps(), max_batch)  # Steps.compiled(device) with --compile
         self.chat_eos = generate.end_of_turn_ids(model, tok)
         self.api_key, self.cors, self.max_body = api_key, cors, max_body
 
@@ -233,28 +385,34 @@ class Server:
 
     def choices(self, r: Request, alive=lambda: True):
         """Yields (index, text piece, finish_reason or None, TextStream) as tokens come: for each prompt, n choices
-        (index = prompt * n + j). A chat reply's text is the decode of its own tokens; a completion's continues its
-        prompt's text. alive(): False once the client has gone (the generation stops)."""
+        (index = prompt * n + j), all generated at once in the batch, handed out in order. A chat reply's text is the
+        decode of its own tokens; a completion's continues its prompt's text. alive(): False once the client has
+        gone (its choices stop)."""
         body, context = r.body, self.model.config.max_position_embeddings
         stops = [body["stop"]] if isinstance(body.get("stop"), str) else body.get("stop") or []
         limit = body.get("max_completion_tokens") or body.get("max_tokens") or context
-        generator = torch.Generator(self.model.embed.weight.device)
-        generator.manual_seed(body["seed"] if body.get("seed") is not None else int(time.time() * 1e6))
-        sampling = generate.Sampling(body.get("temperature", 1.0), top_p=body.get("top_p") or 1.0, generator=generator)
-        eos, n = self.chat_eos if r.chat else self.model.eos_ids, body.get("n") or 1
+        eos, n, seqs = self.chat_eos if r.chat else self.model.eos_ids, body.get("n") or 1, []
+        seed = body["seed"] if body.get("seed") is not None else int.from_bytes(os.urandom(8))
         for p, ids in enumerate(r.prompts):
-            max_tokens = min(limit, context - len(ids))
             for index in range(p * n, p * n + n):
-                tokens = generate.generate(
-                    self.model, ids, max_tokens, eos_ids=eos, sampling=sampling, steps=self.steps
-                )
-                stream = generate.TextStream(self.tok, tokens, stops, context=() if r.chat else ids)
+                generator = torch.Generator(self.model.embed.weight.device).manual_seed((seed + index) % 2**64)
+                temperature, top_p = body.get("temperature", 1.0), body.get("top_p") or 1.0
+                sampling = generate.Sampling(temperature, top_p=top_p, generator=generator)
+                seqs.append((index, Sequence(ids, min(limit, context - len(ids)), eos, sampling)))
+                self.batcher.submit(seqs[-1][1])
+        try:
+            for index, seq in seqs:
+                stream = generate.TextStream(self.tok, seq.tokens(), stops, context=() if r.chat else seq.ids)
                 for piece in stream:
                     if not alive():
                         raise ClientGone
                     yield index, piece, None, stream
-                yield index, "", "stop" if stream.stopped or len(stream.ids) < max_tokens else "length", stream
+                seq.cancelled.set()  # (a stop string ends it here)
+                yield index, "", "stop" if stream.stopped or len(stream.ids) < seq.max_tokens else "length", stream
                 r.usage["completion_tokens"] += len(stream.ids)
+        finally:  # the client gone, or an error: every choice of the request stops
+            for _, seq in seqs:
+                seq.cancelled.set()
 
     def complete(self, r: Request, alive=lambda: True):
         """The whole response object (stream=False)."""
@@ -286,7 +444,8 @@ class Server:
     def scored(self, ids, first, k):
         """For each position t >= first of ids: (the log-probability of ids[t], the k likeliest tokens, theirs)."""
         x = torch.tensor([ids], device=self.model.embed.weight.device)
-        logprobs = self.model(x)[0, first - 1 : -1].float().log_softmax(-1)  # position t - 1 predicts token t
+        with self.batcher.lock:
+            logprobs = self.model(x)[0, first - 1 : -1].float().log_softmax(-1)  # position t - 1 predicts token t
         chosen = logprobs.gather(-1, x[0, first:, None])[:, 0]
         top = logprobs.topk(k, -1) if k else None
         for t in range(len(ids) - first):
@@ -433,14 +592,13 @@ class Handler(BaseHTTPRequestHandler):
             r = app.request(body, chat)  # checked and tokenized before it waits for the model
         except BadRequest as e:  # (a refusal before the body was read closes the connection: the body stays unread)
             return self.send_error_json(e, close=e.status != 400)
-        with app.lock:
-            if body.get("stream"):
-                return self.stream(r)
-            try:
-                response = app.complete(r, self.client_alive)
-            except ClientGone:
-                return print("serve.py: the client went away: generation stopped", file=sys.stderr)
-            self.send_json(200, response)
+        if body.get("stream"):
+            return self.stream(r)
+        try:
+            response = app.complete(r, self.client_alive)
+        except ClientGone:
+            return print("serve.py: the client went away: generation stopped", file=sys.stderr)
+        self.send_json(200, response)
 
     def read_body(self) -> dict:
         """The JSON object the request carries: its Content-Length read, no more (one clear error otherwise)."""
@@ -539,12 +697,15 @@ class HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
 
 
-def serve(model, tok, name, host="127.0.0.1", port=8000, steps=None, api_key=None, cors=None, max_body=4 << 20):
+def serve(
+    model, tok, name, host="127.0.0.1", port=8000, steps=None, api_key=None, cors=None, max_body=4 << 20, max_batch=8
+):
     """An HTTP server for (model, tok), not yet started: call serve_forever() (port 0: a free port,
     server.server_address tells which). steps: generate.Steps.compiled(device) for the compiled decode step;
-    api_key: the Bearer key every /v1 request needs; cors: the one Origin browsers may call it from; max_body: bytes."""
+    api_key: the Bearer key every /v1 request needs; cors: the one Origin browsers may call it from; max_body: bytes;
+    max_batch: sequences decoded together (more wait)."""
     httpd = HTTPServer((host, port), Handler)
-    httpd.app = Server(model, tok, name, steps, api_key, cors, max_body)
+    httpd.app = Server(model, tok, name, steps, api_key, cors, max_body, max_batch)
     httpd.loopback = host in ("127.0.0.1", "localhost", "::1")  # then the Host header must name this machine
     return httpd
 
@@ -567,6 +728,7 @@ def main(argv=None):
     p.add_argument(
         "--cors", metavar="ORIGIN", help="the one Origin browsers may call this server from (CORS headers, preflight)"
     )
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8); more wait")
     p.add_argument(
         "--max-body", type=int, default=4 << 20, help="largest request body in bytes (default 4 MiB; larger: 413)"
     )
@@ -577,7 +739,9 @@ def main(argv=None):
         print(f"serve.py: error: {e}", file=sys.stderr)
         return 1
     steps = generate.Steps.compiled(model.embed.weight.device) if args.compile else None
-    httpd = serve(model, tok, args.model, args.host, args.port, steps, args.api_key, args.cors, args.max_body)
+    httpd = serve(
+        model, tok, args.model, args.host, args.port, steps, args.api_key, args.cors, args.max_body, args.max_batch
+    )
     print(f"serve.py: {args.model} on http://{args.host}:{httpd.server_address[1]}/v1", file=sys.stderr)
     try:
         httpd.serve_forever()

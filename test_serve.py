@@ -188,9 +188,9 @@ def test_serve_phi4_mini_tool_call_round_trip(server, monkeypatch):
     )
     end = tok.added["<|end|>"]["id"]
     prompts, reply = [], []
-    real_generate = generate.generate
+    real_prefill = generate.prefill  # (every prompt the server runs is prefilled alone)
     monkeypatch.setattr(
-        generate, "generate", lambda m, ids, *a, **kw: prompts.append(list(ids)) or real_generate(m, ids, *a, **kw)
+        generate, "prefill", lambda m, ids, *a, **kw: prompts.append(ids[0].tolist()) or real_prefill(m, ids, *a, **kw)
     )
     monkeypatch.setattr(generate, "sample", lambda logits, *a, **kw: torch.full(logits.shape[:1], reply.pop(0)))
     for text, calls in [
@@ -546,3 +546,92 @@ def test_serve_stops_generating_for_a_client_that_left_without_reading(server, m
         model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=3
     )
     assert r.usage.completion_tokens == 3 and len(calls) < 100
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Continuous batching
+
+
+@needs_reference("tokenizers")
+def test_serve_batches_concurrent_requests_and_each_equals_its_answer_alone(server, monkeypatch):
+    """Requests at once (greedy chat and completions of different lengths, a stop string, n 2) with 3 rows for 7
+    sequences: some wait for a row, rows are freed and refilled mid-way, the shared cache moves its rows left when
+    full (context 128): every answer equals the same request served alone, and several ran in one batch."""
+    url, model, tok = server("phi3-4k", max_batch=3)
+    client = openai_client(url)
+    asks = [
+        ("chat", dict(messages=[{"role": "user", "content": "Name a prime."}], max_tokens=70)),
+        ("chat", dict(messages=[{"role": "user", "content": "Say hello in French, then count."}], max_tokens=50, n=2)),
+        ("completions", dict(prompt="def fib(n):", max_tokens=90)),
+        ("completions", dict(prompt="Once upon a time", max_tokens=30, stop=["e"])),
+        ("chat", dict(messages=[{"role": "user", "content": "Hi"}], max_tokens=100)),
+        ("completions", dict(prompt=tok.encode("The end", bos=tok.add_bos), max_tokens=80)),
+    ]
+
+    def ask(kind, kw):
+        if kind == "chat":
+            r = client.chat.completions.create(model="m", temperature=0, **kw)
+            return [(c.message.content, c.finish_reason) for c in r.choices], r.usage.completion_tokens
+        r = client.completions.create(model="m", temperature=0, **kw)
+        return [(c.text, c.finish_reason) for c in r.choices], r.usage.completion_tokens
+
+    alone = [ask(*a) for a in asks]
+    busiest, next_token = [], serve.Batcher.next_token
+    monkeypatch.setattr(
+        serve.Batcher,
+        "next_token",
+        lambda self, r: busiest.append(sum(s is not None for s in self.rows)) or next_token(self, r),
+    )
+    shifts, shift = [], serve.shift
+    monkeypatch.setattr(serve, "shift", lambda c, d: shifts.append(d) or shift(c, d))
+    got, start = [None] * len(asks), threading.Barrier(len(asks))
+
+    def run(i):
+        start.wait()
+        got[i] = ask(*asks[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(asks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == alone
+    assert max(busiest) == 3  # full batches
+    assert min(shifts) < 0 < max(shifts)  # rows moved left (the cache full) and right (a longer prompt joined)
+
+
+@needs_reference("tokenizers")
+def test_serve_frees_the_rows_of_clients_that_left_and_keeps_no_threads(server, monkeypatch):
+    """50 streaming clients that hang up after their first event: their sequences stop (a step takes a few ms here:
+    together they cost far fewer tokens than 100 each), their rows are freed (the batch empties), the server's
+    threads go back to what they were, and the next request is served."""
+    import http.client
+
+    batchers = []
+    real_init = serve.Batcher.__init__
+    monkeypatch.setattr(
+        serve.Batcher, "__init__", lambda self, *a, **kw: batchers.append(self) or real_init(self, *a, **kw)
+    )
+    url, model, tok = server("phi3-4k", max_batch=4)
+    client = openai_client(url)
+    msg = [{"role": "user", "content": "hi"}]
+    client.chat.completions.create(model="m", messages=msg, max_tokens=2)
+    threads, calls, sample = threading.active_count(), [], generate.sample
+    monkeypatch.setattr(generate, "sample", lambda *a, **kw: calls.append(1) or sample(*a, **kw))  # a token sampled
+    batchers[0].steps = generate.Steps(decode=lambda *a: threading.Event().wait(0.002) or generate.decode_one_token(*a))
+    host, port = url.removeprefix("http://").removesuffix("/v1").split(":")
+    body = json.dumps({"messages": msg, "max_tokens": 100, "temperature": 0, "stream": True})
+    for _ in range(50):
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        r.fp.readline()  # the first event, then hang up
+        r.close()
+        conn.close()
+    assert client.chat.completions.create(model="m", messages=msg, max_tokens=3).usage.completion_tokens == 3
+    for _ in range(500):  # (no timing: wait until the handlers' threads have seen their clients go)
+        if threading.active_count() <= threads and not any(batchers[0].rows):
+            break
+        threading.Event().wait(0.02)
+    assert threading.active_count() <= threads and not any(batchers[0].rows)
+    assert len(calls) < 50 * 100 / 4  # the tokens the 50 clients cost: far from 100 each
