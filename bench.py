@@ -38,6 +38,9 @@ Benchmarks (never tests: speed is measured here, correctness in test_phi.py). Ne
         against ours (bf16, int8, int4; eager and compiled) and transformers (bf16), each row in a process of its
         own, the same thread count: prefill tokens/s (512) and batch-1 decode tokens/s after a 128-token prompt, and
         ours over llama.cpp per bit width
+    python bench.py serve [--sizes 160m,1.4b] [--clients 1,2,4,8,16] [--dtypes bfloat16]
+        N concurrent streaming clients against serve.py (continuous batching, --max-batch 16) run as a program:
+        aggregate tokens/s, time to first token p50/p99, time per output token p50 (64 tokens each)
     python bench.py tokenizers [--json out.json]
         encode throughput of our tiktoken tokenizers vs the Hugging Face `tokenizers` library on ~1 MB of mixed
         text, every family (needs the reference tokenizer files: PHI_REFERENCE, default ../shared/reference)
@@ -695,6 +698,84 @@ def bench_finetune(args):
         Path(args.json).write_text(json.dumps(dict(where=where, rows=rows), indent=1))
 
 
+def bench_serve(args):
+    """N concurrent streaming completions (64 tokens each, greedy, a 64-token prompt) against serve.py run as a
+    program on random weights of each size with phi-2's tokenizer: aggregate tokens/s, time to first token p50/p99,
+    time per output token p50. The weights: one bf16 checkpoint per size (--dtypes' first), reused for each N."""
+    import statistics
+    import subprocess
+    import tempfile
+    import threading
+
+    import phi
+
+    dtype = args.dtypes.split(",")[0]
+    print(f"{cpu_model()}, {os.cpu_count()} cores; serve.py --dtype {dtype}; streaming completions of 64 tokens")
+    print(f"{'size':5} {'clients':>7} {'tok/s all':>9} {'vs 1':>5} {'ttft p50':>8} {'ttft p99':>8} {'tpot p50':>8}")
+    for size in args.sizes.split(","):
+        ckpt = Path(tempfile.mkdtemp(prefix=f"phi-serve-{size}-"))
+        phi.Phi.from_config(model_config(size)).save_pretrained(ckpt)
+        for f in (REF / "tokenizers" / "codegen").iterdir():
+            shutil.copy(f, ckpt)
+        cmd = [sys.executable, str(Path(__file__).parent / "serve.py"), "--model", str(ckpt), "--port", "0"]
+        proc = subprocess.Popen(cmd + ["--dtype", dtype, "--max-batch", "16"], stderr=subprocess.PIPE, text=True)
+        port = int(proc.stderr.readline().rsplit(":", 1)[1].split("/")[0])
+        threading.Thread(target=proc.stderr.read, daemon=True).start()  # (keep its pipe drained)
+        try:
+            one = None
+            for n in map(int, args.clients.split(",")):
+                runs = serve_clients(port, n)
+                total = sum(r["tokens"] for r in runs) / (max(r["end"] for r in runs) - min(r["start"] for r in runs))
+                one = one or total
+                ttft = sorted(r["first"] - r["start"] for r in runs)
+                tpot = statistics.median((r["end"] - r["first"]) / max(1, r["tokens"] - 1) for r in runs)
+                p99 = ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))]
+                print(
+                    f"{size:5} {n:7d} {total:9.1f} {total / one:4.1f}x {statistics.median(ttft):8.2f} {p99:8.2f} "
+                    f"{tpot * 1000:6.0f}ms",
+                    flush=True,
+                )
+        finally:
+            proc.terminate()
+            proc.wait()
+            shutil.rmtree(ckpt)
+
+
+def serve_clients(port, n):
+    """n streaming completions at once: each one's start, first text, end time and completion tokens."""
+    import http.client
+    import threading
+
+    runs, barrier = [dict() for _ in range(n)], threading.Barrier(n)
+    body = json.dumps(
+        dict(
+            prompt="def f(x):\n" * 16, max_tokens=64, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
+
+    def client(run):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        barrier.wait()
+        run["start"] = time.perf_counter()
+        conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+        for line in conn.getresponse():
+            if line.startswith(b"data: {"):
+                chunk = json.loads(line[6:])
+                if chunk["choices"] and chunk["choices"][0]["text"]:
+                    run.setdefault("first", time.perf_counter())
+                if chunk.get("usage"):
+                    run["tokens"] = chunk["usage"]["completion_tokens"]
+        run["end"] = time.perf_counter()
+        run.setdefault("first", run["end"])
+
+    threads = [threading.Thread(target=client, args=(run,)) for run in runs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return runs
+
+
 def bench_speculative(args):
     import torch
 
@@ -985,6 +1066,7 @@ if __name__ == "__main__":
             "int8-agreement",
             "llama-cpp",
             "block-sparse",
+            "serve",
         ],
     )
     p.add_argument("--k", type=int, default=4, help="speculative: drafts a step")
@@ -998,6 +1080,7 @@ if __name__ == "__main__":
     p.add_argument("--new-tokens", type=int, default=32, help="int8-agreement, speculative")
     p.add_argument("--sizes", default="tiny,160m,1.4b")
     p.add_argument("--lengths", default="1024,2048,4096", help="block-sparse: prompt lengths")
+    p.add_argument("--clients", default="1,2,4,8,16", help="serve: concurrent streaming clients")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--impls", default=",".join(IMPLS))
     p.add_argument("--device", help="cpu or cuda (default: cuda when there is one)")
@@ -1017,6 +1100,8 @@ if __name__ == "__main__":
         bench_llama_cpp(args)
     elif args.what == "block-sparse":
         bench_block_sparse(args)
+    elif args.what == "serve":
+        bench_serve(args)
     else:
         if not (REF / "tokenizers").is_dir():
             sys.exit(f"bench.py: reference tokenizers not found in {REF} (set PHI_REFERENCE)")

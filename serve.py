@@ -21,6 +21,7 @@ on loopback the Host header must name this machine (DNS rebinding); a socket tha
 """
 
 import argparse
+import copy
 import queue
 import hmac
 import json
@@ -206,20 +207,20 @@ class Sequence:
 
 
 class Batcher:
-    """Continuous batching over one KVCache of max_batch rows. A new sequence is prefilled alone (generate.prefill)
-    and placed into a free row between steps, its prompt in the slots just before the shared fill level (all rows
-    move right when it is longer than that level); then each step decodes one token for every row
-    (generate.decode_one_token, compiled with --compile) and samples each row with its own settings. A row whose
-    sequence ends (EOS, max_tokens, cancelled) is free for the next one at once; when the cache is full its rows
-    move left past the slots no active row uses, and it grows (up to the context) when that is not enough. Positions
-    come from each row's own tokens, so a sequence computes what it computes alone."""
+    """Continuous batching over one KVCache of max_batch rows, the running sequences in its first rows. A new
+    sequence is prefilled alone (generate.prefill) and placed in the next row between steps, its prompt in the slots
+    just before the shared fill level (all rows move right when it is longer than that); each step decodes one token
+    for the running rows only (generate.decode_one_token on views of them; compiled with --compile) and samples each
+    with its own settings. A sequence that ends (EOS, max_tokens, cancelled) gives its row to the last one at once;
+    when the cache is full its rows move left past the slots no running row uses, and it grows (up to the context)
+    when that is not enough. Positions come from each row's own tokens: a sequence computes what it computes alone."""
 
     def __init__(self, model, steps, max_batch=8):
         # a LongRoPE model switches to its long factors for the whole batch at once (PhiModel.rerun_long): it decodes
         # one sequence at a time, so that each switches when it crosses the original context itself, as alone
         self.model, self.steps, self.max_batch = model, steps, 1 if model.rotary.scaled else max_batch
-        self.waiting, self.rows = queue.Queue(), [None] * max_batch
-        self.cache, self.logits = None, None
+        self.waiting, self.rows = queue.Queue(), []  # rows[r]: the Sequence in the cache's row r
+        self.cache, self.logits = None, None  # logits (max_batch, V): each running row's next-token logits
         self.lock = threading.Lock()  # the model runs one thing at a time: a step, a prefill, a scoring pass
         threading.Thread(target=self.run, daemon=True, name="batcher").start()
 
@@ -229,22 +230,28 @@ class Batcher:
     @torch.no_grad()
     def run(self):
         while True:
-            self.admit(wait=not any(self.rows))
-            active = [r for r, seq in enumerate(self.rows) if seq is not None]
-            if not active:
+            self.admit(wait=not self.rows)
+            if not self.rows:
                 continue
-            tokens = torch.zeros(self.max_batch, dtype=torch.long, device=self.logits.device)
-            for r in active:
-                tokens[r] = self.next_token(r)
-            if not any(self.rows):
+            tokens = torch.zeros(len(self.rows), dtype=torch.long, device=self.cache.ids.device)
+            for r in reversed(range(len(self.rows))):  # (from the last: a freed row takes the last one's place)
+                token = self.next_token(r)
+                if token < 0:
+                    self.free(r, tokens)
+                else:
+                    tokens[r] = token
+            if not self.rows:
                 continue
             self.make_room(1)
-            step = self.steps.decode if generate.compiled_step_ok(self.model, self.cache) else generate.decode_one_token
+            n, c = len(self.rows), self.cache
+            running = running_rows(c, n)
+            step = self.steps.decode if generate.compiled_step_ok(self.model, running) else generate.decode_one_token
             with self.lock:
-                self.logits = step(self.model, tokens, self.cache).clone()  # (B, V) (a CUDA graph reuses its output)
+                self.logits[:n] = step(self.model, tokens[:n], running)  # (n, V)
+            c.long = running.long
 
     def next_token(self, r) -> int:
-        """Sample row r's next token and hand it out; free the row when its sequence ends."""
+        """Sample row r's next token and hand it out; -1 when its sequence has ended."""
         seq = self.rows[r]
         token = -1 if seq.cancelled.is_set() else int(generate.sample(self.logits[r : r + 1], None, seq.sampling)[0])
         seq.produced += 1
@@ -252,34 +259,51 @@ class Batcher:
             seq.out.put(token)
         if token < 0 or token in seq.eos or seq.produced >= seq.max_tokens:
             seq.out.put(None)
-            self.rows[r] = None
-        return max(token, 0)
+            return -1
+        return token
+
+    def free(self, r, tokens):
+        """Row r's sequence has ended: the last row moves into it (its cache slots, logits and next token)."""
+        last, c = len(self.rows) - 1, self.cache
+        if r != last:
+            for t in c.k + c.v + [c.valid, c.pos, c.ids]:
+                t[r] = t[last]
+            self.logits[r], tokens[r], self.rows[r] = self.logits[last], tokens[last], self.rows[last]
+        self.rows.pop()
 
     def admit(self, wait):
-        """Place waiting sequences into free rows (blocking for one while nothing runs)."""
-        while None in self.rows:
+        """Place the waiting sequences in free rows, their prompts prefilled together (blocking for one while
+        nothing runs)."""
+        new = []
+        while len(self.rows) + len(new) < self.max_batch:
             try:
-                seq = self.waiting.get(block=wait)
+                seq = self.waiting.get(block=wait and not new)
             except queue.Empty:
-                return
-            wait = False
+                break
             if seq.cancelled.is_set():
                 seq.out.put(None)
                 continue
-            self.place(self.rows.index(None), seq)
-
-    def place(self, r, seq):
-        cfg, P = self.model.config, len(seq.ids)
+            new.append(seq)
+        if not new:
+            return
         dev, dtype = self.model.embed.weight.device, self.model.embed.weight.dtype
-        alone = phi.KVCache(cfg, 1, P, dtype, dev)
-        with self.lock:
-            logits = generate.prefill(self.model, torch.tensor([seq.ids], device=dev), None, alone)  # (1, V)
+        ids, mask = generate.left_padded([seq.ids for seq in new], dev)
+        prompts = phi.KVCache(self.model.config, len(new), ids.shape[1], dtype, dev)
+        with self.lock:  # (left-padded: each row computes what it computes alone)
+            logits = generate.prefill(self.model, ids, mask if (mask == 0).any() else None, prompts)  # (n, V)
+        for i, seq in enumerate(new):
+            self.place(seq, prompts, i, logits[i])
+
+    def place(self, seq, prompts, i, logits):
+        """Put the sequence whose prompt is row i of the prefilled cache `prompts` (its last len(ids) slots) in the
+        next row."""
+        cfg, P, r, T = self.model.config, len(seq.ids), len(self.rows), prompts.ids.shape[1]
+        dev, dtype = self.model.embed.weight.device, self.model.embed.weight.dtype
         if self.cache is None:
-            self.cache = phi.KVCache(cfg, self.max_batch, min(cfg.max_position_embeddings, 512), dtype, dev)
+            self.cache = phi.KVCache(cfg, self.max_batch, min(cfg.max_position_embeddings, 128), dtype, dev)
             self.cache.padded, self.logits = True, logits.new_zeros(self.max_batch, logits.shape[-1])
-        if not any(self.rows):  # nothing running: the cache starts over
+        if not self.rows:  # nothing running: the cache starts over
             self.cache.slot.zero_()
-            self.cache.valid.fill_(False)
             self.cache.long = False
         self.make_room(max(0, P - int(self.cache.slot)), at_least=P)
         c, S = self.cache, int(self.cache.slot)
@@ -287,24 +311,36 @@ class Batcher:
             shift(c, P - S)
             S = P
         for layer in range(cfg.num_hidden_layers):
-            c.k[layer][r, :, S - P : S], c.v[layer][r, :, S - P : S] = alone.k[layer][0], alone.v[layer][0]
-        c.valid[r], c.ids[r, S - P : S], c.pos[r, S - P : S] = False, alone.ids[0], alone.pos[0]
+            c.k[layer][r, :, S - P : S], c.v[layer][r, :, S - P : S] = (
+                prompts.k[layer][i, :, T - P :],
+                prompts.v[layer][i, :, T - P :],
+            )
+        c.valid[r], c.ids[r, S - P : S], c.pos[r, S - P : S] = False, prompts.ids[i, T - P :], prompts.pos[i, T - P :]
         c.valid[r, S - P : S] = True
-        self.logits[r], self.rows[r] = logits[0], seq
+        self.logits[r] = logits
+        self.rows.append(seq)
 
     def make_room(self, more, at_least=0):
         """Room for `more` slots past the fill level (and a cache of at least `at_least` slots): move the rows left
-        past the slots no active row uses; grow the cache when that is not enough."""
+        past the slots no running row uses; grow the cache when that is not enough."""
         c = self.cache
         need = int(c.slot) + more
         if need <= c.ids.shape[1] and at_least <= c.ids.shape[1]:
             return
-        used = c.valid[[r for r, seq in enumerate(self.rows) if seq is not None]].any(0).nonzero()
+        used = c.valid[: len(self.rows)].any(0).nonzero()
         free = int(used[0]) if len(used) else int(c.slot)  # slots before the first one in use
         shift(c, -free)
         need -= free
         if need > c.ids.shape[1] or at_least > c.ids.shape[1]:
             self.cache = grown(c, self.model.config, max(need, at_least))
+
+
+def running_rows(c: phi.KVCache, n) -> phi.KVCache:
+    """The cache's first n rows as a KVCache of views: a step on it writes into c."""
+    view = copy.copy(c)
+    view.k, view.v = [t[:n] for t in c.k], [t[:n] for t in c.v]
+    view.valid, view.pos, view.ids = c.valid[:n], c.pos[:n], c.ids[:n]
+    return view
 
 
 def shift(c: phi.KVCache, d: int):
