@@ -177,10 +177,6 @@ def arguments_json(arguments) -> str:
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# The server
-
-
-# -----------------------------------------------------------------------------------------------------------------
 # Continuous batching: one thread owns the model; every decode step runs all active sequences as one batch
 
 
@@ -196,6 +192,7 @@ class Sequence:
     out: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     produced: int = 0
+    failed: str | None = None  # the batch's error, if one ended it
 
     def tokens(self):
         """The tokens as they come (for generate.TextStream); cancels the sequence if the reader stops early."""
@@ -207,9 +204,10 @@ class Sequence:
 
 
 class Batcher:
-    """Continuous batching over one KVCache of max_batch rows, the running sequences in its first rows. A new
-    sequence is prefilled alone (generate.prefill) and placed in the next row between steps, its prompt in the slots
-    just before the shared fill level (all rows move right when it is longer than that); each step decodes one token
+    """Continuous batching over one KVCache of max_batch rows, the running sequences in its first rows. New sequences
+    are prefilled (those that arrived together in one left-padded batch: generate.prefill) and placed in the next rows
+    between steps, each prompt in the slots just before the shared fill level (all rows move right when it is longer
+    than that); each step decodes one token
     for the running rows only (generate.decode_one_token on views of them; compiled with --compile) and samples each
     with its own settings. A sequence that ends (EOS, max_tokens, cancelled) gives its row to the last one at once;
     when the cache is full its rows move left past the slots no running row uses, and it grows (up to the context)
@@ -221,34 +219,49 @@ class Batcher:
         self.model, self.steps, self.max_batch = model, steps, 1 if model.rotary.scaled else max_batch
         self.waiting, self.rows = queue.Queue(), []  # rows[r]: the Sequence in the cache's row r
         self.cache, self.logits = None, None  # logits (max_batch, V): each running row's next-token logits
+        self.admitting = []
         self.lock = threading.Lock()  # the model runs one thing at a time: a step, a prefill, a scoring pass
         threading.Thread(target=self.run, daemon=True, name="batcher").start()
 
     def submit(self, seq: Sequence):
         self.waiting.put(seq)
 
-    @torch.no_grad()
     def run(self):
+        """Steps for ever. An error ends every running and waiting sequence with it (their clients get an HTTP 500)
+        and the batch starts over: the server keeps serving."""
         while True:
-            self.admit(wait=not self.rows)
-            if not self.rows:
-                continue
-            tokens = torch.zeros(len(self.rows), dtype=torch.long, device=self.cache.ids.device)
-            for r in reversed(range(len(self.rows))):  # (from the last: a freed row takes the last one's place)
-                token = self.next_token(r)
-                if token < 0:
-                    self.free(r, tokens)
-                else:
-                    tokens[r] = token
-            if not self.rows:
-                continue
-            self.make_room(1)
-            n, c = len(self.rows), self.cache
-            running = running_rows(c, n)
-            step = self.steps.decode if generate.compiled_step_ok(self.model, running) else generate.decode_one_token
-            with self.lock:
-                self.logits[:n] = step(self.model, tokens[:n], running)  # (n, V)
-            c.long = running.long
+            try:
+                self.step()
+            except Exception as e:  # noqa: BLE001 (whatever it was, no client may wait for ever)
+                print(f"serve.py: the batch failed: {e!r}", file=sys.stderr)
+                ended = self.rows + self.admitting + [self.waiting.get() for _ in range(self.waiting.qsize())]
+                for seq in ended:
+                    seq.failed = repr(e)
+                    seq.out.put(None)
+                self.rows, self.cache = [], None
+
+    @torch.no_grad()
+    def step(self):
+        """Admit waiting sequences, sample each running row's next token, run one decode step for those that go on."""
+        self.admit(wait=not self.rows)
+        if not self.rows:
+            return
+        tokens = torch.zeros(len(self.rows), dtype=torch.long, device=self.cache.ids.device)
+        for r in reversed(range(len(self.rows))):  # (from the last: a freed row takes the last one's place)
+            token = self.next_token(r)
+            if token < 0:
+                self.free(r, tokens)
+            else:
+                tokens[r] = token
+        if not self.rows:
+            return
+        self.make_room(1)
+        n, c = len(self.rows), self.cache
+        running = running_rows(c, n)
+        step = self.steps.decode if generate.compiled_step_ok(self.model, running) else generate.decode_one_token
+        with self.lock:
+            self.logits[:n] = step(self.model, tokens[:n], running)  # (n, V)
+        c.long = running.long
 
     def next_token(self, r) -> int:
         """Sample row r's next token and hand it out; -1 when its sequence has ended."""
@@ -274,7 +287,7 @@ class Batcher:
     def admit(self, wait):
         """Place the waiting sequences in free rows, their prompts prefilled together (blocking for one while
         nothing runs)."""
-        new = []
+        new = self.admitting = []  # (being prefilled: if that fails, run() ends them too)
         while len(self.rows) + len(new) < self.max_batch:
             try:
                 seq = self.waiting.get(block=wait and not new)
@@ -293,6 +306,7 @@ class Batcher:
             logits = generate.prefill(self.model, ids, mask if (mask == 0).any() else None, prompts)  # (n, V)
         for i, seq in enumerate(new):
             self.place(seq, prompts, i, logits[i])
+        self.admitting = []
 
     def place(self, seq, prompts, i, logits):
         """Put the sequence whose prompt is row i of the prefilled cache `prompts` (its last len(ids) slots) in the
@@ -364,6 +378,10 @@ def grown(c: phi.KVCache, cfg, need) -> phi.KVCache:
     new.slot.fill_(int(c.slot))
     new.padded, new.long = True, c.long
     return new
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The server
 
 
 @dataclass
@@ -444,6 +462,8 @@ class Server:
                         raise ClientGone
                     yield index, piece, None, stream
                 seq.cancelled.set()  # (a stop string ends it here)
+                if seq.failed:
+                    raise ServerError(f"the generation failed: {seq.failed}")
                 yield index, "", "stop" if stream.stopped or len(stream.ids) < seq.max_tokens else "length", stream
                 r.usage["completion_tokens"] += len(stream.ids)
         finally:  # the client gone, or an error: every choice of the request stops
@@ -529,6 +549,10 @@ class Server:
 
 class ClientGone(Exception):
     """The client closed its connection: its generation stops."""
+
+
+class ServerError(Exception):
+    """The batch failed (an HTTP 500 for a request not yet answered; a stream just ends)."""
 
 
 def is_int(x) -> bool:
@@ -634,6 +658,8 @@ class Handler(BaseHTTPRequestHandler):
             response = app.complete(r, self.client_alive)
         except ClientGone:
             return print("serve.py: the client went away: generation stopped", file=sys.stderr)
+        except ServerError as e:
+            return self.send_json(500, error(str(e), "server_error"), close=True)
         self.send_json(200, response)
 
     def read_body(self) -> dict:
@@ -697,6 +723,8 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             print("serve.py: the client went away: generation stopped", file=sys.stderr)
+        except ServerError as e:  # (the 200 is sent: the stream ends without its [DONE])
+            print(f"serve.py: {e}", file=sys.stderr)
 
     def send_event(self, chunk, r, usage):
         if r.chat:

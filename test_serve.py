@@ -635,3 +635,25 @@ def test_serve_frees_the_rows_of_clients_that_left_and_keeps_no_threads(server, 
         threading.Event().wait(0.02)
     assert threading.active_count() <= threads and not any(batchers[0].rows)
     assert len(calls) < 50 * 100 / 4  # the tokens the 50 clients cost: far from 100 each
+
+
+@needs_reference("tokenizers")
+def test_serve_a_failed_batch_is_a_500_and_the_server_keeps_serving(server, monkeypatch):
+    """An error inside the batch (here its sampling raises once): the request in it gets an HTTP 500 with an OpenAI
+    error body, and the next request is served."""
+    import openai
+
+    url, model, tok = server("phi3-4k")
+    client, msg = openai_client(url), [{"role": "user", "content": "hi"}]
+    fail, sample = [True], generate.sample
+
+    def once(*a, **kw):
+        if fail and fail.pop():
+            raise RuntimeError("out of memory (a test)")
+        return sample(*a, **kw)
+
+    monkeypatch.setattr(generate, "sample", once)
+    with pytest.raises(openai.InternalServerError) as e:
+        client.chat.completions.create(model="m", messages=msg, max_tokens=5)
+    assert e.value.status_code == 500 and "out of memory (a test)" in e.value.body["message"]
+    assert client.chat.completions.create(model="m", messages=msg, max_tokens=5).usage.completion_tokens == 5
