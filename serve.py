@@ -450,7 +450,8 @@ class Server:
         for p, ids in enumerate(r.prompts):
             for index in range(p * n, p * n + n):
                 generator = torch.Generator(self.model.embed.weight.device).manual_seed((seed + index) % 2**64)
-                temperature, top_p = body.get("temperature", 1.0), body.get("top_p") or 1.0
+                temperature = 1.0 if body.get("temperature") is None else body["temperature"]  # (null: absent)
+                top_p = body.get("top_p") or 1.0
                 sampling = generate.Sampling(temperature, top_p=top_p, generator=generator)
                 seqs.append((index, Sequence(ids, min(limit, context - len(ids)), eos, sampling)))
                 self.batcher.submit(seqs[-1][1])

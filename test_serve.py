@@ -503,6 +503,8 @@ def test_serve_refuses_what_it_cannot_frame_or_parse_with_one_answer_each(server
         model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2
     )
     assert r.usage.completion_tokens == 2  # still serving
+    null = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": None, "top_p": None}
+    assert status_and_body(raw(url, post(chat, json.dumps(null).encode())))[0] == 200  # null: the defaults
 
 
 @needs_reference("tokenizers")
