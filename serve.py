@@ -509,9 +509,12 @@ class Server:
             alts = [] if top is None else list(zip(top.indices[t].tolist(), top.values[t].tolist()))
             yield chosen[t].item(), alts
 
+    def token_bytes(self, i) -> bytes:
+        table = self.tok.decode_table  # (ids past the tokenizer, in a model's padded vocabulary, are no text)
+        return table[i] if i < len(table) else b""
+
     def token_text(self, i) -> str:
-        table = self.tok.decode_table
-        return (table[i] if i < len(table) else b"").decode("utf-8", errors="replace")
+        return self.token_bytes(i).decode("utf-8", errors="replace")
 
     def completion_logprobs(self, prompt, new, k, echo):
         """Completions' logprobs: tokens, token_logprobs (with echo the prompt's first, whose is null),
@@ -537,8 +540,7 @@ class Server:
         """Chat's logprobs.content: per reply token {token, logprob, bytes, top_logprobs: the k likeliest}."""
 
         def entry(i, lp):
-            table = self.tok.decode_table
-            return {"token": self.token_text(i), "logprob": lp, "bytes": list(table[i] if i < len(table) else b"")}
+            return {"token": self.token_text(i), "logprob": lp, "bytes": list(self.token_bytes(i))}
 
         scored = self.scored(prompt + new, len(prompt), k)
         return [dict(entry(i, lp), top_logprobs=[entry(a, x) for a, x in alts]) for i, (lp, alts) in zip(new, scored)]
