@@ -465,9 +465,9 @@ class Attention(nn.Module):
         """Block-sparse attention computed densely under the block mask, 4 blocks of queries at a time: a chunk
         attends to the keys up to its last query only, and its mask is H x chunk x keys bools (all queries at once:
         H x T x S, 2 GiB at 8k tokens)."""
-        T, S, outs = q.shape[2], k.shape[2], []
-        for c in range(0, T, 4 * self.block[0]):
-            rows, end = slice(c, c + 4 * self.block[0]), S - T + min(c + 4 * self.block[0], T)  # end: last key slot
+        (T, S), chunk, outs = (q.shape[2], k.shape[2]), 4 * self.block[0], []
+        for c in range(0, T, chunk):
+            rows, end = slice(c, c + chunk), S - T + min(c + chunk, T)  # end: past this chunk's last key slot
             q_pos, k_pos = a.pos[:, rows], a.key_pos[:, :end]
             causal = a.mask[:, :, rows, :end] if a.mask is not None else k_pos[:, None, None] <= q_pos[:, None, :, None]
             mask = causal & self.block_mask(q_pos, k_pos)
@@ -757,7 +757,7 @@ class PhiModel(nn.Module):
             ckpt.copy_rows(srcs, ours[our])  # q, k, v stacked along dim 0 for phi
             used.update(srcs)
         # not ours, yet expected: another task's head or a tied lm_head (ignored, as transformers does), old buffers
-        heads = ("lm_head", "score", "classifier") if layout in ("phi", "phi3", "phimoe", "phi3small") else ()
+        heads = ("lm_head", "score", "classifier") if layout not in LEGACY else ()
         used |= {k for k in ckpt.files if k.endswith("rotary_emb.inv_freq") or k.split(".")[0] in heads}
         extra = [k for k in ckpt.files if k not in used]
         if extra:
