@@ -7,12 +7,12 @@ generate.py).
         -d '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 32}'
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{id}, GET /health.
-Requests are checked and tokenized as they come, then queued: one generation runs at a time (each client gets its
-own, complete answer; a second waits for the first). A client that disconnects stops its generation. Bad input is an
-HTTP 4xx with an OpenAI-style error body, and the server keeps serving.
+Requests are checked and tokenized as they come, then join one batch (continuous batching: every decode step runs
+all of them; --max-batch sequences at once, more wait). A client that disconnects stops its generation and frees its
+row. Bad input is an HTTP 4xx with an OpenAI-style error body, and the server keeps serving.
 Completions as evaluation harnesses call them: a prompt is a string, token ids, or a batch of either; `echo` and
 `logprobs` (tokens, token_logprobs, top_logprobs, text_offset) score a prompt. Chat: `logprobs`, `top_logprobs`.
-Log-probabilities are the model's own distribution (before temperature and top-p).
+Log-probabilities are the model's own distribution (before temperature and top-p), streamed too (not echo).
 Phi-4-mini tool calls: `tools` go into the system turn as its chat template puts them
 (<|system|>...<|tool|>[...]<|/tool|><|end|>); the model's <|tool_call|>[...]<|/tool_call|> comes back as OpenAI
 `tool_calls` (streamed: as tool_calls deltas), and `role: "tool"` messages are rendered back for the next turn.
@@ -93,8 +93,8 @@ def checked(body: dict, chat: bool) -> dict:
     stops = [body["stop"]] if isinstance(body.get("stop"), str) else body.get("stop") or []
     if any(len(s) > MAX_STOP_CHARS for s in stops):
         raise BadRequest(f"a stop string is at most {MAX_STOP_CHARS} characters", "stop")
-    if body.get("stream") and (body.get("logprobs") or body.get("echo")):
-        raise BadRequest("logprobs and echo are not served with stream yet: ask without stream", "stream")
+    if body.get("stream") and body.get("echo"):
+        raise BadRequest("echo is not served with stream: ask without stream", "echo")
     return body
 
 
@@ -191,6 +191,8 @@ class Sequence:
     sampling: generate.Sampling
     out: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    top: int | None = None  # log-probabilities asked for: the number of alternatives (None: none asked)
+    logprobs: list = field(default_factory=list)  # per token handed out: (its logprob, [(id, logprob)] likeliest)
     produced: int = 0
     failed: str | None = None  # the batch's error, if one ended it
 
@@ -269,6 +271,8 @@ class Batcher:
         token = -1 if seq.cancelled.is_set() else int(generate.sample(self.logits[r : r + 1], None, seq.sampling)[0])
         seq.produced += 1
         if token >= 0 and token not in seq.eos:
+            if seq.top is not None:  # (before the token is handed out: its reader finds them there)
+                seq.logprobs.append(token_logprobs(self.logits[r], token, seq.top))
             seq.out.put(token)
         if token < 0 or token in seq.eos or seq.produced >= seq.max_tokens:
             seq.out.put(None)
@@ -347,6 +351,13 @@ class Batcher:
         need -= free
         if need > c.ids.shape[1] or at_least > c.ids.shape[1]:
             self.cache = grown(c, self.model.config, max(need, at_least))
+
+
+def token_logprobs(logits, token, k):
+    """(token's log-probability, [(id, logprob)] of the k likeliest) in the distribution of one position's logits."""
+    logprobs = logits.float().log_softmax(-1)
+    top = logprobs.topk(k) if k else None
+    return logprobs[token].item(), [] if top is None else list(zip(top.indices.tolist(), top.values.tolist()))
 
 
 def running_rows(c: phi.KVCache, n) -> phi.KVCache:
@@ -438,22 +449,23 @@ class Server:
         return ids
 
     def choices(self, r: Request, alive=lambda: True):
-        """Yields (index, text piece, finish_reason or None, TextStream) as tokens come: for each prompt, n choices
-        (index = prompt * n + j), all generated at once in the batch, handed out in order. A chat reply's text is the
-        decode of its own tokens; a completion's continues its prompt's text. alive(): False once the client has
-        gone (its choices stop)."""
+        """Yields (index, text piece, finish_reason or None, the choice's tokens so far, their log-probabilities if
+        asked) as tokens come: for each prompt, n choices (index = prompt * n + j), all generated at once in the
+        batch, handed out in order. A chat reply's text is the decode of its own tokens; a completion's continues its
+        prompt's text. alive(): False once the client has gone (its choices stop)."""
         body, context = r.body, self.model.config.max_position_embeddings
         stops = [body["stop"]] if isinstance(body.get("stop"), str) else body.get("stop") or []
         limit = body.get("max_completion_tokens") or body.get("max_tokens") or context
         eos, n, seqs = self.chat_eos if r.chat else self.model.eos_ids, body.get("n") or 1, []
         seed = body["seed"] if body.get("seed") is not None else int.from_bytes(os.urandom(8))
+        top = ((body.get("top_logprobs") or 0) if body.get("logprobs") else None) if r.chat else body.get("logprobs")
         for p, ids in enumerate(r.prompts):
             for index in range(p * n, p * n + n):
                 generator = torch.Generator(self.model.embed.weight.device).manual_seed((seed + index) % 2**64)
                 temperature = 1.0 if body.get("temperature") is None else body["temperature"]  # (null: absent)
                 top_p = body.get("top_p") or 1.0
                 sampling = generate.Sampling(temperature, top_p=top_p, generator=generator)
-                seqs.append((index, Sequence(ids, min(limit, context - len(ids)), eos, sampling)))
+                seqs.append((index, Sequence(ids, min(limit, context - len(ids)), eos, sampling, top=top)))
                 self.batcher.submit(seqs[-1][1])
         try:
             for index, seq in seqs:
@@ -461,11 +473,12 @@ class Server:
                 for piece in stream:
                     if not alive():
                         raise ClientGone
-                    yield index, piece, None, stream
+                    yield index, piece, None, stream.ids, seq.logprobs
                 seq.cancelled.set()  # (a stop string ends it here)
                 if seq.failed:
                     raise ServerError(f"the generation failed: {seq.failed}")
-                yield index, "", "stop" if stream.stopped or len(stream.ids) < seq.max_tokens else "length", stream
+                reason = "stop" if stream.stopped or len(stream.ids) < seq.max_tokens else "length"
+                yield index, "", reason, stream.ids, seq.logprobs
                 r.usage["completion_tokens"] += len(stream.ids)
         finally:  # the client gone, or an error: every choice of the request stops
             for _, seq in seqs:
@@ -473,41 +486,38 @@ class Server:
 
     def complete(self, r: Request, alive=lambda: True):
         """The whole response object (stream=False)."""
-        texts, finish, ids = {}, {}, {}
-        for index, piece, reason, stream in self.choices(r, alive):
+        texts, finish, ids, scores = {}, {}, {}, {}
+        for index, piece, reason, tokens, logprobs in self.choices(r, alive):
             texts[index] = texts.get(index, "") + piece
-            finish[index], ids[index] = reason or finish.get(index), stream.ids
+            finish[index], ids[index], scores[index] = reason or finish.get(index), tokens, logprobs
         out, n = [], r.body.get("n") or 1
         for i in sorted(texts):
-            prompt, k = r.prompts[i // n], r.body.get("top_logprobs") or 0
+            prompt = r.prompts[i // n]
             if r.chat:
                 content, calls = parse_tool_calls(texts[i]) if r.body.get("tools") else (texts[i], None)
                 message = {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
-                logprobs = {"content": self.chat_logprobs(prompt, ids[i], k)} if r.body.get("logprobs") else None
+                logprobs = {"content": self.chat_logprobs(ids[i], scores[i])} if r.body.get("logprobs") else None
                 reason = "tool_calls" if calls else finish[i]
                 out.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": reason})
             else:
                 echo = r.body.get("echo")
                 text = (self.tok.decode(prompt) if echo else "") + texts[i]
                 k = r.body.get("logprobs")
-                logprobs = None if k is None else self.completion_logprobs(prompt, ids[i], k, echo)
+                logprobs = None if k is None else self.completion_logprobs(prompt, ids[i], scores[i], k, echo)
                 out.append({"index": i, "text": text, "finish_reason": finish[i], "logprobs": logprobs})
         return self.envelope(r, choices=out, usage=totals(r.usage))
 
-    # Log-probabilities: the model's own distribution (log-softmax of its logits, before temperature and top-p), from
-    # one forward pass over the prompt and the reply
+    # Log-probabilities: the model's own distribution (log-softmax of its logits, before temperature and top-p). A
+    # generated token's come from the batch's step that chose it (Sequence.logprobs); an echoed prompt's from one
+    # forward pass over it
 
     @torch.no_grad()
-    def scored(self, ids, first, k):
-        """For each position t >= first of ids: (the log-probability of ids[t], the k likeliest tokens, theirs)."""
-        x = torch.tensor([ids], device=self.model.embed.weight.device)
+    def scored(self, prompt, k):
+        """For each prompt token after the first: (its log-probability, [(id, logprob)] of the k likeliest)."""
+        x = torch.tensor([prompt], device=self.model.embed.weight.device)
         with self.batcher.lock:
-            logprobs = self.model(x)[0, first - 1 : -1].float().log_softmax(-1)  # position t - 1 predicts token t
-        chosen = logprobs.gather(-1, x[0, first:, None])[:, 0]
-        top = logprobs.topk(k, -1) if k else None
-        for t in range(len(ids) - first):
-            alts = [] if top is None else list(zip(top.indices[t].tolist(), top.values[t].tolist()))
-            yield chosen[t].item(), alts
+            logits = self.model(x)[0, :-1]  # position t - 1 predicts token t
+        return [token_logprobs(row, token, k) for row, token in zip(logits, prompt[1:])]
 
     def token_bytes(self, i) -> bytes:
         table = self.tok.decode_table  # (ids past the tokenizer, in a model's padded vocabulary, are no text)
@@ -516,34 +526,41 @@ class Server:
     def token_text(self, i) -> str:
         return self.token_bytes(i).decode("utf-8", errors="replace")
 
-    def completion_logprobs(self, prompt, new, k, echo):
-        """Completions' logprobs: tokens, token_logprobs (with echo the prompt's first, whose is null),
-        top_logprobs (a {token: logprob} per position: the k likeliest and the token itself), text_offset (where each
-        token's text starts in the prompt's text followed by the completion's)."""
-        ids, first = prompt + new, 1 if echo else len(prompt)
-        decoder, offsets, at = self.tok.stream(), [], 0
+    def completion_logprobs(self, prompt, new, scores, k, echo, start=0):
+        """Completions' logprobs of new[start:] (with echo the prompt's tokens first): tokens, token_logprobs (the
+        prompt's first token's is null), top_logprobs (a {token: logprob} per position: the k likeliest and the token
+        itself), text_offset (where each token's text starts in the prompt's text followed by the completion's)."""
+        ids, decoder, offsets, at = prompt + new, self.tok.stream(), [], 0
         for i in ids:
             offsets.append(at)
             at += len(decoder.push(i))
-        shown = range(0 if echo else len(prompt), len(ids))
-        out = {"tokens": [self.token_text(ids[t]) for t in shown], "text_offset": [offsets[t] for t in shown]}
-        out["token_logprobs"], out["top_logprobs"] = ([None], [None]) if echo else ([], [])
-        for t, (logprob, alts) in zip(range(first, len(ids)), self.scored(ids, first, k)):
+        scores = ([(None, None)] + self.scored(prompt, k) if echo else []) + scores[start : len(new)]
+        shown = range(0 if echo else len(prompt) + start, len(ids))
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for t, (logprob, alts) in zip(shown, scores):
+            top = None if logprob is None else {}
+            for a, lp in [] if logprob is None else alts + [(ids[t], logprob)]:  # (the likeliest first: a text two
+                top.setdefault(self.token_text(a), lp)  # tokens share keeps its best)
+            out["tokens"].append(self.token_text(ids[t]))
             out["token_logprobs"].append(logprob)
-            top = {}
-            for a, lp in alts + [(ids[t], logprob)]:  # the likeliest first: a text two tokens share keeps its best
-                top.setdefault(self.token_text(a), lp)
             out["top_logprobs"].append(top)
+            out["text_offset"].append(offsets[t])
         return out
 
-    def chat_logprobs(self, prompt, new, k):
-        """Chat's logprobs.content: per reply token {token, logprob, bytes, top_logprobs: the k likeliest}."""
+    def chat_logprobs(self, new, scores):
+        """Chat's logprobs.content: per reply token {token, logprob, bytes, top_logprobs: the likeliest}."""
 
         def entry(i, lp):
             return {"token": self.token_text(i), "logprob": lp, "bytes": list(self.token_bytes(i))}
 
-        scored = self.scored(prompt + new, len(prompt), k)
-        return [dict(entry(i, lp), top_logprobs=[entry(a, x) for a, x in alts]) for i, (lp, alts) in zip(new, scored)]
+        return [dict(entry(i, lp), top_logprobs=[entry(a, x) for a, x in alts]) for i, (lp, alts) in zip(new, scores)]
+
+    def chunk_logprobs(self, r: Request, index, tokens, scores, start):
+        """A streamed chunk's logprobs, those of tokens[start:] (None when not asked)."""
+        if r.chat:
+            return {"content": self.chat_logprobs(tokens[start:], scores[start:])} if r.body.get("logprobs") else None
+        k, prompt = r.body.get("logprobs"), r.prompts[index // (r.body.get("n") or 1)]
+        return None if k is None else self.completion_logprobs(prompt, tokens, scores, k, False, start)
 
     def envelope(self, r: Request, **fields):
         kind = "chat.completion" if r.chat else "text_completion"
@@ -707,8 +724,9 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.close_connection = True
         tools, held = r.chat and r.body.get("tools") and r.body.get("tool_choice") != "none", {}
+        sent = {}  # index -> the choice's tokens whose log-probabilities went out
         try:
-            for index, piece, reason, _ in app.choices(r):
+            for index, piece, reason, tokens, scores in app.choices(r):
                 if tools:
                     piece, calls, reason = tool_call_delta(held, index, piece, reason)
                     if calls:
@@ -716,9 +734,9 @@ class Handler(BaseHTTPRequestHandler):
                             app.envelope(r, choices=[{"index": index, "delta": {"tool_calls": calls}}]), r, usage
                         )
                 choice = {"index": index, "finish_reason": reason}
-                choice |= (
-                    ({"delta": {"content": piece} if piece else {}}) if r.chat else {"text": piece, "logprobs": None}
-                )
+                choice |= {"delta": {"content": piece} if piece else {}} if r.chat else {"text": piece}
+                choice["logprobs"] = app.chunk_logprobs(r, index, tokens, scores, sent.get(index, 0))
+                sent[index] = len(tokens)
                 self.send_event(app.envelope(r, choices=[choice]), r, usage)
             if usage:
                 self.send_event(app.envelope(r, choices=[], usage=totals(r.usage)), r, False)
@@ -760,18 +778,53 @@ def error(message, kind, param=None):
 
 
 class HTTPServer(ThreadingHTTPServer):
+    """A thread per connection, up to max_connections at once: one more gets an HTTP 503 and is closed (an idle
+    connection holds its thread until its socket times out: Handler.timeout)."""
+
     request_queue_size = 64  # connections waiting to be accepted (the standard library's default is 5)
     daemon_threads = True
 
+    def __init__(self, address, handler, max_connections=256):
+        self.max_connections, self.open_slots = max_connections, threading.BoundedSemaphore(max_connections)
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        if self.open_slots.acquire(blocking=False):
+            return super().process_request(request, client_address)  # (released when its thread ends)
+        data = json.dumps(error(f"this server holds {self.max_connections} connections at most", "server_error"))
+        head = "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        try:
+            request.settimeout(1)  # (this is the thread that accepts: it may not wait on one client)
+            request.sendall(f"{head}Content-Length: {len(data)}\r\n\r\n{data}".encode())
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.open_slots.release()
+
 
 def serve(
-    model, tok, name, host="127.0.0.1", port=8000, steps=None, api_key=None, cors=None, max_body=4 << 20, max_batch=8
+    model,
+    tok,
+    name,
+    host="127.0.0.1",
+    port=8000,
+    steps=None,
+    api_key=None,
+    cors=None,
+    max_body=4 << 20,
+    max_batch=8,
+    max_connections=256,
 ):
     """An HTTP server for (model, tok), not yet started: call serve_forever() (port 0: a free port,
     server.server_address tells which). steps: generate.Steps.compiled(device) for the compiled decode step;
     api_key: the Bearer key every /v1 request needs; cors: the one Origin browsers may call it from; max_body: bytes;
-    max_batch: sequences decoded together (more wait)."""
-    httpd = HTTPServer((host, port), Handler)
+    max_batch: sequences decoded together (more wait); max_connections: open at once (more: 503)."""
+    httpd = HTTPServer((host, port), Handler, max_connections)
     httpd.app = Server(model, tok, name, steps, api_key, cors, max_body, max_batch)
     httpd.loopback = host in ("127.0.0.1", "localhost", "::1")  # then the Host header must name this machine
     return httpd
@@ -799,6 +852,7 @@ def main(argv=None):
     p.add_argument(
         "--max-body", type=int, default=4 << 20, help="largest request body in bytes (default 4 MiB; larger: 413)"
     )
+    p.add_argument("--max-connections", type=int, default=256, help="open connections at once (default 256; more: 503)")
     args = p.parse_args(argv)
     try:
         model, tok = generate.load(args.model, args.dtype, args.device, quantize=args.quantize, adapter=args.adapter)
@@ -807,7 +861,17 @@ def main(argv=None):
         return 1
     steps = generate.Steps.compiled(model.embed.weight.device) if args.compile else None
     httpd = serve(
-        model, tok, args.model, args.host, args.port, steps, args.api_key, args.cors, args.max_body, args.max_batch
+        model,
+        tok,
+        args.model,
+        args.host,
+        args.port,
+        steps,
+        args.api_key,
+        args.cors,
+        args.max_body,
+        args.max_batch,
+        args.max_connections,
     )
     print(f"serve.py: {args.model} on http://{args.host}:{httpd.server_address[1]}/v1", file=sys.stderr)
     try:

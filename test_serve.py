@@ -1,5 +1,6 @@
 """serve.py: the OpenAI-compatible server, tested with the official openai client."""
 
+import gc
 import json
 import re
 import subprocess
@@ -354,6 +355,35 @@ def test_serve_prompt_forms_logprobs_without_echo_and_chat_logprobs(server):
 
 
 @needs_reference("tokenizers")
+def test_serve_streams_logprobs_chunk_by_chunk_as_the_whole_reply_has_them(server):
+    """stream with logprobs: each chunk carries its own tokens' log-probabilities; joined they are the non-streamed
+    reply's (chat: logprobs.content; completions with n 2: tokens, token_logprobs, top_logprobs, text_offset per
+    choice), which equal the log-softmax of our logits."""
+    url, model, tok = server("phi3-4k")
+    client = openai_client(url)
+    msg = [{"role": "user", "content": "Name a prime."}]
+    ask = dict(model="m", messages=msg, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2)
+    whole = client.chat.completions.create(**ask).choices[0].logprobs.content
+    chunks = [c.choices[0] for c in client.chat.completions.create(**ask, stream=True) if c.choices]
+    streamed = [e for c in chunks if c.logprobs for e in c.logprobs.content]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in whole] and len(whole) == 8
+    assert sum(1 for c in chunks if c.logprobs and c.logprobs.content) > 1  # (spread over the chunks)
+    prompt = tok.encode(tok.render_chat(msg), bos=tok.add_bos)
+    new = list(generate.generate(model, prompt, 8, eos_ids=generate.end_of_turn_ids(model, tok)))
+    want = log_softmax_of(model, prompt + new)[len(prompt) - 1 : -1].gather(-1, torch.tensor(new)[:, None])[:, 0]
+    assert [e.logprob for e in streamed] == pytest.approx(want.tolist(), abs=1e-4)
+    ask = dict(model="m", prompt="Once upon", max_tokens=7, temperature=0, logprobs=2, n=2)
+    whole = client.completions.create(**ask).choices
+    joined = {i: {key: [] for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")} for i in (0, 1)}
+    for c in client.completions.create(**ask, stream=True):
+        for choice in c.choices:
+            for key, values in (choice.logprobs.model_dump() if choice.logprobs else {}).items():
+                joined[choice.index][key] += values
+    for choice in whole:
+        assert joined[choice.index] == choice.logprobs.model_dump() and len(choice.logprobs.tokens) == 7
+
+
+@needs_reference("tokenizers")
 def test_serve_stream_usage_max_completion_tokens_and_the_model_route(server):
     """stream_options.include_usage: every chunk has usage null and a last one (no choices) the totals;
     max_completion_tokens caps the reply (over max_tokens); GET /v1/models/{id}, and 404 for another id."""
@@ -475,15 +505,7 @@ def test_serve_refuses_what_it_cannot_frame_or_parse_with_one_answer_each(server
             ),
             400,
         ),
-        (
-            post(
-                chat,
-                json.dumps(
-                    {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "stream": True}
-                ).encode(),
-            ),
-            400,
-        ),
+        (post("/v1/completions", json.dumps({"prompt": "hi", "echo": True, "stream": True}).encode()), 400),
     ]
     for data, want in cases:
         status, body = status_and_body(raw(url, data))
@@ -637,6 +659,32 @@ def test_serve_frees_the_rows_of_clients_that_left_and_keeps_no_threads(server, 
         threading.Event().wait(0.02)
     assert threading.active_count() <= threads and not any(batchers[0].rows)
     assert len(calls) < 50 * 100 / 4  # the tokens the 50 clients cost: far from 100 each
+    gc.collect()  # no memory kept: no sequence left alive, nothing waiting, the cache as large as one request needs
+    assert not [x for x in gc.get_objects() if type(x) is serve.Sequence] and batchers[0].waiting.empty()
+    assert batchers[0].cache.ids.shape[1] == 128
+
+
+HEALTH = b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+
+
+@needs_reference("tokenizers")
+def test_serve_caps_open_connections_with_a_503_and_serves_again_once_they_close(server):
+    """--max-connections 3: three idle connections hold their threads; a fourth gets an HTTP 503 with an OpenAI
+    error body at once; once the three close, requests are served again."""
+    import socket
+
+    url, model, tok = server("phi3-4k", max_connections=3)
+    host, port = url.removeprefix("http://").removesuffix("/v1").split(":")
+    idle = [socket.create_connection((host, int(port))) for _ in range(3)]
+    status, body = status_and_body(raw(url, HEALTH))
+    assert status == 503 and "3 connections" in json.loads(body)["error"]["message"]
+    for s in idle:
+        s.close()
+    for _ in range(500):  # (no timing: until the three threads have seen their clients go)
+        if (status := status_and_body(raw(url, HEALTH))[0]) == 200:
+            break
+        threading.Event().wait(0.02)
+    assert status == 200
 
 
 @needs_reference("tokenizers")
