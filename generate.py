@@ -331,6 +331,124 @@ def generate(model, prompt_ids, max_new_tokens=128, *, eos_ids=None, stats=None,
 
 
 # -----------------------------------------------------------------------------------------------------------------
+# Beam search: transformers' algorithm (generate(num_beams=K, do_sample=False)), the KV cache reordered each step
+
+
+@torch.no_grad()
+def generate_beam(
+    model,
+    prompts,
+    max_new_tokens=128,
+    num_beams=4,
+    *,
+    length_penalty=1.0,
+    early_stopping=False,
+    num_return_sequences=1,
+    eos_ids=None,
+    stats=None,
+):
+    """Beam search for a batch of prompts (lists of ids, left-padded together). Returns, per prompt, its
+    num_return_sequences best hypotheses, best first, as (new tokens, without the EOS that ended them; score): the
+    sum of the tokens' log-probabilities (the EOS's included) / their number ** length_penalty. early_stopping: True
+    stops a prompt once num_beams hypotheses have ended; False once transformers' estimate says no running beam can
+    beat them; "never" (with length_penalty > 0) estimates with the longest possible length. stats (a dict): "steps",
+    the tokens each beam went through (the model ran one step fewer)."""
+    if not 1 <= num_return_sequences <= num_beams:
+        raise ValueError(f"num_return_sequences must be in [1, num_beams = {num_beams}], got {num_return_sequences}")
+    dev, K = model.embed.weight.device, num_beams
+    eos = torch.tensor(sorted(stop_ids(model, eos_ids)), dtype=torch.long, device=dev)
+    ids, mask = left_padded(prompts, dev)
+    B, N = len(prompts), fit_context(model, ids.shape[1], max_new_tokens)
+    cache = phi.KVCache(model.config, B, ids.shape[1] + N, model.embed.weight.dtype, dev)
+    logits = prefill(model, ids, mask if (mask == 0).any() else None, cache).repeat_interleave(K, 0)  # (B * K, V)
+    reorder_rows(cache, torch.arange(B, device=dev).repeat_interleave(K))  # each prompt's K beams start from it
+    keep = max(2, 1 + len(eos)) * K  # candidates per step: enough that K of them go on after some end
+    first_k = torch.arange(keep, device=dev) < K  # only the best K candidates may end a hypothesis
+    running = torch.full((B, K), -1.0e9, device=dev).index_fill_(1, torch.tensor([0], device=dev), 0.0)
+    seqs = torch.full((B, K, N), -1, dtype=torch.long, device=dev)
+    ended, ended_scores = torch.zeros(B, K, dtype=torch.bool, device=dev), torch.full((B, K), -1.0e9, device=dev)
+    ended_seqs, open_ = seqs.clone(), torch.ones(B, 1, dtype=torch.bool, device=dev)
+    for t in range(N):
+        if stats is not None:
+            stats["steps"] = t + 1
+        logprobs = logits.float().log_softmax(-1).view(B, K, -1) + running[:, :, None]  # (B, K, V)
+        top, idx = logprobs.view(B, -1).topk(keep)  # (B, keep): the best continuations of all K beams
+        beam, token = idx // logprobs.shape[-1], idx % logprobs.shape[-1]
+        cand = seqs.gather(1, beam[..., None].expand(-1, -1, N)).clone()
+        cand[:, :, t] = token
+        hits = torch.isin(token, eos) | (t + 1 >= N)  # (B, keep): the candidate ends here
+        # the K best candidates that go on are the running beams of the next step
+        going = top + hits.float() * -1.0e9
+        chosen = going.topk(K).indices  # (B, K)
+        running, seqs = going.gather(1, chosen), cand.gather(1, chosen[..., None].expand(-1, -1, N))
+        rows = (beam.gather(1, chosen) + torch.arange(B, device=dev)[:, None] * K).view(-1)  # their parents' rows
+        # the candidates among the best K that end join the ended hypotheses if they are among the K best of them
+        final = top / ((t + 1) ** length_penalty)
+        final += (ended.all(-1, keepdim=True) & (early_stopping is True)).float() * -1.0e9
+        final += (~open_).float() * -1.0e9
+        final += (~(hits & first_k)).float() * -1.0e9
+        best = torch.cat((ended_scores, final), 1).topk(K).indices
+        ended_scores = torch.cat((ended_scores, final), 1).gather(1, best)
+        ended_seqs = torch.cat((ended_seqs, cand), 1).gather(1, best[..., None].expand(-1, -1, N))
+        ended = torch.cat((ended, hits & first_k), 1).gather(1, best)
+        # transformers' stopping rule: can a running beam still beat the worst ended one?
+        length = N if early_stopping == "never" and length_penalty > 0 else t + 1
+        worst = torch.where(ended, ended_scores.min(1, keepdim=True).values, -1.0e9)
+        open_ &= (running[:, :1] / length**length_penalty > worst).any(-1, keepdim=True)
+        if not open_.any() or (ended.all() and early_stopping is True) or hits.all():
+            break
+        reorder_rows(cache, rows)  # each running beam takes its parent's keys and values
+        logits = decode_one_token(model, seqs[:, :, t].reshape(-1), cache)
+    stops = set(eos.tolist())
+    return [
+        [(hypothesis(ended_seqs[b, r].tolist(), stops), ended_scores[b, r].item()) for r in range(num_return_sequences)]
+        for b in range(B)
+    ]
+
+
+def hypothesis(tokens, stops) -> list:
+    """A hypothesis' new tokens: up to its EOS or its end."""
+    out = []
+    for t in tokens:
+        if t < 0 or t in stops:
+            break
+        out.append(t)
+    return out
+
+
+def reorder_rows(cache: phi.KVCache, rows):
+    """Row i of the cache becomes what row rows[i] was (beam search: a beam takes its parent's keys and values)."""
+    cache.k, cache.v = [t.index_select(0, rows) for t in cache.k], [t.index_select(0, rows) for t in cache.v]
+    cache.valid, cache.pos, cache.ids = (t.index_select(0, rows) for t in (cache.valid, cache.pos, cache.ids))
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Embeddings: the last hidden states pooled, for downstream use
+
+
+@torch.no_grad()
+def embed(model, tok, texts, pooling="last", batch_size=16):
+    """One vector per text (a string, or a list of token ids used as given): the model's last hidden states (after the
+    final norm), pooled: "last", the last token's (as the sequence-classification head reads it), or "mean", over the
+    text's tokens. Returns (len(texts), hidden_size) float32, not normalized. Strings are encoded as prompts are (BOS
+    where the family adds one); batch_size texts at a time, left-padded (each row computes what it computes alone)."""
+    if pooling not in ("last", "mean"):
+        raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
+    prompts = [tok.encode(t, bos=tok.add_bos) if isinstance(t, str) else list(t) for t in texts]
+    context = model.config.max_position_embeddings
+    for i, p in enumerate(prompts):
+        if not 0 < len(p) <= context:
+            raise ValueError(f"text {i} is {len(p)} tokens: an embedding takes 1 to {context} (the model's context)")
+    out = []
+    for b in range(0, len(prompts), batch_size):
+        ids, mask = left_padded(prompts[b : b + batch_size], model.embed.weight.device)
+        h = phi.PhiModel.forward(model, ids, mask if (mask == 0).any() else None).float()  # (B, T, C)
+        real = mask[..., None].float()  # (B, T, 1)
+        out.append(h[:, -1] if pooling == "last" else (h * real).sum(1) / real.sum(1))
+    return torch.cat(out).cpu() if out else torch.zeros(0, model.config.hidden_size)
+
+
+# -----------------------------------------------------------------------------------------------------------------
 # Speculative decoding (batch 1): cheap drafts, verified by the model in one forward over the KV cache
 
 
@@ -551,6 +669,17 @@ def build_parser():
     p.add_argument("--adapter", help="a PEFT LoRA adapter (Hub id or directory), merged into the weights at load")
     p.add_argument("--speculate", type=int, default=0, metavar="K", help="speculative decoding, K drafts a step")
     p.add_argument("--draft", help="with --speculate: a smaller checkpoint that drafts (default: prompt lookup)")
+    p.add_argument("--num-beams", type=int, default=1, metavar="K", help="beam search with K beams (no sampling)")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam search: score = logprob sum / length**this")
+    p.add_argument(
+        "--early-stopping",
+        nargs="?",
+        const="true",
+        default="false",
+        choices=["true", "false", "never"],
+        help="beam search: stop a prompt once K hypotheses ended (true), when none can beat them (false), never",
+    )
+    p.add_argument("--num-return-sequences", type=int, default=1, help="beam search: hypotheses shown per prompt")
     return p
 
 
@@ -589,6 +718,10 @@ def check_args(args):
         raise ValueError("--speculate K needs K >= 1 (and --draft needs --speculate)")
     if args.speculate and args.repetition_penalty != 1.0:
         raise ValueError("--speculate does not take a --repetition-penalty")
+    if args.num_beams < 1 or not 1 <= args.num_return_sequences <= args.num_beams:
+        raise ValueError("--num-beams K needs K >= 1 and 1 <= --num-return-sequences <= K")
+    if args.num_beams > 1 and (args.speculate or args.repetition_penalty != 1.0 or args.num_samples != 1):
+        raise ValueError("--num-beams searches: it takes no --speculate, --repetition-penalty or --num-samples")
     if args.attn == "flash":
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if not device.startswith("cuda"):
@@ -621,6 +754,8 @@ def run(args):
     stats = {}
     if args.speculate:
         speculate(model, tok, args, batch, decoding, stats)
+    elif args.num_beams > 1:
+        beam_search(model, tok, args, batch, decoding)
     elif len(batch) == 1:
         show(tok, generate(model, batch[0], stats=stats, **decoding), args.stop, reply_context(args, batch[0]))
     else:
@@ -666,6 +801,28 @@ def show_batch(model, tok, args, batch, decoding, stats):
                 rows[r].append(t)
     for r, (prompt, ids) in enumerate(zip(batch, rows)):
         print(f"=== {r} ===\n{''.join(TextStream(tok, ids, args.stop, reply_context(args, prompt)))}", flush=True)
+
+
+def beam_search(model, tok, args, batch, decoding):
+    """--num-beams: each prompt's --num-return-sequences best hypotheses (under "=== prompt.rank ===" lines when
+    there are several), their scores on stderr."""
+    early = {"true": True, "false": False}.get(args.early_stopping, args.early_stopping)
+    found = generate_beam(
+        model,
+        batch,
+        decoding["max_new_tokens"],
+        args.num_beams,
+        length_penalty=args.length_penalty,
+        early_stopping=early,
+        num_return_sequences=args.num_return_sequences,
+        eos_ids=decoding["eos_ids"],
+    )
+    several = len(batch) > 1 or args.num_return_sequences > 1
+    for r, (prompt, hypotheses) in enumerate(zip(batch, found)):
+        for j, (ids, score) in enumerate(hypotheses):
+            text = "".join(TextStream(tok, ids, args.stop, reply_context(args, prompt)))
+            print(f"=== {r}.{j} ===\n{text}" if several else text, flush=True)
+            print(f"beam {r}.{j}: score {score:.4f}, {len(ids)} tokens", file=sys.stderr)
 
 
 def speculate(model, tok, args, batch, decoding, stats):

@@ -596,33 +596,55 @@ class PhiModel(nn.Module):
         self.flash_attn = None  # flash_attn_func when set_attention("flash") succeeded
         self.gradient_checkpointing = False  # training: recompute each block in backward instead of storing it
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        output_hidden_states=False,
+    ):
         """input_ids (B, T) -> hidden states (B, T, C). attention_mask (B, T) of 1/0 marks real tokens (left padding
         allowed); position ids then count real tokens only, so a padded row gives the same result as the row alone
-        (as transformers' generate; a bare transformers forward counts the pads). A KVCache gets the tokens appended."""
-        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        (as transformers' generate; a bare transformers forward counts the pads). A KVCache gets the tokens appended.
+        inputs_embeds (B, T, C) in place of input_ids: what the embedding layer gives (Phi-3-small's multiplier then
+        applies to them too, as in its code). output_hidden_states=True: returns (h, hidden_states), transformers'
+        num_layers + 1 tensors (B, T, C): each block's input, then the last block's output after the final norm (h)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass either input_ids or inputs_embeds")
+        ids = input_ids if inputs_embeds is None else inputs_embeds.new_full(inputs_embeds.shape[:2], -1).long()
+        valid = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         start = 0 if cache is None else int(cache.slot)  # tokens already in the cache
         if position_ids is None:
             position_ids = self.positions(valid, cache, start)
         long = self.rotary.scaled and int(position_ids.max()) + 1 > self.rotary.original  # LongRoPE's switch
         if cache is not None and start > 0 and long and not cache.long:
-            return self.rerun_long(input_ids, valid, position_ids, cache)
+            return self.rerun_long(ids, valid, position_ids, cache, output_hidden_states)
         padded = attention_mask is not None and not bool(valid.all())
         key_valid = valid  # (B, S): which keys are real tokens
         if cache is not None:
-            cache.append(input_ids, valid, position_ids, start)
+            cache.append(ids, valid, position_ids, start)  # (embeddings given: ids -1)
             cache.long, cache.padded = long, cache.padded or padded
-            padded, key_valid = cache.padded, cache.valid[:, : start + input_ids.shape[1]]
+            padded, key_valid = cache.padded, cache.valid[:, : start + ids.shape[1]]
         flash = None if padded else self.flash_attn  # flash-attn takes no mask: padded batches use SDPA
-        mask = None if flash else self.attention_mask(start, input_ids.shape[1], key_valid, padded)
-        k_pos = position_ids if cache is None else cache.pos[:, : start + input_ids.shape[1]]
+        mask = None if flash else self.attention_mask(start, ids.shape[1], key_valid, padded)
+        k_pos = position_ids if cache is None else cache.pos[:, : start + ids.shape[1]]
         cos, sin = self.rotary(position_ids, self.embed.weight.dtype, long)
-        x = self.drop(self.embeddings(input_ids))
-        return self.blocks(x, AttentionInputs(cos, sin, mask, cache, start, flash, position_ids, k_pos))
+        a = AttentionInputs(cos, sin, mask, cache, start, flash, position_ids, k_pos)
+        hidden = [] if output_hidden_states else None
+        h = self.blocks(self.embeddings(input_ids, inputs_embeds), a, hidden)
+        return h if hidden is None else (h, tuple(hidden))
 
-    def embeddings(self, input_ids):
-        """Token ids (B, T) -> their embeddings (B, T, C), times Phi-3-small's mup_embedding_multiplier."""
-        x = self.embed(input_ids)
+    def trunk(self, *args, output_hidden_states=False, **kw):
+        """(hidden states, transformers' hidden_states or None): PhiModel.forward for the heads."""
+        out = PhiModel.forward(self, *args, output_hidden_states=output_hidden_states, **kw)
+        return out if output_hidden_states else (out, None)
+
+    def embeddings(self, input_ids, inputs_embeds=None):
+        """Token ids (B, T), or their embeddings, -> the first block's input (B, T, C): dropout, then Phi-3-small's
+        mup_embedding_multiplier."""
+        x = self.drop(self.embed(input_ids) if inputs_embeds is None else inputs_embeds)
         return x * self.config.mup_embedding_multiplier if self.config.small else x
 
     def positions(self, valid, cache, start):
@@ -630,16 +652,22 @@ class PhiModel(nn.Module):
         offset = 0 if start == 0 else cache.pos[:, start - 1 : start] + 1  # (B, 1)
         return (offset + valid.long().cumsum(-1) - 1).clamp(min=0)
 
-    def rerun_long(self, input_ids, valid, position_ids, cache):
+    def rerun_long(self, input_ids, valid, position_ids, cache, output_hidden_states=False):
         """LongRoPE crossing its original context: the cached keys were rotated with the short factors, and every
         later layer saw them. Re-run the cached tokens with the long factors, as transformers' generate does
         (transformers#33129: without this, generation turns to garbage past the original context)."""
         old, T = slice(0, int(cache.slot)), input_ids.shape[1]
         ids, valid = torch.cat((cache.ids[:, old], input_ids), 1), torch.cat((cache.valid[:, old], valid), 1)
+        if bool((ids < 0).any()):
+            raise ValueError(
+                "LongRoPE re-runs the cache from its token ids past the original context: tokens given "
+                "as inputs_embeds cannot cross it"
+            )
         position_ids = torch.cat((cache.pos[:, old], position_ids), 1)
         cache.slot.zero_()
         cache.long, cache.padded = True, False
-        return PhiModel.forward(self, ids, valid, position_ids, cache)[:, -T:]
+        out = PhiModel.forward(self, ids, valid, position_ids, cache, output_hidden_states=output_hidden_states)
+        return (out[0][:, -T:], tuple(h[:, -T:] for h in out[1])) if output_hidden_states else out[:, -T:]
 
     def attention_mask(self, start, T, key_valid, padded):
         """A bool (B, 1, T, S) mask of the keys each new query may see, or None where plain causal attention (SDPA's
@@ -655,13 +683,17 @@ class PhiModel(nn.Module):
         allowed = allowed[None] & key_valid[:, None, :]  # (B, T, S) no pads
         return (allowed | (k_idx == q_idx))[:, None]  # a pad query sees itself: no empty softmax row (NaN)
 
-    def blocks(self, x, a: AttentionInputs):
+    def blocks(self, x, a: AttentionInputs, hidden: list | None = None):
+        """The blocks, then the final norm; each block's input and the normed output appended to `hidden` if given."""
         for block in self.layers:
+            if hidden is not None:
+                hidden.append(x)
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, a, use_reentrant=False)
             else:
                 x = block(x, a)
-        return self.norm(x)
+        x = self.norm(x)
+        return x if hidden is None else hidden.append(x) or x
 
     def set_attention(self, impl: str):
         """ "sdpa" (default, any device) or "flash" (flash-attn 2, CUDA with fp16/bf16 only; else one line + SDPA)."""
@@ -931,6 +963,12 @@ class Checkpoint:
 # Heads
 
 
+def outputs(main, loss, hidden):
+    """A head's answer: main (logits or scores) alone, or a tuple with the loss and/or hidden_states after it."""
+    out = (main,) + ((loss,) if loss is not None else ()) + ((hidden,) if hidden is not None else ())
+    return out if len(out) > 1 else main
+
+
 class Phi(PhiModel):
     """Causal language model: PhiForCausalLM / Phi3ForCausalLM."""
 
@@ -941,14 +979,16 @@ class Phi(PhiModel):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.head_bias)
         self.tie_weights()
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None, cache=None):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, cache=None, **inputs):
         """Returns logits (B, T, vocab); with labels (B, T), returns (logits, loss): labels are shifted inside
-        (position t predicts labels[t + 1]) and -100 is ignored, as in transformers."""
-        logits = self.logits(super().forward(input_ids, attention_mask, position_ids, cache))
-        if labels is None:
-            return logits
-        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        return logits, loss
+        (position t predicts labels[t + 1]) and -100 is ignored, as in transformers. inputs: inputs_embeds,
+        output_hidden_states (then hidden_states comes last: (logits, hidden_states) or (logits, loss, hidden_states);
+        see PhiModel.forward)."""
+        h, hidden = self.trunk(input_ids, attention_mask, position_ids, cache, **inputs)
+        logits, loss = self.logits(h), None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        return outputs(logits, loss, hidden)
 
     def logits(self, h):
         """Hidden states (.., C) -> logits (.., vocab). Phi-3-small's muP divides them by mup_width_multiplier, and
@@ -970,18 +1010,19 @@ class PhiForSequenceClassification(PhiModel):
         super().__init__(cfg)
         self.score = nn.Linear(cfg.hidden_size, cfg.num_labels, bias=False)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, **inputs):
         """Returns scores (B, num_labels); with labels, (scores, loss): MSE for regression (num_labels 1 or
-        problem_type), cross-entropy for integer labels, BCE-with-logits for float multi-label targets."""
-        logits = self.score(super().forward(input_ids, attention_mask, position_ids))  # (B, T, num_labels)
-        (B, T), pad = input_ids.shape, self.config.pad_token_id
+        problem_type), cross-entropy for integer labels, BCE-with-logits for float multi-label targets. inputs as
+        Phi.forward's (with inputs_embeds the last position is read: no ids to find pads in, as transformers)."""
+        h, hidden = self.trunk(input_ids, attention_mask, position_ids, None, **inputs)
+        logits, (B, T, _), pad = self.score(h), h.shape, self.config.pad_token_id  # (B, T, num_labels)
         if pad is None and B != 1:
             raise ValueError("sequence classification of a batch needs pad_token_id in config.json")
-        real = torch.ones_like(input_ids) if pad is None else (input_ids != pad).long()
-        last = (torch.arange(T, device=input_ids.device) * real).argmax(-1)  # (B,) the rightmost non-pad token
-        scores = logits[torch.arange(B, device=input_ids.device), last]  # (B, num_labels)
+        real = torch.ones(B, T, device=h.device) if pad is None or input_ids is None else (input_ids != pad).long()
+        last = (torch.arange(T, device=h.device) * real).argmax(-1)  # (B,) the rightmost non-pad token
+        scores = logits[torch.arange(B, device=h.device), last]  # (B, num_labels)
         if labels is None:
-            return scores
+            return outputs(scores, None, hidden)
         n, kind = self.config.num_labels, self.config.problem_type
         if kind is None:  # transformers' guess
             multi = labels.dtype not in (torch.long, torch.int)
@@ -992,7 +1033,7 @@ class PhiForSequenceClassification(PhiModel):
             loss = F.cross_entropy(scores.view(-1, n), labels.view(-1), ignore_index=-100)
         else:
             loss = F.binary_cross_entropy_with_logits(scores, labels)
-        return scores, loss
+        return outputs(scores, loss, hidden)
 
 
 class PhiForTokenClassification(PhiModel):
@@ -1006,9 +1047,11 @@ class PhiForTokenClassification(PhiModel):
         self.dropout = nn.Dropout(0.1 if cfg.classifier_dropout is None else cfg.classifier_dropout)
         self.score = nn.Linear(cfg.hidden_size, cfg.num_labels)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None):
-        """Returns scores (B, T, num_labels); with labels (B, T), (scores, loss), cross-entropy ignoring -100."""
-        scores = self.score(self.dropout(super().forward(input_ids, attention_mask, position_ids)))
-        if labels is None:
-            return scores
-        return scores, F.cross_entropy(scores.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, **inputs):
+        """Returns scores (B, T, num_labels); with labels (B, T), (scores, loss), cross-entropy ignoring -100. inputs
+        as Phi.forward's."""
+        h, hidden = self.trunk(input_ids, attention_mask, position_ids, None, **inputs)
+        scores, loss = self.score(self.dropout(h)), None
+        if labels is not None:
+            loss = F.cross_entropy(scores.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return outputs(scores, loss, hidden)

@@ -6,7 +6,8 @@ generate.py).
     curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 32}'
 
-Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{id}, GET /health.
+Endpoints: POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, GET /v1/models, GET /v1/models/{id},
+GET /health.
 Requests are checked and tokenized as they come, then join one batch (continuous batching: every decode step runs
 all of them; --max-batch sequences at once, more wait). A client that disconnects stops its generation and frees its
 row. Bad input is an HTTP 4xx with an OpenAI-style error body, and the server keeps serving.
@@ -21,6 +22,7 @@ on loopback the Host header must name this machine (DNS rebinding); a socket tha
 """
 
 import argparse
+import base64
 import copy
 import queue
 import hmac
@@ -28,6 +30,7 @@ import json
 import os
 import select
 import socket
+import struct
 import sys
 import threading
 import time
@@ -74,6 +77,11 @@ FIELDS = {  # name -> (types, check, what it must be)
     "top_logprobs": (int, lambda v: 0 <= v <= 20, "an integer in [0, 20]"),
     "tools": (list, lambda v: all(isinstance(t, dict) and isinstance(t.get("function"), dict) for t in v), "tools"),
     "tool_choice": ((str, dict), lambda v: True, '"none", "auto", "required" or a function'),
+}
+EMBEDDING_FIELDS = {  # /v1/embeddings' fields besides input (name -> (check, what it must be))
+    "encoding_format": (lambda v: v in ("float", "base64"), '"float" or "base64"'),
+    "pooling": (lambda v: v in ("last", "mean"), '"last" or "mean"'),
+    "dimensions": (lambda v: False, "absent: this model's vectors are not shortened"),
 }
 LOGPROBS = {  # "logprobs" is a flag in chat, the number of alternatives to list in completions
     True: (bool, lambda v: True, "true or false"),
@@ -428,25 +436,52 @@ class Server:
         list of token-id lists (a batch, as evaluation harnesses send: one choice each, n with n)."""
         if chat:
             return [self.tok.encode(self.tok.render_chat(chat_messages(body)), bos=self.tok.add_bos)]
-        p = body.get("prompt")
+        return self.texts_ids(body.get("prompt"), "prompt")
+
+    def texts_ids(self, p, param) -> list:
+        """A string, a list of token ids, or a list of either (a batch) -> each one's token ids."""
         batch = [p] if isinstance(p, str) or (isinstance(p, list) and p and all(map(is_int, p))) else p
         if not isinstance(batch, list) or not 0 < len(batch) <= MAX_PROMPTS:
             raise BadRequest(
-                f"'prompt' must be a string, a list of token ids, or a list of up to {MAX_PROMPTS} of either", "prompt"
+                f"'{param}' must be a string, a list of token ids, or a list of up to {MAX_PROMPTS} of either", param
             )
         if not all(isinstance(x, str) or (isinstance(x, list) and all(map(is_int, x))) for x in batch):
-            raise BadRequest("'prompt' must be a string, a list of token ids, or a list of either", "prompt")
+            raise BadRequest(f"'{param}' must be a string, a list of token ids, or a list of either", param)
         return [self.tok.encode(x, bos=self.tok.add_bos) if isinstance(x, str) else x for x in batch]
 
-    def checked_ids(self, ids, param):
+    def checked_ids(self, ids, param, room=1):
+        """ids, once they are token ids of this model that leave `room` tokens in its context (a BadRequest else)."""
         context, vocab = self.model.config.max_position_embeddings, self.model.config.vocab_size
         if not ids:
-            raise BadRequest("a prompt is empty", param)
+            raise BadRequest(f"a '{param}' is empty", param)
         if not all(0 <= i < vocab for i in ids):
-            raise BadRequest(f"a prompt's token ids must be in [0, {vocab})", param)
-        if len(ids) >= context:
-            raise BadRequest(f"the prompt is {len(ids)} tokens; this model's context is {context}", param)
+            raise BadRequest(f"a '{param}''s token ids must be in [0, {vocab})", param)
+        if len(ids) > context - room:
+            raise BadRequest(f"a '{param}' is {len(ids)} tokens; this model's context is {context}", param)
         return ids
+
+    def embeddings(self, body) -> dict:
+        """POST /v1/embeddings: one vector per input (generate.embed: the last hidden states, pooled "last" or, with
+        our "pooling" field, "mean"), as OpenAI shapes them; float lists, or base64 of little-endian float32."""
+        for name, (ok, what) in EMBEDDING_FIELDS.items():
+            if body.get(name) is not None and not ok(body[name]):
+                raise BadRequest(f"'{name}' must be {what}, got {shown(body[name])}", name)
+        inputs = [self.checked_ids(ids, "input", room=0) for ids in self.texts_ids(body.get("input"), "input")]
+        with self.batcher.lock:
+            vectors = generate.embed(self.model, self.tok, inputs, body.get("pooling") or "last")
+        base64_ = body.get("encoding_format") == "base64"
+        data = [
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": base64.b64encode(struct.pack(f"<{len(v)}f", *v.tolist())).decode()
+                if base64_
+                else v.tolist(),
+            }
+            for i, v in enumerate(vectors)
+        ]
+        n = sum(map(len, inputs))
+        return {"object": "list", "data": data, "model": self.name, "usage": {"prompt_tokens": n, "total_tokens": n}}
 
     def choices(self, r: Request, alive=lambda: True):
         """Yields (index, text piece, finish_reason or None, the choice's tokens so far, their log-probabilities if
@@ -666,9 +701,11 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if (e := self.refused()) is not None:
                 raise e
-            if not chat and self.path != "/v1/completions":
+            if self.path not in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
                 raise BadRequest(f"no route {shown(self.path)}", status=404, kind="not_found_error")
             body = self.read_body()
+            if self.path == "/v1/embeddings":
+                return self.send_json(200, app.embeddings(body))
             r = app.request(body, chat)  # checked and tokenized before it waits for the model
         except BadRequest as e:  # (a refusal before the body was read closes the connection: the body stays unread)
             return self.send_error_json(e, close=e.status != 400)

@@ -439,6 +439,30 @@ def test_cli_bad_input_gives_one_clear_line(args, message, hub):
 
 
 @needs_reference("tokenizers")
+@pytest.mark.parametrize("name", ["phi-2", "phimoe"])
+def test_embed_pools_the_last_hidden_states_as_transformers_has_them(name, hub):
+    """generate.embed: "last" is transformers' last_hidden_state at the text's last token, "mean" its mean over the
+    text's tokens (each text run alone there; here in left-padded batches of 2); token ids are used as given."""
+    home, refs = hub
+    model, tok = generate.load(snapshot(home, name), dtype="float32")
+    texts = ["Hello world", PROMPT, "x", tok.encode("def f(x): return x")[:5]]
+    last, mean = generate.embed(model, tok, texts), generate.embed(model, tok, texts, pooling="mean", batch_size=2)
+    assert last.shape == mean.shape == (4, model.config.hidden_size) and last.dtype == torch.float32
+    for i, text in enumerate(texts):
+        ids = tok.encode(text, bos=tok.add_bos) if isinstance(text, str) else text
+        with torch.no_grad():
+            h = refs[name].model(torch.tensor([ids])).last_hidden_state[0]
+        e = record(f"embed {name} vs transformers", max(err(last[i], h[-1]), err(mean[i], h.mean(0))))
+        assert e <= TOL, (i, e)
+    assert err(last[0], mean[0]) > 0.1  # (the two poolings differ)
+    with pytest.raises(ValueError, match="pooling must be 'last' or 'mean'"):
+        generate.embed(model, tok, texts, pooling="max")
+    context = model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"text 1 is {context + 1} tokens"):
+        generate.embed(model, tok, ["a", [5] * (context + 1)])
+
+
+@needs_reference("tokenizers")
 def test_cli_runs_as_a_program(hub):
     """python generate.py in its own process, offline through HF_HOME / HF_HUB_OFFLINE: the in-process runs' output,
     and exit code 1 with one line for bad input."""
@@ -725,3 +749,129 @@ def test_phi3small_compiled_decode_and_speculative_decoding_equal_plain_greedy(f
         stats = {}
         got = list(generate.generate_speculative(model, prompt, 40, k=4, draft=draft, eos_ids=set(), stats=stats))
         assert got == want and stats["drafted"] > 0
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Beam search
+
+
+def until_eos(tokens, eos):
+    return tokens[: tokens.index(eos)] if eos in tokens else tokens
+
+
+@pytest.mark.parametrize(
+    "name,K,early,penalty,ends",
+    [
+        ("phi3-gqa-window", 1, False, 1.0, True),
+        ("phi3-gqa-window", 3, True, 1.0, True),
+        ("phi3-gqa-window", 3, False, 0.5, True),
+        ("phi3-gqa-window", 4, "never", 2.0, False),  # (long hypotheses favoured: none returned ends early)
+        ("phi3-gqa-window", 4, False, -1.0, True),
+        ("phi-2", 4, True, 1.0, False),
+    ],
+)
+def test_beam_search_equals_transformers(name, K, early, penalty, ends, tmp_path):
+    """generate_beam == transformers' generate(num_beams=K, do_sample=False, ...) on a left-padded batch of three
+    prompts: the same num_return_sequences sequences per prompt, in order, and their scores (K 1 is greedy there);
+    the EOS is a token this random model produces (of its greedy continuation: the first that ends a hypothesis
+    returned here), so hypotheses end early."""
+    ours, ref = from_transformers(name, tmp_path)
+    prompts = [ids_for(9)[0].tolist(), ids_for(6, seed=1)[0].tolist(), ids_for(7, seed=2)[0].tolist()]
+    n, kw, stats = min(K, 2), dict(length_penalty=penalty, early_stopping=early), {}
+    for eos in generate.generate(ours, prompts[0], 8, eos_ids=set()):  # the first that ends a returned hypothesis
+        got = generate.generate_beam(ours, prompts, 10, K, num_return_sequences=n, eos_ids={eos}, stats=stats, **kw)
+        if any(len(tokens) < 10 for hyps in got for tokens, _ in hyps):
+            break
+    ids, mask = generate.left_padded(prompts, "cpu")
+    out = ref.generate(
+        ids,
+        attention_mask=mask,
+        num_beams=K,
+        do_sample=False,
+        max_new_tokens=10,
+        num_return_sequences=n,
+        eos_token_id=eos,
+        pad_token_id=0,
+        output_scores=True,
+        return_dict_in_generate=True,
+        **kw,
+    )
+    want = [until_eos(row[ids.shape[1] :].tolist(), eos) for row in out.sequences]
+    assert [tokens for hyps in got for tokens, _ in hyps] == want
+    scores = torch.tensor([score for hyps in got for _, score in hyps])
+    assert K == 1 or record("beam search scores vs transformers", err(scores, out.sequences_scores)) <= TOL
+    assert stats["steps"] == len(out.scores)  # (it stops when transformers does)
+    assert any(len(t) < 10 for t in want) == ends  # (returned hypotheses that ended at the EOS)
+
+
+def test_beam_search_reorders_the_cache_and_k1_is_greedy(tmp_path, monkeypatch):
+    """One beam is greedy decoding; the KV cache is reordered (index_select per step), never recomputed: after the
+    prompt, each step runs one token per beam."""
+    model = from_transformers("phi3-4k", tmp_path)[0]
+    prompt = ids_for(8)[0].tolist()
+    greedy = list(generate.generate(model, prompt, 12, eos_ids=set()))
+    assert generate.generate_beam(model, [prompt], 12, 1, eos_ids=set())[0][0][0] == greedy
+    widths = []
+    step = generate.decode_one_token
+    monkeypatch.setattr(generate, "decode_one_token", lambda m, t, c: widths.append(t.shape) or step(m, t, c))
+    generate.generate_beam(model, [prompt, prompt[:5]], 12, 3, eos_ids=set())
+    assert widths == [torch.Size([6])] * 11
+    with pytest.raises(ValueError, match="num_return_sequences must be in"):
+        generate.generate_beam(model, [prompt], 12, 2, num_return_sequences=3)
+
+
+@pytest.mark.parametrize(
+    "early,K,penalty", [(e, k, 1.0) for k in (2, 3) for e in (True, False, "never")] + [(True, 4, 2.0)]
+)
+def test_beam_search_with_a_likely_eos_stops_where_transformers_does(early, K, penalty, tmp_path):
+    """An EOS made likely (phi-2's lm_head bias raised for it, in both models): hypotheses end at most steps, whole
+    prompts' beams end before others' in the batch, and the search stops early; still transformers' sequences,
+    scores and number of steps."""
+    ours, ref = from_transformers("phi-2", tmp_path)
+    eos, prompts = 5, [ids_for(9 - i, seed=i)[0].tolist() for i in range(4)]
+    with torch.no_grad():
+        ours.lm_head.bias[eos] += 3.0
+        ref.lm_head.bias[eos] += 3.0
+    stats, kw = {}, dict(length_penalty=penalty, early_stopping=early)
+    got = generate.generate_beam(ours, prompts, 12, K, num_return_sequences=K, eos_ids={eos}, stats=stats, **kw)
+    ids, mask = generate.left_padded(prompts, "cpu")
+    out = ref.generate(
+        ids,
+        attention_mask=mask,
+        num_beams=K,
+        do_sample=False,
+        max_new_tokens=12,
+        num_return_sequences=K,
+        eos_token_id=eos,
+        pad_token_id=0,
+        output_scores=True,
+        return_dict_in_generate=True,
+        **kw,
+    )
+    want = [until_eos(row[ids.shape[1] :].tolist(), eos) for row in out.sequences]
+    assert [tokens for hyps in got for tokens, _ in hyps] == want
+    scores = torch.tensor([score for hyps in got for _, score in hyps])
+    assert record("beam search scores vs transformers", err(scores, out.sequences_scores)) <= TOL
+    assert stats["steps"] == len(out.scores)
+    assert any(len(t) < 12 for t in want) and (stats["steps"] < 12 or early == "never")  # (it stopped early)
+
+
+@needs_reference("tokenizers")
+def test_cli_num_beams_prints_transformers_beams(hub):
+    """generate.py --num-beams 3 --num-return-sequences 2 --early-stopping: each hypothesis' text under its
+    "=== prompt.rank ===" line, the sequences of transformers' generate(num_beams=3, early_stopping=True, ...); bad
+    combinations are one clear line."""
+    home, refs = hub
+    model, tok = generate.load(snapshot(home, "phi3-4k"), dtype="float32")
+    prompt = tok.encode(PROMPT, bos=tok.add_bos)
+    beams = dict(num_beams=3, num_return_sequences=2, early_stopping=True, length_penalty=0.5)
+    out = refs["phi3-4k"].generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=10, **beams)
+    want = "".join(
+        f"=== 0.{j} ===\n{continuation(tok, prompt, row[len(prompt) :].tolist())}\n" for j, row in enumerate(out)
+    )
+    args = ("--model", "test/phi3-4k", "--prompt", PROMPT, "--max-new-tokens", 10, "--dtype", "float32")
+    r = run_cli(home, *args, "--num-beams", 3, "--num-return-sequences", 2, "--early-stopping", "--length-penalty", 0.5)
+    assert r.returncode == 0 and r.stdout == want, r.stderr
+    assert re.search(r"beam 0\.1: score -[\d.]+, 10 tokens", r.stderr)
+    r = run_cli(home, *args, "--num-beams", 2, "--num-return-sequences", 3)
+    assert_one_line_error(r, "generate.py", "--num-beams K needs K >= 1 and 1 <= --num-return-sequences <= K", 1)

@@ -1043,9 +1043,10 @@ def test_phi3small_logits_match_mlx_lm(tmp_path):
     assert (h.abs() > ours.config.gegelu_limit).float().mean() > 0.2
 
 
-def reference_small_logits(sd, c, ids):
+def reference_small_logits(sd, c, ids, hidden=None):
     """Phi-3-small's forward written out from the formulas in plain torch, per head and per query: the checkpoint's
-    tensors (sd, by their Hub names) and config.json (c) in, logits (T, V) out; ids (T,)."""
+    tensors (sd, by their Hub names) and config.json (c) in, logits (T, V) out; ids (T,). hidden: a list that gets
+    each layer's input, then the final norm's output (transformers' hidden_states, as the original code collects)."""
     T, H, KV, hd = (
         len(ids),
         c["num_attention_heads"],
@@ -1069,6 +1070,7 @@ def reference_small_logits(sd, c, ids):
 
     x = sd["model.embed_tokens.weight"][ids] * c["mup_embedding_multiplier"]
     for i in range(c["num_hidden_layers"]):
+        (hidden if hidden is not None else []).append(x)
         p = f"model.layers.{i}."
         qkv = lin(ln(x, p + "input_layernorm"), p + "self_attn.query_key_value").view(T, KV, H // KV + 2, hd)
         sparse = (i + 1) % c["dense_attention_every_n_layers"] != 0
@@ -1090,7 +1092,9 @@ def reference_small_logits(sd, c, ids):
         gate, linear, limit = up[:, 0::2], up[:, 1::2], c["gegelu_limit"]
         gate, linear = gate.clamp(max=limit), linear.clamp(-limit, limit)
         x = x + lin(gate * torch.sigmoid(1.702 * gate) * (linear + 1), p + "mlp.down_proj")
-    logits = ln(x, "model.final_layernorm") @ sd["model.embed_tokens.weight"].T / c["mup_width_multiplier"]
+    x = ln(x, "model.final_layernorm")
+    (hidden if hidden is not None else []).append(x)
+    logits = x @ sd["model.embed_tokens.weight"].T / c["mup_width_multiplier"]
     logits[:, phi.SMALL_DUMMY_IDS] = float("-inf")
     return logits
 
@@ -1208,3 +1212,100 @@ def test_phi3small_dense_layers_take_flash_with_the_mup_scale():
         )
     assert len(scales) == 2 * 11 and set(scales) == {1.5 / 16}  # 2 dense layers, 11 calls each
     assert record("phi3small flash path", err(got, want)) <= TOL
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Hidden states and input embeddings
+
+
+@pytest.mark.parametrize("name", ["phi-2", "phi3-gqa-window", "phimoe"])
+def test_hidden_states_match_transformers_with_padding_and_after_a_cached_decode(name, tmp_path):
+    """output_hidden_states: transformers' num_layers + 1 tensors (the embedding output, each layer's, the last after
+    the final norm) on a left-padded batch (real positions compared), the logits unchanged beside them; then a prefill
+    and one-token decode steps through the KV cache give each position's hidden states of the full forward."""
+    ours, ref = from_transformers(name, tmp_path, num_hidden_layers=3)
+    ids, mask = ids_for(14), torch.ones(2, 14, dtype=torch.long)
+    mask[1, :5] = 0
+    pos, real = (mask.cumsum(-1) - 1).clamp(min=0), mask.bool()
+    with torch.no_grad():
+        logits, got = ours(ids, attention_mask=mask, output_hidden_states=True)
+        want = ref(ids, attention_mask=mask, position_ids=pos, output_hidden_states=True).hidden_states
+        assert len(got) == len(want) == 4 and torch.equal(logits, ours(ids, attention_mask=mask))
+        e = record(f"hidden states {name} vs transformers", max(err(a[real], b[real]) for a, b in zip(got, want)))
+        assert e <= TOL, e
+        full = ours(ids, output_hidden_states=True)[1]
+        cache = phi.KVCache(ours.config, 2, 14)
+        steps = [ours(ids[:, :9], cache=cache, output_hidden_states=True)[1]]
+        steps += [ours(ids[:, t : t + 1], cache=cache, output_hidden_states=True)[1] for t in range(9, 14)]
+        stepped = [torch.cat([s[layer] for s in steps], 1) for layer in range(4)]
+    e = record(f"hidden states {name} decode vs full", max(err(a, b) for a, b in zip(stepped, full)))
+    assert e <= TOL, e
+
+
+def test_phi3small_hidden_states_match_the_plain_torch_transcription(tmp_path):
+    """Phi-3-small (no transformers class): its hidden states against the transcription of its formulas, whose first
+    one carries mup_embedding_multiplier (10 here) as the original code's does."""
+    from safetensors.torch import load_file
+
+    ours = small_model()
+    path = saved(ours, tmp_path)
+    sd, c = load_file(path / "model.safetensors"), json.loads((path / "config.json").read_text())
+    ids, want = small_ids(100), []
+    with torch.no_grad():
+        reference_small_logits(sd, c, ids[0], want)
+        got = ours(ids, output_hidden_states=True)[1]
+    assert len(got) == len(want) == c["num_hidden_layers"] + 1
+    e = record("hidden states phi3small vs plain torch", max(err(a[0], b) for a, b in zip(got, want)))
+    assert e <= TOL, e
+
+
+@pytest.mark.parametrize("name", ["phi-1.5", "phi3-128k-longrope", "phimoe", "phi3small"])
+def test_inputs_embeds_equal_ids_alone_and_before_a_cached_decode(name, tmp_path):
+    """model(inputs_embeds=embed(ids)) == model(ids) (Phi-3-small's multiplier applied to both, as its code does); a
+    prompt given as embeddings, then ids decoded through the cache, == the full forward; the classification heads
+    take them too (sequence classification then reads the last position, as transformers' does)."""
+    model = small_model() if name == "phi3small" else from_transformers(name, tmp_path)[0]
+    ids = small_ids(20, B=2) if name == "phi3small" else ids_for(20)
+    with torch.no_grad():
+        full, E = model(ids), model.embed(ids)
+        assert err(model(inputs_embeds=E), full) == 0.0
+        cache = phi.KVCache(model.config, 2, 20)
+        got = torch.cat([model(inputs_embeds=E[:, :12], cache=cache)] + [model(ids[:, 12:], cache=cache)], 1)
+        assert record(f"inputs_embeds {name} then cached ids", err(got, full)) <= TOL
+        if name == "phi3small":
+            assert err(model(inputs_embeds=E / model.config.mup_embedding_multiplier), full) > 1.0  # (it applies)
+            return
+        save = tmp_path / "clf"
+        model.save_pretrained(save)
+        clf = phi.PhiForSequenceClassification.from_pretrained(save, num_labels=3)
+        assert err(clf(inputs_embeds=E), clf(ids)) == 0.0  # (no pads in ids: both read the last position)
+    with pytest.raises(ValueError, match="input_ids or inputs_embeds"):
+        model(ids, inputs_embeds=E)
+
+
+def test_inputs_embeds_cannot_cross_longrope_original_context_in_the_cache(tmp_path):
+    """LongRoPE re-runs the cache from its token ids when it crosses the original context (32 here): a prompt given as
+    embeddings cannot be re-run: one clear error, not a silently wrong answer."""
+    model = from_transformers("phi3-128k-longrope", tmp_path)[0]
+    ids = ids_for(40)
+    cache = phi.KVCache(model.config, 2, 40)
+    with torch.no_grad():
+        model(inputs_embeds=model.embed(ids[:, :30]), cache=cache)
+        model(ids[:, 30:32], cache=cache)
+        with pytest.raises(ValueError, match="inputs_embeds cannot cross"):
+            model(ids[:, 32:33], cache=cache)
+
+
+def test_hidden_states_through_the_longrope_rerun_equal_the_full_forward(tmp_path):
+    """Decoding across LongRoPE's original context (32) re-runs the cache with the long factors: each step returns
+    its own position's hidden states, as the full forward over the tokens so far has them."""
+    model = from_transformers("phi3-128k-longrope", tmp_path)[0]
+    ids, cache = ids_for(36), phi.KVCache(model.config, 2, 36)
+    with torch.no_grad():
+        model(ids[:, :30], cache=cache)
+        for t in range(30, 36):
+            got = model(ids[:, t : t + 1], cache=cache, output_hidden_states=True)[1]
+            want = model(ids[:, : t + 1], output_hidden_states=True)[1]
+            e = record("hidden states longrope rerun vs full", max(err(a, b[:, -1:]) for a, b in zip(got, want)))
+            assert e <= TOL and got[0].shape[1] == 1, (t, e)
+    assert cache.long

@@ -384,6 +384,36 @@ def test_serve_streams_logprobs_chunk_by_chunk_as_the_whole_reply_has_them(serve
 
 
 @needs_reference("tokenizers")
+def test_serve_embeddings_equal_generate_embed_in_both_encodings(server):
+    """POST /v1/embeddings with the openai client (which asks for base64 by default) and as float lists: strings,
+    token ids and a batch, in order, equal to generate.embed's vectors; our pooling field; usage; the refusals."""
+    import openai
+
+    url, model, tok = server("phi3-4k")
+    client = openai_client(url)
+    texts = ["Hello world", "def f(x):", "x"]
+    want = generate.embed(model, tok, texts)
+    r = client.embeddings.create(model="m", input=texts)
+    assert [d.index for d in r.data] == [0, 1, 2] and torch.equal(torch.tensor([d.embedding for d in r.data]), want)
+    ids = [tok.encode(t, bos=tok.add_bos) for t in texts]
+    assert r.usage.prompt_tokens == r.usage.total_tokens == sum(map(len, ids))
+    r = client.embeddings.create(model="m", input=ids[1], encoding_format="float")
+    assert torch.equal(torch.tensor(r.data[0].embedding), want[1])
+    r = client.embeddings.create(model="m", input=ids, extra_body={"pooling": "mean"})
+    assert torch.equal(torch.tensor([d.embedding for d in r.data]), generate.embed(model, tok, texts, pooling="mean"))
+    for bad, param in [
+        (dict(input=[]), "input"),
+        (dict(input="hi", encoding_format="int8"), "encoding_format"),
+        (dict(input="hi", dimensions=8), "dimensions"),
+        (dict(input=[[1] * 129]), "input"),
+        (dict(input=[5, 10**9]), "input"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.embeddings.create(model="m", **bad)
+        assert e.value.body["param"] == param, (bad, e.value.body)
+
+
+@needs_reference("tokenizers")
 def test_serve_stream_usage_max_completion_tokens_and_the_model_route(server):
     """stream_options.include_usage: every chunk has usage null and a last one (no choices) the totals;
     max_completion_tokens caps the reply (over max_tokens); GET /v1/models/{id}, and 404 for another id."""
