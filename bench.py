@@ -41,6 +41,10 @@ Benchmarks (never tests: speed is measured here, correctness in test_phi.py). Ne
     python bench.py serve [--sizes 160m,1.4b] [--clients 1,2,4,8,16] [--dtypes bfloat16]
         N concurrent streaming clients against serve.py (continuous batching, --max-batch 16) run as a program:
         aggregate tokens/s, time to first token p50/p99, time per output token p50 (64 tokens each)
+    python bench.py tp [--sizes 1.4b] [--dtypes bfloat16] [--new-tokens 32]
+        tensor parallelism (tp.py) against one process on random weights: batch-1 decode tokens/s after a 64-token
+        prompt, each rank's weight bytes and peak memory; 2 ranks under torchrun (gloo on the CPU: 1 thread each;
+        the one process gets every core)
     python bench.py tokenizers [--json out.json]
         encode throughput of our tiktoken tokenizers vs the Hugging Face `tokenizers` library on ~1 MB of mixed
         text, every family (needs the reference tokenizer files: PHI_REFERENCE, default ../shared/reference)
@@ -776,6 +780,65 @@ def serve_clients(port, n):
     return runs
 
 
+def bench_tp(args):
+    import subprocess
+    import tempfile
+
+    import torch
+
+    import phi
+
+    dtype = args.dtypes.split(",")[0]
+    print(f"tensor parallel, {cpu_model()}, {os.cpu_count()} cores, {dtype}, batch 1, {args.new_tokens} new tokens")
+    print("| size | ranks | decode tok/s | weights per rank GB | peak RSS per rank GB |\n|---|---:|---:|---:|---:|")
+    for size in args.sizes.split(","):
+        ckpt = Path(tempfile.mkdtemp(prefix=f"phi-tp-{size}-"))
+        phi.Phi.from_config(model_config(size), dtype=getattr(torch, dtype)).save_pretrained(ckpt)
+        try:
+            for n in (1, 2):
+                for f in ckpt.glob("rank*.json"):
+                    f.unlink()
+                launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
+                cmd = launch + [__file__, "_tp_row", str(ckpt), dtype, str(args.new_tokens)]
+                env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))}
+                r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if r.returncode != 0:
+                    print(r.stderr[-2000:], file=sys.stderr)
+                    continue
+                rows = [json.loads(f.read_text()) for f in ckpt.glob("rank*.json")]
+                tok_s = min(row["tok_s"] for row in rows)
+                gb, rss = max(row["weights"] for row in rows) / 1e9, max(row["peak_mb"] for row in rows) / 1024
+                print(f"| {size} | {n} | {tok_s:.2f} | {gb:.2f} | {rss:.2f} |", flush=True)
+        finally:
+            shutil.rmtree(ckpt)
+
+
+def tp_row(ckpt, dtype, new_tokens):
+    """One rank of bench_tp (under torchrun): CKPT/rank{r}.json, its decode tokens/s, weight bytes and peak RSS."""
+    import torch
+
+    import phi
+    import quantize
+    import tp
+
+    device = tp.init()
+    dtype = getattr(torch, dtype)
+    world = torch.distributed.get_world_size()
+    model = tp.load(Path(ckpt), dtype, device) if world > 1 else phi.Phi.from_pretrained(ckpt, dtype, device)
+    model = quantize.speed_up(model)
+    prompt = torch.randint(0, model.config.vocab_size, (64,), generator=torch.Generator().manual_seed(0)).tolist()
+    list(generate.generate(model, prompt, 4, eos_ids=set()))  # (warm-up)
+    t = time.perf_counter()
+    n = len(list(generate.generate(model, prompt, int(new_tokens), eos_ids=set())))
+    t = time.perf_counter() - t
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    rank = torch.distributed.get_rank()
+    (Path(ckpt) / f"rank{rank}.json").write_text(
+        json.dumps(dict(tok_s=n / t, weights=weights, peak_mb=rss_mb("VmHWM")))
+    )
+    torch.distributed.destroy_process_group()
+
+
 def bench_speculative(args):
     import torch
 
@@ -1052,6 +1115,8 @@ if __name__ == "__main__":
         sys.exit(finetune_row(*sys.argv[2:]))
     if sys.argv[1:2] == ["_block_sparse_row"]:  # bench_block_sparse's rows: bench.py _block_sparse_row KIND DTYPE T
         sys.exit(block_sparse_row(sys.argv[2], sys.argv[3], int(sys.argv[4])))
+    if sys.argv[1:2] == ["_tp_row"]:  # bench_tp's ranks: bench.py _tp_row CKPT DTYPE NEW_TOKENS
+        sys.exit(tp_row(*sys.argv[2:]))
     if sys.argv[1:2] == ["_llama"]:  # bench_llama_cpp runs each llama.cpp row as: bench.py _llama GGUF SIZE THREADS
         sys.exit(llama_row(*sys.argv[2:]))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1067,6 +1132,7 @@ if __name__ == "__main__":
             "llama-cpp",
             "block-sparse",
             "serve",
+            "tp",
         ],
     )
     p.add_argument("--k", type=int, default=4, help="speculative: drafts a step")
@@ -1102,6 +1168,8 @@ if __name__ == "__main__":
         bench_block_sparse(args)
     elif args.what == "serve":
         bench_serve(args)
+    elif args.what == "tp":
+        bench_tp(args)
     else:
         if not (REF / "tokenizers").is_dir():
             sys.exit(f"bench.py: reference tokenizers not found in {REF} (set PHI_REFERENCE)")

@@ -10,6 +10,7 @@ TextStream (text pieces, stop strings) -> stdout. serve.py and train.py use the 
 """
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import torch
 
 import lora
 import phi
+import tp as tensor_parallel
 from quantize import quantize_int4, quantize_int8, speed_up
 from tokenizer import TOKENIZER_FILES, Tokenizer, chat_prompt, download, load_tokenizer
 
@@ -48,13 +50,15 @@ def adapter_dir(name_or_dir, revision=None) -> Path:
     return d if d.is_dir() else download(str(name_or_dir), lora.ADAPTER_FILES, revision)
 
 
-def load(name_or_dir, dtype="auto", device=None, revision=None, attn="sdpa", quantize=None, adapter=None):
+def load(name_or_dir, dtype="auto", device=None, revision=None, attn="sdpa", quantize=None, adapter=None, tp=False):
     """(model, tokenizer) from a Hub id or a local directory. dtype "auto" takes the checkpoint's own (float16
     becomes bfloat16 on the CPU, where float16 matmuls are slow); device None picks CUDA when there is one;
     quantize="int8" stores the weights as int8 (weight-only, per channel), "int4" as 4-bit groups; with int8 and
     dtype "auto" on the CPU the rest of the model and the activations are float32 (converting bf16 activations
     costs more than it saves). adapter: a PEFT LoRA adapter (Hub id or directory), merged into the weights before
-    any quantization."""
+    any quantization. tp=True (inside torchrun's process group: tp.init()): this rank's shard of the model (tp.py)."""
+    if tp and (quantize or adapter):
+        raise ValueError("tensor parallelism (--tp) takes no --quantize or --adapter yet")
     if quantize is not None and quantize not in QUANTIZERS:
         raise ValueError(f"quantize '{quantize}' is unknown (int8, int4 or none)")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -64,7 +68,10 @@ def load(name_or_dir, dtype="auto", device=None, revision=None, attn="sdpa", qua
     if quantize == "int8" and dtype == "auto" and device.type == "cpu":
         dtype = "float32"
     dtype = resolve_dtype(dtype, phi.PhiConfig.from_hf(phi._read_json(d / "config.json")).torch_dtype, device)
-    model = phi.Phi.from_pretrained(d, dtype=dtype, device=device, attn=attn)
+    if tp:
+        model = tensor_parallel.load(d, dtype, device, attn)
+    else:
+        model = phi.Phi.from_pretrained(d, dtype=dtype, device=device, attn=attn)
     if adapter is not None:
         lora.merge_adapter(model, adapter_dir(adapter))
     model = speed_up(model)
@@ -465,11 +472,11 @@ def lookup_draft(context: list, k: int, max_ngram=3) -> list:
 
 def catch_up(model, cache, ids):
     """Make the cache hold exactly ids: roll it back past what differs or is extra, run what is missing."""
-    have = int(cache.slot)
-    if have > len(ids):
-        cache.slot.fill_(len(ids))
-    elif have < len(ids):
-        model(torch.tensor([ids[have:]], device=model.embed.weight.device), cache=cache)
+    held = cache.ids[0, : int(cache.slot)].tolist()
+    same = next((i for i, (a, b) in enumerate(zip(held, ids)) if a != b), min(len(held), len(ids)))
+    cache.slot.fill_(same)  # (the slots past it are overwritten)
+    if same < len(ids):
+        model(torch.tensor([ids[same:]], device=model.embed.weight.device), cache=cache)
 
 
 def propose(draft, dcache, ids: list, budget: int, s: Sampling):
@@ -680,6 +687,7 @@ def build_parser():
         help="beam search: stop a prompt once K hypotheses ended (true), when none can beat them (false), never",
     )
     p.add_argument("--num-return-sequences", type=int, default=1, help="beam search: hypotheses shown per prompt")
+    p.add_argument("--tp", action="store_true", help="tensor parallel over torchrun's processes (tp.py)")
     return p
 
 
@@ -737,7 +745,13 @@ def check_args(args):
 def run(args):
     """Load, then stream one prompt's continuation, decode a batch, decode speculatively, or chat."""
     check_args(args)
-    model, tok = load(args.model, args.dtype, args.device, args.revision, args.attn, args.quantize, args.adapter)
+    if args.tp:  # every rank runs every step; rank 0 prints
+        args.device = str(tensor_parallel.init())
+        if torch.distributed.get_rank():
+            sys.stdout = sys.stderr = open(os.devnull, "w")
+    model, tok = load(
+        args.model, args.dtype, args.device, args.revision, args.attn, args.quantize, args.adapter, tp=args.tp
+    )
     print(
         f"loaded {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
         f"{model.embed.weight.dtype}, {model.embed.weight.device}",

@@ -410,6 +410,7 @@ class Attention(nn.Module):
         self.grouped, self.sparse = cfg.small, (layer + 1) % cfg.dense_attention_every_n_layers != 0  # phi3small
         step = 0 if cfg.blocksparse_homo_head_pattern else max(1, cfg.blocksparse_vert_stride // self.n_head)
         self.block = (cfg.blocksparse_block_size, cfg.blocksparse_num_local_blocks, cfg.blocksparse_vert_stride, step)
+        self.head_offset = 0  # the model's index of this module's first head (tp.py: a rank holds some heads)
         self.sizes = [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim]
         self.qkv = nn.Linear(cfg.hidden_size, sum(self.sizes), bias=cfg.attn_bias)  # q, k, v in one matmul
         self.out = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=cfg.attn_bias)
@@ -458,7 +459,7 @@ class Attention(nn.Module):
         block). Causality is the caller's."""
         size, local, stride, step = self.block
         qb, kb = (q_pos // size)[:, None, :, None], (k_pos // size)[:, None, None]  # (B, 1, T, 1), (B, 1, 1, S)
-        h = torch.arange(self.n_head, device=q_pos.device)[:, None, None]  # (H, 1, 1)
+        h = self.head_offset + torch.arange(self.n_head, device=q_pos.device)[:, None, None]  # (H, 1, 1)
         return (qb - kb < local) | ((kb + h * step + 1) % stride == 0)
 
     def block_sparse_attention(self, q, k, v, a, dropout):
@@ -769,7 +770,9 @@ class PhiModel(nn.Module):
         return names
 
     @torch.no_grad()
-    def load_hf_weights(self, path):
+    def load_hf_weights(self, path, copy=None):
+        """Read every tensor from the checkpoint at path. copy(ckpt, our name, checkpoint names, dest): reads a tensor
+        its own way if it returns True (tp.py: a rank's slice), else Checkpoint.copy_rows reads it whole."""
         ckpt = Checkpoint(Path(path))
         layout = next((lay for lay, probe in LAYOUT_PROBES.items() if probe in ckpt.files), self.config.model_type)
         ours, used = self.state_dict(), set()
@@ -786,7 +789,8 @@ class PhiModel(nn.Module):
                     f"{path}: tensor '{missing[0]}' is missing from the checkpoint "
                     f"(needed for {our}, expected shape {list(ours[our].shape)}; layout '{layout}')"
                 )
-            ckpt.copy_rows(srcs, ours[our])  # q, k, v stacked along dim 0 for phi
+            if not (copy and copy(ckpt, our, srcs, ours[our])):
+                ckpt.copy_rows(srcs, ours[our])  # q, k, v stacked along dim 0 for phi
             used.update(srcs)
         # not ours, yet expected: another task's head or a tied lm_head (ignored, as transformers does), old buffers
         heads = ("lm_head", "score", "classifier") if layout not in LEGACY else ()

@@ -529,7 +529,8 @@ class Server:
         for i in sorted(texts):
             prompt = r.prompts[i // n]
             if r.chat:
-                content, calls = parse_tool_calls(texts[i]) if r.body.get("tools") else (texts[i], None)
+                tools = r.body.get("tools") and r.body.get("tool_choice") != "none"  # ("none": no tools, no calls)
+                content, calls = parse_tool_calls(texts[i]) if tools else (texts[i], None)
                 message = {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
                 logprobs = {"content": self.chat_logprobs(ids[i], scores[i])} if r.body.get("logprobs") else None
                 reason = "tool_calls" if calls else finish[i]

@@ -74,6 +74,8 @@ def peft_adapter(ref, path, targets, task="CAUSAL_LM", r=4, **kw):
             ["qkv_proj", "down_proj"],
             dict(use_rslora=True, rank_pattern={"down_proj": 2}, alpha_pattern={"down_proj": 3}),
         ),
+        # peft matches a pattern at a dot boundary: "proj" is no q_proj (those keep r 4), "dense" is the out Linear
+        ("phi-2", PEFT_TARGETS["phi"], dict(rank_pattern={"proj": 3, "dense": 2}, alpha_pattern={"proj": 7})),
     ],
 )
 def test_peft_made_adapter_gives_peft_logits(name, targets, kw, tmp_path):
@@ -89,6 +91,32 @@ def test_peft_made_adapter_gives_peft_logits(name, targets, kw, tmp_path):
         want = tuned(ids).logits
         assert err(want, ref(ids).logits) > 10 * TOL  # the adapter changes the logits
         assert record(f"peft adapter {name} {'+'.join(targets)}", err(ours(ids), want)) <= TOL
+
+
+@pytest.mark.parametrize("name", ["phi-2", "phi3-gqa-window"])
+def test_the_model_as_trained_gives_the_logits_of_its_exported_adapter(name, tmp_path):
+    """The training model (lora.add_lora: LoRALinear with random A and B, r 4, alpha 8: scale 2) gives the logits of
+    its adapter as saved, loaded by generate.load(base, adapter=) and by peft on transformers' model: the scale used
+    in training is the one the adapter files mean."""
+    ref = hf_model(name)
+    base = saved(ref, tmp_path / "base")
+    model = phi.Phi.from_pretrained(base)
+    spec = dict(r=4, alpha=8, dropout=0.0, targets=None, task="causal-lm", base=str(base))
+    lora.add_lora(model, spec).eval()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.1)
+    lora.save_adapter(tmp_path / "adapter", model, spec)
+    merged = lora.merge_adapter(phi.Phi.from_pretrained(base), tmp_path / "adapter")
+    tuned = peft_on_transformers(base, tmp_path / "adapter")
+    ids = ids_for(20)
+    with torch.no_grad():
+        trained, want = model(ids), tuned(ids).logits
+        assert err(trained, ref(ids).logits) > 10 * TOL  # (the adapters change the logits)
+        e = record(f"lora as trained vs exported {name}", max(err(trained, want), err(merged(ids), want)))
+    assert e <= TOL, e
 
 
 def file_hashes(d):

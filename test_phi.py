@@ -689,6 +689,18 @@ def test_flash_is_not_used_for_a_padded_batch(tmp_path):
     assert calls
 
 
+@pytest.mark.parametrize("name", ["phi-2", "phimoe"])
+def test_weights_read_in_many_small_blocks_equal_the_whole_reads(name, tmp_path, monkeypatch):
+    """Checkpoint.copy_rows reads a few rows at a time (ROWS_AT_ONCE elements): with blocks of 2-3 rows every tensor
+    spans many, ending mid-tensor and mid-part (phi's q, k, v stacked; phimoe's w1, w3): the weights equal those read
+    in one block each (the default here), which the parity tests check against transformers."""
+    ours = from_transformers(name, tmp_path)[0]
+    monkeypatch.setattr(phi.Checkpoint, "ROWS_AT_ONCE", 200)  # rows of 64-96 elements: 2 or 3 a block
+    small = phi.Phi.from_pretrained(tmp_path)
+    for key, t in ours.state_dict().items():
+        assert torch.equal(small.state_dict()[key], t), key
+
+
 def test_kv_cache_overflow_is_an_error(tmp_path):
     model = from_transformers("phi-1.5", tmp_path)[0]
     cache = phi.KVCache(model.config, 2, 8)

@@ -360,6 +360,25 @@ def test_int4_logits_close_to_fp32(name, tmp_path):
         assert torch.equal(out, qb(torch.cat((ids[:, :8], out[:, :-1]), 1))[:, 7:].argmax(-1))
 
 
+def test_int4_takes_the_largest_group_that_divides_and_scales_each_group():
+    """quantize_int4's group per Linear: 128, else 64, else 32 input columns (a Linear none divides stays a Linear);
+    one scale and zero point per group and output (scales_and_zeros (in / group, out, 2)); every weight within half a
+    step of its group's scale once dequantized."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(*(torch.nn.Linear(i, 16) for i in (256, 192, 96, 64, 40)))
+    want = [lin.weight.detach().clone() for lin in m]
+    quantize.quantize_int4(m)
+    assert [getattr(lin, "group", None) for lin in m] == [128, 64, 32, 64, None]
+    assert isinstance(m[4], torch.nn.Linear)
+    for lin, w in zip(list(m)[:4], want):
+        sz = lin.scales_and_zeros.float()
+        assert sz.shape == (w.shape[1] // lin.group, 16, 2)
+        x = torch.eye(w.shape[1])  # the identity through the kernel: its dequantized weight, transposed
+        dequant = (lin(x) - lin.bias.detach()).T
+        step = sz[..., 0].T.repeat_interleave(lin.group, 1)  # (out, in): each weight's group's scale
+        assert ((dequant - w).abs() <= 0.5 * step + 1e-2).all()
+
+
 @needs_reference("tokenizers")
 def test_cli_quantize_int4_equals_the_api(hub):
     home, _ = hub

@@ -77,6 +77,42 @@ def test_serve_chat_and_completions_equal_generate(name, server):
 
 
 @needs_reference("tokenizers")
+def test_serve_usage_of_n_choices_a_string_stop_types_the_context_edge_and_the_last_chunk(server):
+    """usage counts every choice of n (completion_tokens = n x max_tokens, total_tokens = prompt + that); a string
+    stop is one stop string, not its characters; a bool is no number; a prompt must leave room for one token (as
+    long as the context: 400; one shorter: served); a streamed chat's last chunk with a choice carries its
+    finish_reason, and the usage chunk comes after it."""
+    import openai
+
+    url, model, tok = server("phi3-4k")
+    client = openai_client(url)
+    msg = [{"role": "user", "content": "Name a prime."}]
+    prompt = len(tok.encode(tok.render_chat(msg), bos=tok.add_bos))
+    r = client.chat.completions.create(model="m", messages=msg, max_tokens=5, n=3, temperature=1.0, seed=3)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (prompt, 15, prompt + 15)
+    text = client.completions.create(model="m", prompt="Once upon", max_tokens=12, temperature=0).choices[0].text
+    c = next(ch for ch in text if ch.strip())  # a character the text has; with it, a string no text has
+    r = client.completions.create(model="m", prompt="Once upon", max_tokens=12, temperature=0, stop=c + "\u2603")
+    assert r.choices[0].text == text and r.choices[0].finish_reason == "length"
+    for field in ("max_tokens", "n", "temperature", "top_p", "seed"):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="m", messages=msg, **{field: True})
+        assert e.value.body["param"] == field
+    context = model.config.max_position_embeddings
+    with pytest.raises(openai.BadRequestError, match=f"is {context} tokens"):
+        client.completions.create(model="m", prompt=[5] * context, max_tokens=1)
+    assert client.completions.create(model="m", prompt=[5] * (context - 1), max_tokens=1).usage.completion_tokens == 1
+    chunks = list(
+        client.chat.completions.create(
+            model="m", messages=msg, max_tokens=4, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    last = [ch for ch in chunks if ch.choices][-1]
+    assert last.choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == 4
+    assert all(ch.choices[0].finish_reason is None for ch in chunks if ch.choices and ch is not last)
+
+
+@needs_reference("tokenizers")
 def test_serve_two_concurrent_clients_get_their_own_answers(server):
     url, model, tok = server("phi3-4k")
     client = openai_client(url)
@@ -158,7 +194,8 @@ def test_serve_bad_requests_are_400_and_the_server_keeps_serving(server):
 def test_serve_phi4_mini_tool_call_round_trip(server, monkeypatch):
     """Tools on a Phi-4-mini-shaped model: the prompt the server builds from OpenAI messages (tools, an assistant's
     tool_calls, a tool result) is what the checkpoint's own chat template renders; a forced <|tool_call|> reply comes
-    back as OpenAI tool_calls (finish_reason "tool_calls"); malformed JSON in it comes back as content."""
+    back as OpenAI tool_calls (finish_reason "tool_calls"), also when the model ends its turn without <|/tool_call|>;
+    malformed JSON in it comes back as content; with tool_choice "none" neither the tools nor the calls apply."""
     url, model, tok = server("phi4-mini")
     client = openai_client(url)
     fn = {
@@ -194,15 +231,25 @@ def test_serve_phi4_mini_tool_call_round_trip(server, monkeypatch):
         generate, "prefill", lambda m, ids, *a, **kw: prompts.append(ids[0].tolist()) or real_prefill(m, ids, *a, **kw)
     )
     monkeypatch.setattr(generate, "sample", lambda logits, *a, **kw: torch.full(logits.shape[:1], reply.pop(0)))
-    for text, calls in [
-        ('<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Rome"}}]<|/tool_call|>', True),
-        ('<|tool_call|>[{"name": "get_weather", "arguments": {"city": Rome}]<|/tool_call|>', False),
+    no_tools = transformers.AutoTokenizer.from_pretrained(TOK / "phi4mini").apply_chat_template(
+        [{k: v for k, v in m.items() if k != "tools"} for m in template], tokenize=False, add_generation_prompt=True
+    )
+    for text, calls, choice_of_tool in [
+        ('<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Rome"}}]<|/tool_call|>', True, "auto"),
+        ('<|tool_call|>[{"name": "get_weather", "arguments": {"city": Rome}]<|/tool_call|>', False, "auto"),
+        ('<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Rome"}}]', True, "auto"),  # ends at <|end|>
+        ('<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Rome"}}]<|/tool_call|>', False, "none"),
     ]:
         reply[:] = tok.encode(text) + [end]
         r = client.chat.completions.create(
-            model="m", messages=messages, tools=[{"type": "function", "function": fn}], max_tokens=40
+            model="m",
+            messages=messages,
+            tools=[{"type": "function", "function": fn}],
+            tool_choice=choice_of_tool,
+            max_tokens=40,
         )
-        assert prompts[-1] == tok.encode(want_prompt)
+        # tool_choice "none": the tools stay out of the prompt, and a call the model writes anyway is its text
+        assert prompts[-1] == tok.encode(want_prompt if choice_of_tool == "auto" else no_tools)
         choice = r.choices[0]
         if calls:
             assert choice.finish_reason == "tool_calls" and not choice.message.content
