@@ -780,6 +780,24 @@ def serve_clients(port, n):
     return runs
 
 
+FINETUNE_MODES = ("full", "lora", "lora+int8")
+
+
+def unknown_choice(args):
+    """The message for a --sizes, --dtypes, --impls, --modes or --shapes entry this bench does not know, or None:
+    a typo must not run another measure under its name."""
+    import train
+
+    known = dict(
+        sizes=SIZES, dtypes=("float32", "bfloat16", "float16"), impls=IMPLS, modes=FINETUNE_MODES, shapes=train.PRESETS
+    )
+    for option, names in known.items():
+        for name in getattr(args, option).split(","):
+            if name not in names:
+                return f"--{option}: unknown {name!r} (known: {', '.join(names)})"
+    return None
+
+
 def bench_tp(args):
     import subprocess
     import tempfile
@@ -1152,6 +1170,8 @@ if __name__ == "__main__":
     p.add_argument("--device", help="cpu or cuda (default: cuda when there is one)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
+    if (unknown := unknown_choice(args)) is not None:
+        p.error(unknown)
     if args.what == "models":
         bench_models(args)
     elif args.what == "pairs":

@@ -324,19 +324,33 @@ def test_lora_on_an_int8_base_trains_and_applies_to_the_bf16_base(tmp_path):
 
 
 def test_lora_quantized_base_is_int8_and_only_adapters_train(tmp_path):
-    """What --lora --quantize int8 builds: every adapted Linear's base stores int8 weights, and the only parameters
-    with gradients are the adapters'."""
-    import argparse
-
+    """What --lora --quantize int8 builds: every adapted Linear's base stores int8 weights, the only parameters with
+    gradients are the adapters', and (random adapters) its logits are those of the dequantized base (int8 x scale, as
+    fp32 Linears) with the same adapters, in fp32."""
     base = tiny_checkpoint(tmp_path / "base")
-    args = train.parse_args(["--init", str(base), "--lora", "4", "--quantize", "int8", "--dtype", "bfloat16"])
-    model = train.build_model(args, None, torch.device("cpu"), 257, 256, None)
+    args = train.parse_args(["--init", str(base), "--lora", "4", "--quantize", "int8", "--dtype", "float32"])
+    model = train.build_model(args, None, torch.device("cpu"), 257, 256, None).eval()
     loras = [m for m in model.modules() if isinstance(m, lora.LoRALinear)]
     assert len(loras) == 4 * TINY["num_hidden_layers"]
     assert all(isinstance(m.base, quantize.Int8Linear) and m.base.weight.dtype == torch.int8 for m in loras)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained == {n for n in dict(model.named_parameters()) if ".lora_" in n}
-    assert isinstance(args, argparse.Namespace)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_" in n or n.endswith(".bias"):  # (the checkpoint's biases are zero)
+                p.normal_(0, 0.1)
+        plain = copy.deepcopy(model)
+        for m in [m for m in plain.modules() if isinstance(m, lora.LoRALinear)]:
+            q = m.base
+            m.base = torch.nn.Linear(q.weight.shape[1], q.weight.shape[0], bias=q.bias is not None)
+            m.base.weight.copy_(q.weight.float() * q.scale.float()[:, None])
+            if q.bias is not None:
+                m.base.bias.copy_(q.bias)
+        ids = ids_for(24, vocab=256)
+        want = plain(ids)
+        assert err(want, phi.Phi.from_pretrained(base)(ids)) > 10 * TOL  # (adapters and biases change the logits)
+        assert record("lora on int8 base vs dequantized base", err(model(ids), want)) <= TOL
 
 
 @pytest.mark.parametrize(
