@@ -369,48 +369,72 @@ def generate_beam(
     cache = phi.KVCache(model.config, B, ids.shape[1] + N, model.embed.weight.dtype, dev)
     logits = prefill(model, ids, mask if (mask == 0).any() else None, cache).repeat_interleave(K, 0)  # (B * K, V)
     reorder_rows(cache, torch.arange(B, device=dev).repeat_interleave(K))  # each prompt's K beams start from it
-    keep = max(2, 1 + len(eos)) * K  # candidates per step: enough that K of them go on after some end
-    first_k = torch.arange(keep, device=dev) < K  # only the best K candidates may end a hypothesis
-    running = torch.full((B, K), -1.0e9, device=dev).index_fill_(1, torch.tensor([0], device=dev), 0.0)
-    seqs = torch.full((B, K, N), -1, dtype=torch.long, device=dev)
-    ended, ended_scores = torch.zeros(B, K, dtype=torch.bool, device=dev), torch.full((B, K), -1.0e9, device=dev)
-    ended_seqs, open_ = seqs.clone(), torch.ones(B, 1, dtype=torch.bool, device=dev)
+    beams = Beams(B, K, N, eos, length_penalty, early_stopping)
     for t in range(N):
         if stats is not None:
             stats["steps"] = t + 1
-        logprobs = logits.float().log_softmax(-1).view(B, K, -1) + running[:, :, None]  # (B, K, V)
-        top, idx = logprobs.view(B, -1).topk(keep)  # (B, keep): the best continuations of all K beams
-        beam, token = idx // logprobs.shape[-1], idx % logprobs.shape[-1]
-        cand = seqs.gather(1, beam[..., None].expand(-1, -1, N)).clone()
-        cand[:, :, t] = token
-        hits = torch.isin(token, eos) | (t + 1 >= N)  # (B, keep): the candidate ends here
-        # the K best candidates that go on are the running beams of the next step
-        going = top + hits.float() * -1.0e9
-        chosen = going.topk(K).indices  # (B, K)
-        running, seqs = going.gather(1, chosen), cand.gather(1, chosen[..., None].expand(-1, -1, N))
-        rows = (beam.gather(1, chosen) + torch.arange(B, device=dev)[:, None] * K).view(-1)  # their parents' rows
-        # the candidates among the best K that end join the ended hypotheses if they are among the K best of them
-        final = top / ((t + 1) ** length_penalty)
-        final += (ended.all(-1, keepdim=True) & (early_stopping is True)).float() * -1.0e9
-        final += (~open_).float() * -1.0e9
-        final += (~(hits & first_k)).float() * -1.0e9
-        best = torch.cat((ended_scores, final), 1).topk(K).indices
-        ended_scores = torch.cat((ended_scores, final), 1).gather(1, best)
-        ended_seqs = torch.cat((ended_seqs, cand), 1).gather(1, best[..., None].expand(-1, -1, N))
-        ended = torch.cat((ended, hits & first_k), 1).gather(1, best)
-        # transformers' stopping rule: can a running beam still beat the worst ended one?
-        length = N if early_stopping == "never" and length_penalty > 0 else t + 1
-        worst = torch.where(ended, ended_scores.min(1, keepdim=True).values, -1.0e9)
-        open_ &= (running[:, :1] / length**length_penalty > worst).any(-1, keepdim=True)
-        if not open_.any() or (ended.all() and early_stopping is True) or hits.all():
+        rows, tokens, over = beams.step(logits, t)
+        if over:
             break
         reorder_rows(cache, rows)  # each running beam takes its parent's keys and values
-        logits = decode_one_token(model, seqs[:, :, t].reshape(-1), cache)
-    stops = set(eos.tolist())
-    return [
-        [(hypothesis(ended_seqs[b, r].tolist(), stops), ended_scores[b, r].item()) for r in range(num_return_sequences)]
-        for b in range(B)
-    ]
+        logits = decode_one_token(model, tokens, cache)
+    return [beams.best(b, num_return_sequences, set(eos.tolist())) for b in range(B)]
+
+
+class Beams:
+    """Beam search's state for B prompts of K beams, N new tokens at most: the running beams (scores, tokens) and,
+    per prompt, the K best ended hypotheses, as transformers keeps them."""
+
+    def __init__(self, B, K, N, eos, length_penalty, early_stopping):
+        dev, self.B, self.K, self.N, self.eos = eos.device, B, K, N, eos
+        self.penalty, self.early = length_penalty, early_stopping
+        self.keep = max(2, 1 + len(eos)) * K  # candidates per step: enough that K of them go on after some end
+        self.first_k = torch.arange(self.keep, device=dev) < K  # only the best K candidates may end a hypothesis
+        self.running = torch.full((B, K), -1.0e9, device=dev).index_fill_(1, torch.tensor([0], device=dev), 0.0)
+        self.seqs = torch.full((B, K, N), -1, dtype=torch.long, device=dev)
+        self.ended, self.ended_scores = (
+            torch.zeros(B, K, dtype=torch.bool, device=dev),
+            self.running.new_full((B, K), -1.0e9),
+        )
+        self.ended_seqs, self.open = self.seqs.clone(), torch.ones(B, 1, dtype=torch.bool, device=dev)
+
+    def step(self, logits, t):
+        """Extend the beams by step t's logits (B * K, V): (the cache rows the next running beams continue, their new
+        tokens (B * K,), whether the search is over)."""
+        B, K, N = self.B, self.K, self.N
+        logprobs = logits.float().log_softmax(-1).view(B, K, -1) + self.running[:, :, None]  # (B, K, V)
+        top, idx = logprobs.view(B, -1).topk(self.keep)  # (B, keep): the best continuations of all K beams
+        beam, token = idx // logprobs.shape[-1], idx % logprobs.shape[-1]
+        cand = self.seqs.gather(1, beam[..., None].expand(-1, -1, N)).clone()
+        cand[:, :, t] = token
+        hits = torch.isin(token, self.eos) | (t + 1 >= N)  # (B, keep): the candidate ends here
+        going = top + hits.float() * -1.0e9  # the K best that go on are the next running beams
+        chosen = going.topk(K).indices  # (B, K)
+        self.running, self.seqs = going.gather(1, chosen), cand.gather(1, chosen[..., None].expand(-1, -1, N))
+        rows = (beam.gather(1, chosen) + torch.arange(B, device=idx.device)[:, None] * K).view(-1)
+        self.end(top, cand, hits & self.first_k, t)
+        over = not self.open.any() or (self.ended.all() and self.early is True) or hits.all()
+        return rows, self.seqs[:, :, t].reshape(-1), over
+
+    def end(self, top, cand, ends, t):
+        """The candidates that end here join the ended hypotheses if among the K best of them (none once a prompt's
+        K have ended with early_stopping True, or none can beat them); then transformers' estimate of whether a
+        running beam still could."""
+        final = top / ((t + 1) ** self.penalty)
+        final += (self.ended.all(-1, keepdim=True) & (self.early is True)).float() * -1.0e9
+        final += (~self.open).float() * -1.0e9
+        final += (~ends).float() * -1.0e9
+        best = torch.cat((self.ended_scores, final), 1).topk(self.K).indices
+        self.ended_scores = torch.cat((self.ended_scores, final), 1).gather(1, best)
+        self.ended_seqs = torch.cat((self.ended_seqs, cand), 1).gather(1, best[..., None].expand(-1, -1, self.N))
+        self.ended = torch.cat((self.ended, ends), 1).gather(1, best)
+        length = self.N if self.early == "never" and self.penalty > 0 else t + 1
+        worst = torch.where(self.ended, self.ended_scores.min(1, keepdim=True).values, -1.0e9)
+        self.open &= (self.running[:, :1] / length**self.penalty > worst).any(-1, keepdim=True)
+
+    def best(self, b, n, stops) -> list:
+        """Prompt b's n best ended hypotheses: [(new tokens up to the EOS, score)], best first."""
+        return [(hypothesis(self.ended_seqs[b, r].tolist(), stops), self.ended_scores[b, r].item()) for r in range(n)]
 
 
 def hypothesis(tokens, stops) -> list:

@@ -806,6 +806,32 @@ def until_eos(tokens, eos):
     return tokens[: tokens.index(eos)] if eos in tokens else tokens
 
 
+def assert_beams_are_transformers(got, stats, ref, prompts, new, K, n, eos, **kw):
+    """generate_beam's hypotheses (got, for the left-padded prompts) are transformers' generate(num_beams=K, ...):
+    the same sequences in order, the same scores (K > 1: transformers' K 1 is greedy, without them), as many steps.
+    Returns transformers' sequences (new tokens up to the EOS)."""
+    ids, mask = generate.left_padded(prompts, "cpu")
+    out = ref.generate(
+        ids,
+        attention_mask=mask,
+        num_beams=K,
+        do_sample=False,
+        max_new_tokens=new,
+        num_return_sequences=n,
+        eos_token_id=eos,
+        pad_token_id=0,
+        output_scores=True,
+        return_dict_in_generate=True,
+        **kw,
+    )
+    want = [until_eos(row[ids.shape[1] :].tolist(), eos) for row in out.sequences]
+    assert [tokens for hyps in got for tokens, _ in hyps] == want
+    scores = torch.tensor([score for hyps in got for _, score in hyps])
+    assert K == 1 or record("beam search scores vs transformers", err(scores, out.sequences_scores)) <= TOL
+    assert stats["steps"] == len(out.scores)  # (it stops when transformers does)
+    return want
+
+
 @pytest.mark.parametrize(
     "name,K,early,penalty,ends",
     [
@@ -829,25 +855,7 @@ def test_beam_search_equals_transformers(name, K, early, penalty, ends, tmp_path
         got = generate.generate_beam(ours, prompts, 10, K, num_return_sequences=n, eos_ids={eos}, stats=stats, **kw)
         if any(len(tokens) < 10 for hyps in got for tokens, _ in hyps):
             break
-    ids, mask = generate.left_padded(prompts, "cpu")
-    out = ref.generate(
-        ids,
-        attention_mask=mask,
-        num_beams=K,
-        do_sample=False,
-        max_new_tokens=10,
-        num_return_sequences=n,
-        eos_token_id=eos,
-        pad_token_id=0,
-        output_scores=True,
-        return_dict_in_generate=True,
-        **kw,
-    )
-    want = [until_eos(row[ids.shape[1] :].tolist(), eos) for row in out.sequences]
-    assert [tokens for hyps in got for tokens, _ in hyps] == want
-    scores = torch.tensor([score for hyps in got for _, score in hyps])
-    assert K == 1 or record("beam search scores vs transformers", err(scores, out.sequences_scores)) <= TOL
-    assert stats["steps"] == len(out.scores)  # (it stops when transformers does)
+    want = assert_beams_are_transformers(got, stats, ref, prompts, 10, K, n, eos, **kw)
     assert any(len(t) < 10 for t in want) == ends  # (returned hypotheses that ended at the EOS)
 
 
@@ -881,25 +889,7 @@ def test_beam_search_with_a_likely_eos_stops_where_transformers_does(early, K, p
         ref.lm_head.bias[eos] += 3.0
     stats, kw = {}, dict(length_penalty=penalty, early_stopping=early)
     got = generate.generate_beam(ours, prompts, 12, K, num_return_sequences=K, eos_ids={eos}, stats=stats, **kw)
-    ids, mask = generate.left_padded(prompts, "cpu")
-    out = ref.generate(
-        ids,
-        attention_mask=mask,
-        num_beams=K,
-        do_sample=False,
-        max_new_tokens=12,
-        num_return_sequences=K,
-        eos_token_id=eos,
-        pad_token_id=0,
-        output_scores=True,
-        return_dict_in_generate=True,
-        **kw,
-    )
-    want = [until_eos(row[ids.shape[1] :].tolist(), eos) for row in out.sequences]
-    assert [tokens for hyps in got for tokens, _ in hyps] == want
-    scores = torch.tensor([score for hyps in got for _, score in hyps])
-    assert record("beam search scores vs transformers", err(scores, out.sequences_scores)) <= TOL
-    assert stats["steps"] == len(out.scores)
+    want = assert_beams_are_transformers(got, stats, ref, prompts, 12, K, K, eos, **kw)
     assert any(len(t) < 12 for t in want) and (stats["steps"] < 12 or early == "never")  # (it stopped early)
 
 
