@@ -694,7 +694,9 @@ class PhiModel(nn.Module):
             else:
                 x = block(x, a)
         x = self.norm(x)
-        return x if hidden is None else hidden.append(x) or x
+        if hidden is not None:
+            hidden.append(x)
+        return x
 
     def set_attention(self, impl: str):
         """ "sdpa" (default, any device) or "flash" (flash-attn 2, CUDA with fp16/bf16 only; else one line + SDPA)."""
