@@ -43,6 +43,7 @@ import torch
 
 import generate
 import phi
+import tp as tensor_parallel
 
 
 class BadRequest(ValueError):
@@ -221,17 +222,40 @@ class Batcher:
     for the running rows only (generate.decode_one_token on views of them; compiled with --compile) and samples each
     with its own settings. A sequence that ends (EOS, max_tokens, cancelled) gives its row to the last one at once;
     when the cache is full its rows move left past the slots no running row uses, and it grows (up to the context)
-    when that is not enough. Positions come from each row's own tokens: a sequence computes what it computes alone."""
+    when that is not enough. Positions come from each row's own tokens: a sequence computes what it computes alone.
+    Everything that touches the model or the cache is an effect (see effect()): under tensor parallelism (tp.py)
+    rank 0 decides and sends each effect to the other ranks, whose replicas (follow()) run it too."""
 
-    def __init__(self, model, steps, max_batch=8):
+    def __init__(self, model, steps, max_batch=8, tp=False):
         # a LongRoPE model switches to its long factors for the whole batch at once (PhiModel.rerun_long): it decodes
         # one sequence at a time, so that each switches when it crosses the original context itself, as alone
         self.model, self.steps, self.max_batch = model, steps, 1 if model.rotary.scaled else max_batch
         self.waiting, self.rows = queue.Queue(), []  # rows[r]: the Sequence in the cache's row r
         self.cache, self.logits = None, None  # logits (max_batch, V): each running row's next-token logits
-        self.admitting = []
+        self.admitting, self.tp = [], tp
         self.lock = threading.Lock()  # the model runs one thing at a time: a step, a prefill, a scoring pass
-        threading.Thread(target=self.run, daemon=True, name="batcher").start()
+        if not (tp and torch.distributed.get_rank()):  # (another rank follows rank 0: follow())
+            threading.Thread(target=self.run, daemon=True, name="batcher").start()
+
+    def effect(self, name, *args, **local):
+        """Run the effect self.name(*args, **local) on the model or the cache, one at a time (the lock). With tensor
+        parallelism, rank 0 first sends (name, args) to the other ranks (local: what only rank 0 has)."""
+        with self.lock:
+            if self.tp:
+                torch.distributed.broadcast_object_list([(name, args)], src=0)
+            return getattr(self, name)(*args, **local)
+
+    @torch.no_grad()
+    def follow(self):
+        """Another rank of a tensor-parallel server: run rank 0's effects as they come, for ever."""
+        while True:
+            message = [None]
+            torch.distributed.broadcast_object_list(message, src=0)
+            name, args = message[0]
+            try:
+                getattr(self, name)(*args)
+            except Exception as e:  # noqa: BLE001 (rank 0 failed too, and resets: so does this replica)
+                print(f"serve.py: rank {torch.distributed.get_rank()}: {name} failed: {e!r}", file=sys.stderr)
 
     def submit(self, seq: Sequence):
         self.waiting.put(seq)
@@ -248,29 +272,46 @@ class Batcher:
                 for seq in ended:
                     seq.failed = repr(e)
                     seq.out.put(None)
-                self.rows, self.cache = [], None
+                self.effect("reset")
+
+    def reset(self):
+        self.rows, self.cache = [], None
+
+    @torch.no_grad()
+    def prompt_logits(self, prompt: list):
+        """The logits (T - 1, V) of one prompt's tokens after the first (a scoring pass, beside the batch)."""
+        return self.model(torch.tensor([prompt], device=self.model.embed.weight.device))[0, :-1]
+
+    def embed(self, inputs: list, pooling):
+        """generate.embed of token-id lists (a pass beside the batch)."""
+        return generate.embed(self.model, None, inputs, pooling)
+
+    def idle(self):
+        """Nothing to do (rank 0 says so now and then: the other ranks' collectives would time out)."""
 
     @torch.no_grad()
     def step(self):
         """Admit waiting sequences, sample each running row's next token, run one decode step for those that go on."""
         self.admit(wait=not self.rows)
         if not self.rows:
-            return
+            return self.effect("idle") if self.tp else None
         tokens = torch.zeros(len(self.rows), dtype=torch.long, device=self.cache.ids.device)
         for r in reversed(range(len(self.rows))):  # (from the last: a freed row takes the last one's place)
             token = self.next_token(r)
             if token < 0:
-                self.free(r, tokens)
+                self.effect("free", r, tokens=tokens)
             else:
                 tokens[r] = token
-        if not self.rows:
-            return
+        if self.rows:
+            self.effect("decode", tokens[: len(self.rows)].tolist())
+
+    def decode(self, tokens: list):
+        """One decode step for the running rows, whose next tokens these are (their logits in self.logits)."""
         self.make_room(1)
         n, c = len(self.rows), self.cache
         running = running_rows(c, n)
         step = self.steps.decode if generate.compiled_step_ok(self.model, running) else generate.decode_one_token
-        with self.lock:
-            self.logits[:n] = step(self.model, tokens[:n], running)  # (n, V)
+        self.logits[:n] = step(self.model, torch.tensor(tokens, device=c.ids.device), running)  # (n, V)
         c.long = running.long
 
     def next_token(self, r) -> int:
@@ -287,13 +328,15 @@ class Batcher:
             return -1
         return token
 
-    def free(self, r, tokens):
+    def free(self, r, tokens=None):
         """Row r's sequence has ended: the last row moves into it (its cache slots, logits and next token)."""
         last, c = len(self.rows) - 1, self.cache
         if r != last:
             for t in c.k + c.v + [c.valid, c.pos, c.ids]:
                 t[r] = t[last]
-            self.logits[r], tokens[r], self.rows[r] = self.logits[last], tokens[last], self.rows[last]
+            self.logits[r], self.rows[r] = self.logits[last], self.rows[last]
+            if tokens is not None:
+                tokens[r] = tokens[last]
         self.rows.pop()
 
     def admit(self, wait):
@@ -301,24 +344,27 @@ class Batcher:
         nothing runs)."""
         new = self.admitting = []  # (being prefilled: if that fails, run() ends them too)
         while len(self.rows) + len(new) < self.max_batch:
-            try:
-                seq = self.waiting.get(block=wait and not new)
+            try:  # (tensor parallel: rank 0 says it is idle every minute, see idle())
+                seq = self.waiting.get(block=wait and not new, timeout=60 if self.tp else None)
             except queue.Empty:
                 break
             if seq.cancelled.is_set():
                 seq.out.put(None)
                 continue
             new.append(seq)
-        if not new:
-            return
-        dev, dtype = self.model.embed.weight.device, self.model.embed.weight.dtype
-        ids, mask = generate.left_padded([seq.ids for seq in new], dev)
-        prompts = phi.KVCache(self.model.config, len(new), ids.shape[1], dtype, dev)
-        with self.lock:  # (left-padded: each row computes what it computes alone)
-            logits = generate.prefill(self.model, ids, mask if (mask == 0).any() else None, prompts)  # (n, V)
-        for i, seq in enumerate(new):
-            self.place(seq, prompts, i, logits[i])
+        if new:
+            self.effect("prefill", [seq.ids for seq in new], seqs=new)
         self.admitting = []
+
+    def prefill(self, prompts: list, seqs=None):
+        """Prefill the prompts (token-id lists) together, left-padded (each row computes what it computes alone),
+        and place each in the next row; seqs: their Sequences (another rank of a tensor-parallel server has none)."""
+        dev, dtype = self.model.embed.weight.device, self.model.embed.weight.dtype
+        ids, mask = generate.left_padded(prompts, dev)
+        cache = phi.KVCache(self.model.config, len(prompts), ids.shape[1], dtype, dev)
+        logits = generate.prefill(self.model, ids, mask if (mask == 0).any() else None, cache)  # (n, V)
+        for i, p in enumerate(prompts):
+            self.place(seqs[i] if seqs else Sequence(p, 0, set(), None), cache, i, logits[i])
 
     def place(self, seq, prompts, i, logits):
         """Put the sequence whose prompt is row i of the prefilled cache `prompts` (its last len(ids) slots) in the
@@ -418,9 +464,9 @@ class Server:
     """The model and its tokenizer. Each request is checked and tokenized in its client's thread, then its choices
     join the Batcher's batch; its thread turns their tokens into text and writes them to its client."""
 
-    def __init__(self, model, tok, name, steps=None, api_key=None, cors=None, max_body=4 << 20, max_batch=8):
+    def __init__(self, model, tok, name, steps=None, api_key=None, cors=None, max_body=4 << 20, max_batch=8, tp=False):
         self.model, self.tok, self.name = model, tok, name
-        self.batcher = Batcher(model, steps or generate.Steps(), max_batch)  # Steps.compiled(device) with --compile
+        self.batcher = Batcher(model, steps or generate.Steps(), max_batch, tp)  # Steps.compiled(device): --compile
         self.chat_eos = generate.end_of_turn_ids(model, tok)
         self.api_key, self.cors, self.max_body = api_key, cors, max_body
 
@@ -467,8 +513,7 @@ class Server:
             if body.get(name) is not None and not ok(body[name]):
                 raise BadRequest(f"'{name}' must be {what}, got {shown(body[name])}", name)
         inputs = [self.checked_ids(ids, "input", room=0) for ids in self.texts_ids(body.get("input"), "input")]
-        with self.batcher.lock:
-            vectors = generate.embed(self.model, self.tok, inputs, body.get("pooling") or "last")
+        vectors = self.batcher.effect("embed", inputs, body.get("pooling") or "last")
         base64_ = body.get("encoding_format") == "base64"
         data = [
             {
@@ -550,9 +595,7 @@ class Server:
     @torch.no_grad()
     def scored(self, prompt, k):
         """For each prompt token after the first: (its log-probability, [(id, logprob)] of the k likeliest)."""
-        x = torch.tensor([prompt], device=self.model.embed.weight.device)
-        with self.batcher.lock:
-            logits = self.model(x)[0, :-1]  # position t - 1 predicts token t
+        logits = self.batcher.effect("prompt_logits", prompt)  # position t - 1 predicts token t
         return [token_logprobs(row, token, k) for row, token in zip(logits, prompt[1:])]
 
     def token_bytes(self, i) -> bytes:
@@ -857,13 +900,15 @@ def serve(
     max_body=4 << 20,
     max_batch=8,
     max_connections=256,
+    tp=False,
 ):
     """An HTTP server for (model, tok), not yet started: call serve_forever() (port 0: a free port,
     server.server_address tells which). steps: generate.Steps.compiled(device) for the compiled decode step;
     api_key: the Bearer key every /v1 request needs; cors: the one Origin browsers may call it from; max_body: bytes;
-    max_batch: sequences decoded together (more wait); max_connections: open at once (more: 503)."""
+    max_batch: sequences decoded together (more wait); max_connections: open at once (more: 503); tp: rank 0 of a
+    tensor-parallel model (tp.py), whose other ranks run Batcher(..., tp=True).follow()."""
     httpd = HTTPServer((host, port), Handler, max_connections)
-    httpd.app = Server(model, tok, name, steps, api_key, cors, max_body, max_batch)
+    httpd.app = Server(model, tok, name, steps, api_key, cors, max_body, max_batch, tp)
     httpd.loopback = host in ("127.0.0.1", "localhost", "::1")  # then the Host header must name this machine
     return httpd
 
@@ -891,13 +936,20 @@ def main(argv=None):
         "--max-body", type=int, default=4 << 20, help="largest request body in bytes (default 4 MiB; larger: 413)"
     )
     p.add_argument("--max-connections", type=int, default=256, help="open connections at once (default 256; more: 503)")
+    p.add_argument("--tp", action="store_true", help="tensor parallel under torchrun: rank 0 serves, every rank steps")
     args = p.parse_args(argv)
     try:
-        model, tok = generate.load(args.model, args.dtype, args.device, quantize=args.quantize, adapter=args.adapter)
+        if args.tp:
+            args.device = str(tensor_parallel.init())
+        model, tok = generate.load(
+            args.model, args.dtype, args.device, quantize=args.quantize, adapter=args.adapter, tp=args.tp
+        )
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"serve.py: error: {e}", file=sys.stderr)
         return 1
     steps = generate.Steps.compiled(model.embed.weight.device) if args.compile else None
+    if args.tp and torch.distributed.get_rank():  # the other ranks run every step rank 0 decides
+        Batcher(model, steps or generate.Steps(), args.max_batch, tp=True).follow()
     httpd = serve(
         model,
         tok,
@@ -910,6 +962,7 @@ def main(argv=None):
         args.max_body,
         args.max_batch,
         args.max_connections,
+        args.tp,
     )
     print(f"serve.py: {args.model} on http://{args.host}:{httpd.server_address[1]}/v1", file=sys.stderr)
     try:

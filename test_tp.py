@@ -119,3 +119,55 @@ def test_generate_cli_under_torchrun_prints_the_one_process_text_once(tmp_path):
     args = ("--model", d, "--prompt", PROMPT, "--max-new-tokens", 16, "--temperature", 0, "--dtype", "float32")
     r = torchrun(2, ROOT / "generate.py", *args, "--tp", cwd=tmp_path)
     assert r.returncode == 0 and r.stdout == want, r.stderr[-3000:]
+
+
+@needs_reference("tokenizers")
+def test_serve_under_torchrun_answers_as_one_process(tmp_path):
+    """torchrun --nproc_per_node 2 serve.py --tp: rank 0 serves HTTP and sends every batch effect (prefill, decode,
+    a freed row, a scoring or embedding pass) to rank 1, which runs it too. Greedy completions of different lengths
+    asked at once equal one process's; echo logprobs and embeddings are one process's within 1e-4; a request after
+    them still runs."""
+    import threading
+
+    import openai
+
+    model = hf_model("phi3-gqa-window", vocab_size=51200, bos_token_id=50256, eos_token_id=50256, pad_token_id=50256)
+    d = saved(model, tmp_path / "m")
+    for f in (TOK / "codegen").iterdir():
+        shutil.copy(f, d)
+    one, tok = generate.load(d, dtype="float32")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd = launch + [str(ROOT / "serve.py"), "--model", str(d), "--tp", "--port", "0", "--dtype", "float32"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=python_env(OMP_NUM_THREADS=1))
+    try:
+        line = ""
+        while "/v1" not in line:
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, "serve.py --tp exited"
+        threading.Thread(target=proc.stderr.read, daemon=True).start()  # (keep its pipe drained)
+        client = openai.OpenAI(base_url=line.split(" on ")[1].strip(), api_key="none", max_retries=0, timeout=120)
+        prompts, answers = ["def f(x):", "import os\nimport sys\n\n\nclass A:"], {}
+
+        def ask(i):
+            r = client.completions.create(model="m", prompt=prompts[i], max_tokens=6 + 6 * i, temperature=0)
+            answers[i] = r.choices[0].text
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, p in enumerate(prompts):
+            ids = tok.encode(p, bos=tok.add_bos)
+            assert answers[i] == continuation(tok, ids, list(generate.generate(one, ids, 6 + 6 * i))), i
+        ids = tok.encode(prompts[1])
+        r = client.completions.create(model="m", prompt=ids, max_tokens=1, logprobs=1, echo=True, temperature=0)
+        with torch.no_grad():
+            want = one(torch.tensor([ids]))[0, :-1].log_softmax(-1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+        assert err(torch.tensor(r.choices[0].logprobs.token_logprobs[1 : len(ids)]), want) <= 1e-4
+        r = client.embeddings.create(model="m", input=prompts)
+        assert err(torch.tensor([e.embedding for e in r.data]), generate.embed(one, tok, prompts)) <= 1e-4
+        assert client.completions.create(model="m", prompt="x", max_tokens=3, temperature=0).usage.completion_tokens
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
