@@ -913,7 +913,7 @@ def serve(
     return httpd
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description="An OpenAI-compatible server for a Phi checkpoint.")
     p.add_argument("--model", default="microsoft/Phi-4-mini-instruct", help="Hub id or local directory")
     p.add_argument("--adapter", help="a PEFT LoRA adapter merged into the weights at load")
@@ -937,7 +937,11 @@ def main(argv=None):
     )
     p.add_argument("--max-connections", type=int, default=256, help="open connections at once (default 256; more: 503)")
     p.add_argument("--tp", action="store_true", help="tensor parallel under torchrun: rank 0 serves, every rank steps")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:
         if args.tp:
             args.device = str(tensor_parallel.init())
