@@ -952,17 +952,20 @@ class Checkpoint:
             )
         dest, row = dest.view(sum(rows), -1), 0  # (rows, everything else)
         for name, n in zip(names, rows):
-            f, (src, index, first) = self.files[name], self.parts.get(name, (name, (), 0))
             step = max(1, self.ROWS_AT_ONCE // max(1, dest.shape[1]))
             for r in range(0, n, step):
-                at = (*index, slice(first + r, first + min(r + step, n)))  # a block of rows of the source tensor
-                if f in self.bins:
-                    block = self.bins[f][src][at]
-                else:
-                    with safe_open(f, framework="pt") as st:
-                        block = st.get_slice(src)[at]
+                block = self.read(name, r, min(r + step, n))
                 dest[row + r : row + r + len(block)].copy_(block.reshape(-1, dest.shape[1]))
             row += n
+
+    def read(self, name, start, stop, cols=slice(None)):
+        """Rows start..stop (and cols) of a checkpoint tensor, read alone (safetensors' get_slice reads no more)."""
+        f, (src, index, first) = self.files[name], self.parts.get(name, (name, (), 0))
+        at = (*index, slice(first + start, first + stop)) + ((cols,) if len(self.shapes[name]) > 1 else ())
+        if f in self.bins:  # (memory-mapped: a slice reads its pages only)
+            return self.bins[f][src][at]
+        with safe_open(f, framework="pt") as st:
+            return st.get_slice(src)[at]
 
 
 # -----------------------------------------------------------------------------------------------------------------

@@ -28,7 +28,6 @@ import re
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from torch.distributed import _functional_collectives as funcol
 
 import phi
@@ -95,13 +94,13 @@ def copy_slice(ckpt: phi.Checkpoint, our, srcs, dest, cfg) -> bool:
         pieces = []
         for name, first, n in column_parts(ckpt, our, srcs, cfg):
             share = n // world
-            pieces.append(read(ckpt, name, first + rank * share, first + (rank + 1) * share))
+            pieces.append(ckpt.read(name, first + rank * share, first + (rank + 1) * share))
         dest.copy_(torch.cat(pieces).reshape(dest.shape))
     elif ROW.search(our) and our.endswith(".bias"):  # added once, after the sum
-        dest.copy_(read(ckpt, srcs[0], 0, dest.shape[0])) if rank == 0 else dest.zero_()
+        dest.copy_(ckpt.read(srcs[0], 0, dest.shape[0])) if rank == 0 else dest.zero_()
     elif ROW.search(our):
         cols = dest.shape[1]
-        dest.copy_(read(ckpt, srcs[0], 0, dest.shape[0], slice(rank * cols, (rank + 1) * cols)))
+        dest.copy_(ckpt.read(srcs[0], 0, dest.shape[0], slice(rank * cols, (rank + 1) * cols)))
     else:
         return False
     return True
@@ -121,13 +120,3 @@ def column_parts(ckpt, our, srcs, cfg) -> list:
         sizes = [rows // 2, rows // 2] if cfg.glu else [rows]
     firsts = [sum(sizes[:i]) for i in range(len(sizes))]
     return [(name, first, n) for first, n in zip(firsts, sizes)]
-
-
-def read(ckpt: phi.Checkpoint, name, start, stop, cols=slice(None)) -> torch.Tensor:
-    """Rows start..stop (and cols) of a checkpoint tensor, read alone: safetensors' get_slice reads no more."""
-    f, (src, index, first) = ckpt.files[name], ckpt.parts.get(name, (name, (), 0))
-    at = (*index, slice(first + start, first + stop)) + ((cols,) if len(ckpt.shapes[name]) > 1 else ())
-    if f in ckpt.bins:  # (memory-mapped: a slice reads its pages only)
-        return ckpt.bins[f][src][at]
-    with safe_open(f, framework="pt") as st:
-        return st.get_slice(src)[at]
