@@ -135,6 +135,9 @@ SIZES = {  # phi-style (parallel block, partial rotary); 1.4b is phi-1.5's shape
     "1.4b": dict(
         vocab_size=51200, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32
     ),
+    "0.5b": dict(  # 1.4b's first 8 layers
+        vocab_size=51200, hidden_size=2048, intermediate_size=8192, num_hidden_layers=8, num_attention_heads=32
+    ),
     # phimoe (Phi-3.5-MoE's block: GQA 4:1, biased q/k/v/o and lm_head, LayerNorm, top-2 of E SwiGLU experts)
     "moe-tiny": dict(
         vocab_size=1024,
@@ -156,10 +159,11 @@ SIZES = {  # phi-style (parallel block, partial rotary); 1.4b is phi-1.5's shape
         num_local_experts=16,
     ),
 }
-NEW_TOKENS = {"tiny": 200, "160m": 64, "1.4b": 16, "moe-tiny": 200, "moe-1b": 32, "small-2l": 32}
+NEW_TOKENS = {"tiny": 200, "160m": 64, "1.4b": 16, "0.5b": 32, "moe-tiny": 200, "moe-1b": 32, "small-2l": 32}
 
 
 IMPLS = ("ours", "ours+compile", "ours+int8", "ours+int8+compile", "hf-eager", "hf-sdpa")
+# bench.py llama-cpp's also: int4, and -wo (weight-only: PyTorch's int8/int4 kernels, activations not rounded)
 
 
 def rss_mb(key="VmRSS"):
@@ -423,9 +427,10 @@ def load_impl(impl, ckpt, dtype, device):
 
     if impl.startswith("ours"):
         model = quantize.speed_up(phi.Phi.from_pretrained(ckpt, dtype=dtype, device=device))  # CPU kernels
+        weight_only = "-wo" in impl  # PyTorch's kernels, activations not rounded to int8
         if "int4" in impl:
-            return quantize.quantize_int4(model)
-        return quantize.quantize_int8(model) if "int8" in impl else model
+            return quantize.quantize_int4(model, weight_only=weight_only)
+        return quantize.quantize_int8(model, weight_only) if "int8" in impl else model
     moe = json.loads((Path(ckpt) / "config.json").read_text())["model_type"] == "phimoe"
     cls = transformers.PhimoeForCausalLM if moe else transformers.PhiForCausalLM
     model = cls.from_pretrained(ckpt, dtype=dtype, attn_implementation=impl[3:])
@@ -611,7 +616,7 @@ def finetune_row(shape, mode, device):
     torch.set_default_dtype(torch.float32)
     model = quantize.speed_up(model)
     if mode == "lora+int8":
-        quantize.quantize_int8(model)
+        quantize.quantize_int8(model, weight_only=True)  # as train.py's frozen base
     if use_lora:
         lora.add_lora(model, dict(r=8, alpha=16, dropout=0.05, targets=["qkv", "out", "fc1", "fc2"]))
     model.gradient_checkpointing = True
@@ -926,17 +931,16 @@ def verify_cost(size, ks=(1, 2, 4, 8)):
 
 
 LLAMA_ROWS = ("bf16", "q8_0", "q4_0")
-LLAMA_OURS = [  # (impl, dtype): ours per bit width, and transformers
+LLAMA_OURS = [  # (impl, dtype): ours per bit width (int8/int4 as generate.load makes them on the CPU), transformers
     ("ours", "bfloat16"),
     ("ours+compile", "bfloat16"),
-    ("ours+int8", "bfloat16"),
-    ("ours+int8+compile", "bfloat16"),
     ("ours+int8", "float32"),
     ("ours+int8+compile", "float32"),
-    ("ours+int4", "bfloat16"),
-    ("ours+int4+compile", "bfloat16"),
+    ("ours+int8-wo", "float32"),
+    ("ours+int4", "float32"),
+    ("ours+int4+compile", "float32"),
+    ("ours+int4-wo", "bfloat16"),
     ("hf-sdpa", "bfloat16"),
-    ("hf-eager", "bfloat16"),
 ]
 BITS = {
     "bf16": ("ours", "ours+compile"),
@@ -1053,6 +1057,10 @@ def llama_row(path, size, threads):
     print(json.dumps(out))
 
 
+def wanted(args, row):  # llama-cpp --only: the rows whose name holds one of its comma-separated parts
+    return not args.only or any(part in row for part in args.only.split(","))
+
+
 def bench_llama_cpp(args):
     """Per size: llama.cpp (bf16, q8_0, q4_0) and ours (bf16, int8, int4; eager and compiled) and transformers on
     the same random weights; prefill (512) and batch-1 decode tokens/s; ours over llama.cpp per bit width."""
@@ -1074,13 +1082,13 @@ def bench_llama_cpp(args):
         torch.manual_seed(0)
         phi.Phi.from_config(cfg).save_pretrained(d / "ckpt")
         rows = {}
-        for kind in LLAMA_ROWS:
+        for kind in [k for k in LLAMA_ROWS if wanted(args, f"llama.cpp {k}")]:
             write_gguf(d / "ckpt", d / f"{kind}.gguf", kind)
             rows[f"llama.cpp {kind}"], errors = row_process("_llama", d / f"{kind}.gguf", size, threads)
             if errors is not None:
                 print(f"llama.cpp {kind} failed: {errors[-3:]}")
             (d / f"{kind}.gguf").unlink()
-        for impl, dtype in LLAMA_OURS:
+        for impl, dtype in [(i, d) for i, d in LLAMA_OURS if wanted(args, f"{i} {d}")]:
             rows[f"{impl} {dtype}"], errors = row_process("_row", size, dtype, impl, d / "ckpt", "cpu")
             if errors is not None:
                 print(f"{impl} {dtype} failed: {errors[-1:]}")
@@ -1107,22 +1115,34 @@ def bench_llama_cpp(args):
 
 def bench_int8_agreement(args):
     """Share of prompts whose greedy continuation with int8 (or --bits 4: int4) weights equals the fp32 one, on a
-    trained model (default out/model, what `python train.py` writes): prompts are line starts of the stdlib sources."""
+    trained model (default out/model, what `python train.py` writes): prompts are line starts of the stdlib sources
+    (up to ~160). Also, along the fp32 continuations: the share of tokens whose argmax agrees, and the mean KL
+    divergence of the quantized model's next-token distribution from fp32's (steadier than 50 greedy yes/no)."""
     import torch
 
     model, tok = generate.load(args.model, dtype="float32")
-    q = generate.load(args.model, dtype="float32", quantize=f"int{args.bits}")[0]
-    lines = [line for line in mixed_text(200_000).splitlines() if len(line.strip()) > 12][::37][: args.prompts]
-    same = 0
+    kind = f"int{args.bits}" + "-weight-only" * args.weight_only
+    q = generate.load(args.model, dtype="float32", quantize=kind)[0]
+    lines = [line for line in mixed_text(400_000).splitlines() if len(line.strip()) > 12][::37][: args.prompts]
+    same = top1 = tokens = 0
+    kl = 0.0
     with torch.no_grad():
         for line in lines:
             prompt = tok.encode(line[: len(line) // 2])
             a = list(generate.generate(model, prompt, args.new_tokens, temperature=0, eos_ids=set()))
             b = list(generate.generate(q, prompt, args.new_tokens, temperature=0, eos_ids=set()))
             same += a == b
+            ids = torch.tensor([prompt + a[:-1]])
+            p, r = (torch.log_softmax(m(ids)[0, len(prompt) - 1 :], -1) for m in (model, q))
+            top1, tokens, kl = (
+                top1 + (p.argmax(-1) == r.argmax(-1)).sum().item(),
+                tokens + len(p),
+                kl + (p.exp() * (p - r)).sum().item(),
+            )
     print(
-        f"int{args.bits} vs fp32 greedy continuations ({args.new_tokens} tokens) identical on {same} of {len(lines)} prompts "
-        f"({same / len(lines):.0%}), model {args.model}"
+        f"{kind} vs fp32 greedy continuations ({args.new_tokens} tokens) identical on {same} of {len(lines)} prompts "
+        f"({same / len(lines):.0%}); along fp32's: argmax agrees on {top1 / tokens:.2%} of {tokens} tokens, mean KL "
+        f"{kl / tokens:.2e}; model {args.model}"
     )
 
 
@@ -1155,6 +1175,7 @@ if __name__ == "__main__":
     )
     p.add_argument("--k", type=int, default=4, help="speculative: drafts a step")
     p.add_argument("--bits", type=int, default=8, choices=[8, 4], help="int8-agreement: int8 or int4 weights")
+    p.add_argument("--weight-only", action="store_true", help="int8-agreement: activations not rounded to int8")
     p.add_argument("--verify-size", default="1.4b", help="speculative: the size whose verify-step cost is measured")
     p.add_argument("--shapes", default="phi-2,phi3-mini", help="finetune: train.py presets")
     p.add_argument("--modes", default="full,lora,lora+int8", help="finetune")
@@ -1168,6 +1189,7 @@ if __name__ == "__main__":
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--impls", default=",".join(IMPLS))
     p.add_argument("--device", help="cpu or cuda (default: cuda when there is one)")
+    p.add_argument("--only", help="llama-cpp: the rows whose name holds one of these (e.g. q8_0,int8)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
     if (unknown := unknown_choice(args)) is not None:

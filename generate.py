@@ -10,6 +10,7 @@ TextStream (text pieces, stop strings) -> stdout. serve.py and train.py use the 
 """
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -22,7 +23,7 @@ import torch
 import lora
 import phi
 import tp as tensor_parallel
-from quantize import quantize_int4, quantize_int8, speed_up
+from quantize import q8_on, quantize_int4, quantize_int8, speed_up
 from tokenizer import TOKENIZER_FILES, Tokenizer, chat_prompt, download, load_tokenizer
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -30,7 +31,12 @@ from tokenizer import TOKENIZER_FILES, Tokenizer, chat_prompt, download, load_to
 
 MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json"]
 LEGACY_FILES = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]  # read with torch.load(weights_only=True)
-QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4}
+QUANTIZERS = {  # "int8"/"int4": decoding on a CPU where quantize.q8_on() rounds activations to int8 too
+    "int8": quantize_int8,
+    "int4": quantize_int4,
+    "int8-weight-only": functools.partial(quantize_int8, weight_only=True),
+    "int4-weight-only": functools.partial(quantize_int4, weight_only=True),
+}
 
 
 def checkpoint_dir(name_or_dir, revision=None) -> Path:
@@ -53,19 +59,22 @@ def adapter_dir(name_or_dir, revision=None) -> Path:
 def load(name_or_dir, dtype="auto", device=None, revision=None, attn="sdpa", quantize=None, adapter=None, tp=False):
     """(model, tokenizer) from a Hub id or a local directory. dtype "auto" takes the checkpoint's own (float16
     becomes bfloat16 on the CPU, where float16 matmuls are slow); device None picks CUDA when there is one;
-    quantize="int8" stores the weights as int8 (weight-only, per channel), "int4" as 4-bit groups; with int8 and
-    dtype "auto" on the CPU the rest of the model and the activations are float32 (converting bf16 activations
-    costs more than it saves). adapter: a PEFT LoRA adapter (Hub id or directory), merged into the weights before
-    any quantization. tp=True (inside torchrun's process group: tp.init()): this rank's shard of the model (tp.py)."""
+    quantize="int8" stores the weights as int8 (per channel), "int4" as 4-bit groups; decoding on an x86-64 CPU
+    (where quantize.q8_on(): AMD, AVX2) rounds the activations to int8 too (llama.cpp's q8_0 arithmetic, 1.6-2.3x
+    faster), unless "int8-weight-only" or "int4-weight-only". With int8, or int4 with int8 activations, and dtype "auto" on the CPU the rest of the model
+    and the activations are float32 (converting to bf16 costs more than it saves). adapter: a PEFT LoRA adapter
+    (Hub id or directory), merged into the weights before any quantization. tp=True (inside torchrun's process
+    group: tp.init()): this rank's shard of the model (tp.py)."""
     if tp and (quantize or adapter):
         raise ValueError("tensor parallelism (--tp) takes no --quantize or --adapter yet")
     if quantize is not None and quantize not in QUANTIZERS:
-        raise ValueError(f"quantize '{quantize}' is unknown (int8, int4 or none)")
+        raise ValueError(f"quantize '{quantize}' is unknown ({', '.join(QUANTIZERS)} or none)")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     d = checkpoint_dir(name_or_dir, revision)
     if not (d / "config.json").is_file():
         raise FileNotFoundError(f"{d}: no config.json (is this a model checkpoint?)")
-    if quantize == "int8" and dtype == "auto" and device.type == "cpu":
+    fp32 = quantize in ("int8", "int8-weight-only") or quantize == "int4" and q8_on()
+    if fp32 and dtype == "auto" and device.type == "cpu":
         dtype = "float32"
     dtype = resolve_dtype(dtype, phi.PhiConfig.from_hf(phi._read_json(d / "config.json")).torch_dtype, device)
     if tp:
@@ -695,7 +704,10 @@ def build_parser():
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "flash"])
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
     p.add_argument(
-        "--quantize", choices=["int8", "int4"], help="weight-only int8 (per channel) or int4 (groups of 128)"
+        "--quantize",
+        choices=list(QUANTIZERS),
+        help="int8 (per channel) or int4 (groups of 128) weights; on an x86-64 CPU decoding rounds activations to int8"
+        " too (2x faster), unless int8-weight-only or int4-weight-only",
     )
     p.add_argument("--adapter", help="a PEFT LoRA adapter (Hub id or directory), merged into the weights at load")
     p.add_argument("--speculate", type=int, default=0, metavar="K", help="speculative decoding, K drafts a step")

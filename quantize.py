@@ -11,10 +11,24 @@ bench.py apply them; phi.py never sees them. The CPU kernels are kept where they
   code paths on AMD (1.2x slower at 512 rows, 1.5-2.7x at 1-8 rows on an AMD EPYC).
 Both were measured faster on AMD EPYC; on an Intel Xeon with AMX the compiled matvec step was slower than the eager
 one and MKL is Intel's own: there nn.Linear stays (CPU_KERNELS; PHI_CPU_KERNELS=0/1 overrides the rule).
+
+int8 and int4 weights decode (1 to 8 rows) on x86-64 CPUs with AVX2 through Q8_SOURCE, a small C++ kernel built at
+first use: llama.cpp's q8_0 arithmetic (activations rounded to int8 per block of 32, int8 x int8 products summed in
+int32), 2-2.7x PyTorch's int8 and int4 kernels, which widen every weight to float (AMD EPYC; by the CPU_KERNELS
+rule, q8_on). weight_only=True keeps PyTorch's kernels (activations not rounded), as does a CPU the rule leaves out,
+one without AVX2, or a machine without a C++ compiler.
 """
 
+import ctypes
+import functools
+import hashlib
 import math
 import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -123,22 +137,243 @@ def speed_up(model: nn.Module, cpu_kernels: bool | None = None):
     return swap_linears(model, lambda lin: lin if isinstance(lin, FastLinear) else fast(lin))
 
 
-class Int8Linear(nn.Module):
-    """A Linear whose weight is stored as int8 with one scale per output channel (symmetric: w ≈ q * scale, q in
-    -127..127): decoding reads 1 byte per weight instead of 2 (bf16) or 4 (fp32). Activations keep their dtype."""
+# The int8 x int8 kernel (C++, AVX2 intrinsics, OpenMP: torch's own libgomp, loaded first, serves it). Plain C calls
+# through ctypes rather than a torch extension: torch's headers take ~1 minute to compile and its builder needs
+# ninja; this builds in ~2 s with the compiler torch.compile already needs on the CPU.
+Q8_SOURCE = r"""
+// int8 x int8 products for decoding (1 to a few rows) on x86-64 with AVX2: llama.cpp's q8_0 arithmetic.
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
 
-    def __init__(self, linear: nn.Linear):
+// A row x (K,) -> q (K,) int8 and d (K/32,) per block of 32: x ~ q * d, d = max|x| / 127 (halves to even, as
+// torch.round); xs (K/G,): the sums of the rounded x per group of G columns (for int4's per-group minimums).
+static void quantize_row(const float* x, int64_t K, int64_t G, int8_t* q, float* d, float* xs) {
+  for (int64_t g = 0; g < K / G; g++) xs[g] = 0.f;
+  for (int64_t b = 0; b < K / 32; b++) {
+    const float* v = x + 32 * b;
+    float amax = 0.f;
+    for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(v[i]));
+    d[b] = amax / 127.f;
+    int sum = 0;
+    for (int i = 0; i < 32; i++) sum += q[32 * b + i] = (int8_t)nearbyintf(amax > 0.f ? v[i] * (127.f / amax) : 0.f);
+    xs[32 * b / G] += sum * d[b];
+  }
+}
+
+static inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+static inline float half(uint16_t h) { return _cvtsh_ss(h); }  // an fp16 scale (F16C)
+
+// R rows' products with one weight block into acc: u its weights unsigned (int8: |w|, whose sign moves onto q, as
+// maddubs wants one side unsigned; int4: 0..15), s its scale; maddubs adds pairs into int16 (no overflow: |q| <=
+// 127), madd pairs of those into int32.
+template <int R, int BITS>
+static inline void block(__m256 acc[R], __m256i u, __m256i w, const int8_t* q, int64_t K, const float* d, float s) {
+  for (int r = 0; r < R; r++) {
+    __m256i qr = _mm256_loadu_si256((const __m256i*)(q + r * K));
+    if (BITS == 8) qr = _mm256_sign_epi8(qr, w);
+    __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, qr), _mm256_set1_epi16(1));
+    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d[r * K / 32] * s), acc[r]);
+  }
+}
+
+// One output column for R rows at once, so each weight block is loaded and widened once for all of them; blocks
+// two at a time into two accumulators a row, or each FMA would wait on the one before. s (fp16): the scale of
+// each group of G columns (int8: G = 32), so y = sum_b d_b s_g (w_b . q_b), plus for int4 sum_g lo_g xs_g.
+// int4: blocks in pairs of 32 bytes (byte j: block 2i's weight j low, block 2i + 1's high), W = w * s_g + lo_g.
+template <int R, int BITS>
+static void column(const void* wrow, const uint16_t* s, const uint16_t* lo, const int8_t* q, const float* d,
+                   const float* xs, int64_t K, int64_t G, float* y, int64_t N) {
+  const int gshift = __builtin_ctzll(G / 32);  // (a division a block would cost more than the block)
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  __m256 a0[R], a1[R];
+  for (int r = 0; r < R; r++) a0[r] = a1[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < K / 32; b += 2) {
+    float s0 = half(s[b >> gshift]), s1 = half(s[(b + 1) >> gshift]);
+    if (BITS == 8) {
+      const int8_t* w = (const int8_t*)wrow + 32 * b;
+      __m256i w0 = _mm256_loadu_si256((const __m256i*)w), w1 = _mm256_loadu_si256((const __m256i*)(w + 32));
+      block<R, 8>(a0, _mm256_sign_epi8(w0, w0), w0, q + 32 * b, K, d + b, s0);
+      block<R, 8>(a1, _mm256_sign_epi8(w1, w1), w1, q + 32 * b + 32, K, d + b + 1, s1);
+    } else {
+      __m256i w = _mm256_loadu_si256((const __m256i*)((const uint8_t*)wrow + 16 * b));
+      block<R, 4>(a0, _mm256_and_si256(w, low4), w, q + 32 * b, K, d + b, s0);
+      block<R, 4>(a1, _mm256_and_si256(_mm256_srli_epi16(w, 4), low4), w, q + 32 * b + 32, K, d + b + 1, s1);
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    float dot = hsum(_mm256_add_ps(a0[r], a1[r]));
+    if (BITS == 4)
+      for (int64_t g = 0; g < K / G; g++) dot += half(lo[g]) * xs[r * K / G + g];
+    y[r * N] = dot;
+  }
+}
+
+template <int BITS>
+static void columns(int64_t n, int64_t M, const void* W, const uint16_t* s, const uint16_t* lo, const int8_t* q,
+                    const float* d, const float* xs, int64_t N, int64_t K, int64_t G, float* y) {
+  const void* w = (const uint8_t*)W + n * K * BITS / 8;
+  const uint16_t *sn = s + n * K / G, *ln = BITS == 8 ? lo : lo + n * K / G;
+  for (int64_t m = 0; m < M; m += 4) {  // rows 4 at a time (4 x 2 accumulators of 16 registers)
+    const int8_t* qm = q + m * K;
+    const float *dm = d + m * K / 32, *xm = xs + m * K / G;
+    float* ym = y + m * N + n;
+    switch (M - m < 4 ? M - m : 4) {
+      case 1: column<1, BITS>(w, sn, ln, qm, dm, xm, K, G, ym, N); break;
+      case 2: column<2, BITS>(w, sn, ln, qm, dm, xm, K, G, ym, N); break;
+      case 3: column<3, BITS>(w, sn, ln, qm, dm, xm, K, G, ym, N); break;
+      default: column<4, BITS>(w, sn, ln, qm, dm, xm, K, G, ym, N);
+    }
+  }
+}
+
+// y (M, N) fp32 = x (M, K) fp32 @ W.T, x rounded per block of 32 first. bits 8: W (N, K) int8, s (N, K/32) fp16;
+// bits 4: W (N, K/2) as above, s and lo (N, K/G) fp16. K % 64 == 0; G (int4) 32, 64 or 128, dividing K.
+extern "C" void linear_q8(const float* x, int64_t M, const void* W, const uint16_t* s, const uint16_t* lo,
+                          int64_t N, int64_t K, int64_t G, int bits, float* y, int threads) {
+  if (bits == 8) G = 32;
+  int8_t* q = (int8_t*)malloc(M * K + M * (K / 32 + K / G) * sizeof(float));
+  float *d = (float*)(q + M * K), *xs = d + M * K / 32;
+  for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, K, G, q + m * K, d + m * K / 32, xs + m * K / G);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t n = 0; n < N; n++) {
+    if (bits == 8)
+      columns<8>(n, M, W, s, lo, q, d, xs, N, K, G, y);
+    else
+      columns<4>(n, M, W, s, lo, q, d, xs, N, K, G, y);
+  }
+  free(q);
+}
+"""
+
+
+@functools.cache
+def q8_kernel():
+    """linear_q8 (Q8_SOURCE) as a ctypes function, compiled at first use into ~/.cache/phi (once per machine and
+    source), or None where it cannot run: not x86-64 with AVX2, or no compiler ($CXX, else c++; one line on stderr)."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        return None
+    flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
+    key = hashlib.sha256((Q8_SOURCE + " ".join(flags)).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "phi"
+    lib = cache / f"q8-{key}.so"
+    try:
+        if not lib.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=cache) as tmp:
+                (Path(tmp) / "q8.cpp").write_text(Q8_SOURCE)
+                cmd = [os.environ.get("CXX", "c++"), *flags, str(Path(tmp) / "q8.cpp"), "-o", str(Path(tmp) / "q8.so")]
+                subprocess.run(cmd, check=True, capture_output=True, text=True)
+                os.replace(Path(tmp) / "q8.so", lib)  # whole or not at all, should processes build it at once
+        fn = ctypes.CDLL(str(lib)).linear_q8  # (CDLL releases the GIL during the call)
+    except (OSError, subprocess.CalledProcessError) as e:
+        why = e.stderr.strip().splitlines()[-1] if isinstance(e, subprocess.CalledProcessError) and e.stderr else e
+        print(
+            f"quantize.py: the int8 CPU kernel did not build ({why}); PyTorch's int8/int4 kernels instead",
+            file=sys.stderr,
+        )
+        return None
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes, fn.restype = [p, i64, p, p, p, i64, i64, i64, ctypes.c_int, p, ctypes.c_int], None
+    return fn
+
+
+def q8_on() -> bool:
+    """Do int8/int4 weights take the kernel (and int8 activations)? Where the CPU kernels' rule holds (CPU_KERNELS:
+    measured faster on AMD EPYC; not yet measured elsewhere) and the kernel builds."""
+    return CPU_KERNELS and q8_kernel() is not None
+
+
+def q8_fits(linear: nn.Linear) -> bool:  # the kernel takes in_features % 64 == 0 (every Phi's) on the CPU
+    return linear.weight.device.type == "cpu" and linear.in_features % 64 == 0 and q8_on()
+
+
+def q8_product(
+    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, lows: torch.Tensor | None, group: int
+) -> torch.Tensor:
+    """x (rows, in) @ W.T as fp32 (rows, out) through the kernel: int8 W (out, in) times fp16 scales (out, in / 32),
+    or (lows given) 4-bit W (out, in / 2) * scales + lows per group of `group` columns (Int4Linear's layout)."""
+    x, scales = x.float().contiguous(), scales.half().contiguous()  # (half(): should model.to(dtype) have run)
+    lows = None if lows is None else lows.half().contiguous()
+    y = x.new_empty(x.shape[0], weight.shape[0])
+    bits, lo = (8, None) if lows is None else (4, lows.data_ptr())
+    shape = (weight.shape[0], x.shape[1], group, bits)  # N, K, G
+    q8_kernel()(
+        x.data_ptr(),
+        x.shape[0],
+        weight.data_ptr(),
+        scales.data_ptr(),
+        lo,
+        *shape,
+        y.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return y
+
+
+# The same as a custom op, which torch.compile keeps opaque (it cannot trace a ctypes call); eager calls skip it
+# (the op's dispatch costs ~20 us a call, a tenth of a small Linear's product).
+q8_op = torch.library.custom_op("phi_speed::q8_product", q8_product, mutates_args=())
+q8_op.register_fake(
+    lambda x, weight, scales, lows, group: x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+)
+
+
+def q8_linear(x, weight, scales, lows=None, group=32):
+    """x (..., in) times the quantized weight, in x's dtype, through the kernel (its custom op under torch.compile)."""
+    rows = x.reshape(-1, x.shape[-1])
+    y = (q8_op if torch.compiler.is_compiling() else q8_product)(rows, weight, scales, lows, group)
+    return y.to(x.dtype).view(*x.shape[:-1], -1)
+
+
+def rounded(x):
+    """x (..., in) with each block of 32 rounded as the kernel rounds it (to int8 times max|block| / 127), for the
+    products that do not go through it (prompts, autograd, other devices): every path of a Linear computes the same
+    function, so decoding equals the full forward pass. Gradients pass through the rounding unchanged."""
+    b = x.float().unflatten(-1, (-1, 32))
+    amax = b.abs().amax(-1, keepdim=True)
+    r = (torch.round(b * torch.where(amax > 0, 127 / amax, 0)) * (amax / 127)).flatten(-2).to(x.dtype)
+    return x + (r - x).detach() if x.requires_grad else r
+
+
+def decoding(x) -> bool:  # 1 to 8 rows on the CPU without autograd (the kernels have no backward)
+    return x.device.type == "cpu" and x.numel() <= 8 * x.shape[-1] and not (torch.is_grad_enabled() and x.requires_grad)
+
+
+class Int8Linear(nn.Module):
+    """A Linear whose weight is stored as int8 (symmetric: w ≈ q * scale, q in -127..127): decoding reads 1 byte per
+    weight instead of 2 (bf16) or 4 (fp32). On an x86-64 CPU, unless weight_only, it is llama.cpp's q8_0: an fp16
+    scale per block of 32 weights, and the activations rounded to int8 per block of 32 too (q8_linear, and
+    `rounded` where a GEMM is faster); a scale per channel cost 3 of 50 greedy continuations once the activations
+    were rounded. Else one scale per output channel, activations in their dtype (PyTorch's int8 kernel)."""
+
+    def __init__(self, linear: nn.Linear, weight_only: bool = False):
         super().__init__()
         w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-        self.register_buffer("weight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale.to(linear.weight.dtype))
+        self.q8 = not weight_only and q8_fits(linear)
+        blocks = w.view(len(w), -1, 32) if self.q8 else w[:, None]  # (out, in / 32 or 1, 32 or in)
+        scale = blocks.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
+        scale = scale.half().float().clamp(min=2**-24) if self.q8 else scale  # (the scale the kernel reads)
+        self.register_buffer("weight", torch.round(blocks / scale).clamp(-127, 127).to(torch.int8).view_as(w))
+        scale = scale.flatten(1).squeeze(1)  # (out, in / 32), or per channel (out,)
+        self.register_buffer("scale", scale.to(torch.float16 if self.q8 else linear.weight.dtype))
         self.bias = linear.bias
         self.cpu_kernels = isinstance(linear, FastLinear)  # speed_up ran: matvec and oneDNN here too
 
     def forward(self, x):
         rows = x.numel() // x.shape[-1]
-        if self.cpu_kernels and one_row_compiled(x) and x.dtype == torch.float32:
+        if self.q8 and decoding(x):
+            y = q8_linear(x, self.weight, self.scale)
+        elif self.q8:  # (the same product, with the weights expanded)
+            w = self.weight.float().view(len(self.weight), -1, 32).mul_(self.scale.float()[..., None]).flatten(1)
+            y = (linear if self.cpu_kernels else F.linear)(rounded(x), w.to(x.dtype))
+        elif self.cpu_kernels and one_row_compiled(x) and x.dtype == torch.float32:
             y = matvec(x, self.weight, self.scale)  # (with bf16 x inductor's loop is not vectorized: 3x slower)
         elif x.device.type == "cpu" and rows <= 8 and x.shape[-1] % 16 == 0:
             # decoding: PyTorch's CPU kernel multiplies bf16 activations by the int8 weights without expanding them
@@ -164,27 +399,38 @@ NOT_QUANTIZED = ("score", "router")  # a classifier's score; a MoE router (a sma
 # near-ties between experts: llama.cpp keeps it unquantized too)
 
 
-def quantize_int8(model: nn.Module):
+def quantize_int8(model: nn.Module, weight_only: bool = False):
     """Replace every Linear of the blocks (experts included, not a MoE router) and the lm_head (not a classifier's
-    score) by an Int8Linear, in place."""
-    return swap_linears(model, Int8Linear, skip=NOT_QUANTIZED)
+    score) by an Int8Linear, in place (weight_only: activations never rounded to int8)."""
+    return swap_linears(model, lambda linear: Int8Linear(linear, weight_only), skip=NOT_QUANTIZED)
 
 
 class Int4Linear(nn.Module):
-    """A Linear whose weight is stored as 4-bit numbers in groups of `group` input columns, each group with a bf16
-    scale and zero point (gpt-fast's scheme: w ≈ (q - 8) * scale + zero, q in 0..15, asymmetric per group), packed
-    for PyTorch's int4 kernel of the weight's device (CPU; CUDA: tinygemm, bf16 tensor cores, its own tile layout),
-    which multiplies bf16 activations by them without expanding the weight: half a byte per weight (plus 4 bytes a
-    group)."""
+    """A Linear whose weight is stored as 4-bit numbers in groups of `group` input columns (gpt-fast's scheme:
+    w ≈ q * scale + min per group, q in 0..15, asymmetric): half a byte per weight (plus 4 bytes a group).
+    On an x86-64 CPU (unless weight_only) they are packed for q8_linear, which rounds decoding's activations to int8:
+    pairs of 32-column blocks in 32 bytes (the first block's in the low nibbles), fp16 scales and minimums (out,
+    in / group); prompts multiply by the weights dequantized. Else for PyTorch's int4 kernel of the weight's device
+    (CPU; CUDA: tinygemm, bf16 tensor cores, its own tile layout), bf16 activations times the 4-bit weights."""
 
-    def __init__(self, linear: nn.Linear, group: int):
+    def __init__(self, linear: nn.Linear, group: int, weight_only: bool = False):
         super().__init__()
         w = linear.weight.detach().float()
         out_features, in_features = w.shape
         g = w.reshape(out_features, in_features // group, group)
         lo, hi = g.amin(-1), g.amax(-1)
         scale = (hi - lo).clamp(min=1e-6) / 15
+        self.q8 = not weight_only and q8_fits(linear)
+        if self.q8:  # the kernel's fp16 numbers
+            lo, scale = lo.half().float(), scale.half().float()
         q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).flatten(1)  # (out, in)
+        self.bias, self.group, self.in_features = linear.bias, group, in_features
+        if self.q8:
+            pairs = q.to(torch.uint8).view(out_features, in_features // 64, 2, 32)
+            self.register_buffer("weight", (pairs[:, :, 0] | pairs[:, :, 1] << 4).reshape(out_features, -1))
+            self.register_buffer("scales", scale.half())
+            self.register_buffer("lows", lo.half())
+            return
         if w.is_cuda:  # from two 4-bit numbers a byte (the even column high), into tiles of 16 x inner_k_tiles
             tiles = next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)
             packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), tiles)
@@ -194,26 +440,33 @@ class Int4Linear(nn.Module):
         zeros = lo + 8 * scale  # (the kernel computes (q - 8) * scale + zero)
         sz = torch.stack([scale, zeros], -1).transpose(0, 1).contiguous()  # (in / group, out, 2)
         self.register_buffer("scales_and_zeros", sz.bfloat16())
-        self.bias, self.group, self.in_features = linear.bias, group, in_features
 
     def forward(self, x):
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (the kernel needs it contiguous)
-        mm = torch.ops.aten._weight_int4pack_mm if rows.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
-        y = mm(rows, self.weight, self.group, self.scales_and_zeros)
-        y = y.view(*x.shape[:-1], -1).to(x.dtype)
+        if self.q8:
+            y = q8_linear(x, self.weight, self.scales, self.lows, self.group) if decoding(x) else self.prompt(x)
+        else:
+            rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (the kernel wants it contiguous)
+            mm = torch.ops.aten._weight_int4pack_mm if rows.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
+            y = mm(rows, self.weight, self.group, self.scales_and_zeros).view(*x.shape[:-1], -1).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
+    def prompt(self, x):  # the kernel's product through a GEMM of the weights dequantized (faster over many rows)
+        pairs = self.weight.view(len(self.weight), -1, 1, 32)
+        q = torch.cat([pairs & 15, pairs >> 4], 2).view(len(self.weight), -1, self.group).float()
+        w = torch.addcmul(self.lows.float()[..., None], q, self.scales.float()[..., None]).flatten(1)  # q * s + lo
+        return linear(rounded(x), w.to(x.dtype))
 
-def quantize_int4(model: nn.Module, group: int = 128):
+
+def quantize_int4(model: nn.Module, group: int = 128, weight_only: bool = False):
     """Replace the blocks' and the lm_head's Linears by Int4Linear (groups of `group` columns, or the largest of 128,
     64, 32 that divides a Linear's inputs; a Linear none divides stays as it is), in place. CPU or CUDA (the CUDA
-    kernel also wants outputs in multiples of 8)."""
+    kernel also wants outputs in multiples of 8). weight_only: activations never rounded to int8."""
     if next(model.parameters()).device.type not in ("cpu", "cuda"):
         raise ValueError("int4 weights need the CPU or CUDA (PyTorch's int4 kernels)")
 
     def int4(linear):
         fits = [g for g in (group, 64, 32) if linear.in_features % g == 0]
         fits = fits if linear.weight.device.type == "cpu" or linear.out_features % 8 == 0 else []
-        return Int4Linear(linear, fits[0]) if fits else linear
+        return Int4Linear(linear, fits[0], weight_only) if fits else linear
 
     return swap_linears(model, int4, skip=NOT_QUANTIZED)

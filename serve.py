@@ -922,7 +922,7 @@ def build_parser():
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None)
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
-    p.add_argument("--quantize", choices=["int8", "int4"])
+    p.add_argument("--quantize", choices=list(generate.QUANTIZERS))
     p.add_argument(
         "--api-key",
         default=os.environ.get("PHI_API_KEY"),

@@ -2,6 +2,7 @@
 the speed)."""
 
 import copy
+import platform
 import subprocess
 import sys
 
@@ -38,7 +39,7 @@ from conftest import (
 def test_compiled_batch1_decode_streams_weights_and_matches(monkeypatch, fresh_compiler):
     """Batch-1 decoding under torch.compile (inductor) multiplies by every weight as multiply-and-sum (quantize.matvec):
     the logits equal the full forward pass, for biased Linears, a row longer than 4096 (summed in 4 chunks of 2050)
-    and int8 weights. The caller's grad mode is left on: a compiled step run with grad enabled used to lose its
+    and weight-only int8 weights. The caller's grad mode is left on: a compiled step run with grad enabled used to lose its
     cache writes after the first token (decode_one_token runs under no_grad)."""
     calls = []
 
@@ -52,7 +53,10 @@ def test_compiled_batch1_decode_streams_weights_and_matches(monkeypatch, fresh_c
     torch.manual_seed(0)
     model = quantize.speed_up(phi.Phi.from_config(cfg).eval(), cpu_kernels=True)
     ids = ids_for(16, B=1)
-    for m in (model, quantize.quantize_int8(quantize.speed_up(phi.Phi.from_config(cfg).eval(), cpu_kernels=True))):
+    int8 = quantize.quantize_int8(
+        quantize.speed_up(phi.Phi.from_config(cfg).eval(), cpu_kernels=True), weight_only=True
+    )
+    for m in (model, int8):
         torch._dynamo.reset()  # the int8 model: a new graph
         step = compiled_step()
         with torch.no_grad():
@@ -121,13 +125,18 @@ def test_compiled_batch1_decode_of_a_bf16_model_matches_eager(model_type, monkey
     assert compiled <= 1.1 * eager
 
 
-def test_compiled_int8_decode_of_several_rows_matches_eager(fresh_compiler):
-    """int8 weights, compiled decode step with 3 rows (PyTorch's int8 kernel, kept opaque to inductor as the custom op
-    quantize.int8_mm): the same tokens' logits as the eager step, and within 2% of the fp32 model."""
+@pytest.mark.parametrize("weight_only", [True, False])
+def test_compiled_int8_decode_of_several_rows_matches_eager(weight_only, fresh_compiler, monkeypatch):
+    """int8 weights, compiled decode step with 3 rows (PyTorch's int8 kernel, or with int8 activations the q8 kernel;
+    each kept opaque to inductor as a custom op): the same tokens' logits as the eager step, and within 2% of the
+    fp32 model. With int8 activations the decoded logits are also those of the full forward pass, whose prompt-sized
+    products round the activations as the kernel does (quantize.rounded), up to rounding flips."""
+    monkeypatch.setattr(quantize, "CPU_KERNELS", True)  # (the rule that turns the q8 kernel on: AMD)
     cfg = tiny_config(intermediate_size=256)
     torch.manual_seed(0)
     fp32 = phi.Phi.from_config(cfg).eval()
-    q = quantize.quantize_int8(copy.deepcopy(fp32))
+    q = quantize.quantize_int8(copy.deepcopy(fp32), weight_only)
+    assert q.layers[0].mlp.fc1.q8 == (not weight_only and quantize.q8_kernel() is not None)
     ids = ids_for(12, B=3)
     steps = {"eager": generate.decode_one_token, "compiled": compiled_step()}
     out = {}
@@ -137,18 +146,27 @@ def test_compiled_int8_decode_of_several_rows_matches_eager(fresh_compiler):
     with torch.no_grad():
         want = fp32(ids)[:, 8:]
     # the same int8 kernel (an op inductor does not look into) both ways, fp32 around it: equal up to fp32 reordering
-    assert record("compiled vs eager int8 decode, 3 rows", err(out["compiled"], out["eager"])) <= TOL
+    kind = "weight-only" if weight_only else "int8 activations"
+    assert record(f"compiled vs eager int8 decode, 3 rows, {kind}", err(out["compiled"], out["eager"])) <= TOL
     assert ((out["compiled"] - want).norm() / want.norm()).item() <= 0.02
+    if not weight_only:  # the same function both ways, but for fp32 reordering (~1e-7) that moves an activation
+        # across a rounding boundary now and then (one int8 step): far below what quantizing costs
+        with torch.no_grad():
+            full = q(ids)[:, 8:]
+        ratio = ((out["eager"] - full).norm() / (full - want).norm()).item()
+        assert record("int8 activations: decode vs full forward / full vs fp32 (norms)", ratio) <= 0.25
 
 
-def test_compiled_int4_decode_matches_eager(fresh_compiler):
-    """int4 weights, compiled decode step (batch 1 and 3 rows, a bf16 model): PyTorch's int4 kernel both ways, so
-    the logits equal the eager step's up to bf16 rounding of what inductor fuses around it, and are no farther
-    from the fp32 model's than the eager step's."""
+@pytest.mark.parametrize("weight_only", [True, False])
+def test_compiled_int4_decode_matches_eager(weight_only, fresh_compiler, monkeypatch):
+    """int4 weights, compiled decode step (batch 1 and 3 rows, a bf16 model): PyTorch's int4 kernel (or with int8
+    activations the q8 kernel) both ways, so the logits equal the eager step's up to bf16 rounding of what inductor
+    fuses around it, and are no farther from the fp32 model's than the eager step's."""
     cfg = tiny_config(intermediate_size=256)
     torch.manual_seed(0)
     fp32 = phi.Phi.from_config(cfg).eval()
-    q = quantize.quantize_int4(copy.deepcopy(fp32).to(torch.bfloat16))
+    monkeypatch.setattr(quantize, "CPU_KERNELS", True)
+    q = quantize.quantize_int4(copy.deepcopy(fp32).to(torch.bfloat16), weight_only=weight_only)
     assert isinstance(q.layers[0].mlp.fc1, quantize.Int4Linear)
     for B in (1, 3):
         ids, out = ids_for(12, B=B), {}
@@ -305,7 +323,7 @@ def test_int4_linear_multiplies_by_its_dequantized_weights():
     of the original weight."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 96, bias=True)
-    q = quantize.Int4Linear(lin, 64)
+    q = quantize.Int4Linear(lin, 64, weight_only=True)
     w = lin.weight.detach().reshape(96, 4, 64)
     lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
     step = (hi - lo) / 15
@@ -326,7 +344,7 @@ def test_int4_linear_on_cuda_equals_the_cpu_kernel_and_dequantized_weights():
     greedily as its own full forward."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 96, bias=True)
-    cpu, cuda = quantize.Int4Linear(lin, 64), quantize.Int4Linear(copy.deepcopy(lin).cuda(), 64)
+    cpu, cuda = quantize.Int4Linear(lin, 64, weight_only=True), quantize.Int4Linear(copy.deepcopy(lin).cuda(), 64)
     x = torch.randn(5, 256)
     with torch.no_grad():
         want, got = cpu(x), cuda(x.cuda()).cpu()
@@ -367,7 +385,7 @@ def test_int4_takes_the_largest_group_that_divides_and_scales_each_group():
     torch.manual_seed(0)
     m = torch.nn.Sequential(*(torch.nn.Linear(i, 16) for i in (256, 192, 96, 64, 40)))
     want = [lin.weight.detach().clone() for lin in m]
-    quantize.quantize_int4(m)
+    quantize.quantize_int4(m, weight_only=True)
     assert [getattr(lin, "group", None) for lin in m] == [128, 64, 32, 64, None]
     assert isinstance(m[4], torch.nn.Linear)
     for lin, w in zip(list(m)[:4], want):
@@ -377,6 +395,94 @@ def test_int4_takes_the_largest_group_that_divides_and_scales_each_group():
         dequant = (lin(x) - lin.bias.detach()).T
         step = sz[..., 0].T.repeat_interleave(lin.group, 1)  # (out, in): each weight's group's scale
         assert ((dequant - w).abs() <= 0.5 * step + 1e-2).all()
+
+
+needs_q8 = pytest.mark.skipif(
+    platform.machine() != "x86_64" or torch.backends.cpu.get_cpu_capability() == "DEFAULT",
+    reason="quantize.Q8_SOURCE is for x86-64 CPUs with AVX2",
+)
+
+
+def int8_activations(x):
+    """x rounded per block of 32 columns to an int8 times max|block| / 127 (llama.cpp's q8_0; halves to even)."""
+    b = x.view(*x.shape[:-1], -1, 32)
+    amax = b.abs().amax(-1, keepdim=True)
+    return (torch.round(b * (127 / amax)) * (amax / 127)).view(x.shape)
+
+
+@needs_q8
+@pytest.mark.parametrize("K", [192, 2048])
+def test_q8_kernel_multiplies_int8_activations_by_the_quantized_weights(K, monkeypatch):
+    """The C++ kernel (quantize.Q8_SOURCE, built here: on an x86-64 CPU with a compiler it must) computes, for 1 to 8
+    rows (its tiles of 4 rows and the 1 to 3 left over), the activations rounded to int8 per block of 32 times the
+    weights dequantized by their scheme: int8 with an fp16 scale per block of 32 (q8_0), int4 per group of 32, 64 or
+    128 columns (q * scale + min, both fp16), bias added; written out here in float64. 20 rows take the GEMM path (quantize.rounded and the weights
+    expanded) to the same product."""
+    assert quantize.q8_kernel() is not None
+    monkeypatch.setattr(quantize, "CPU_KERNELS", True)  # (the rule that turns it on: AMD)
+    calls = []
+    product = quantize.q8_product
+    monkeypatch.setattr(quantize, "q8_product", lambda *a: calls.append(a[0].shape[0]) or product(*a))
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(K, 80)
+    w = lin.weight.detach()
+    b = w.view(80, -1, 32)
+    s = (b.abs().amax(-1, keepdim=True) / 127).half().float()
+    want = {quantize.Int8Linear(lin): (torch.round(b / s) * s).view(80, K)}
+    for group in (32, 64, 128)[: 3 if K % 128 == 0 else 2]:
+        g = w.view(80, -1, group)
+        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+        step, lo = ((hi - lo) / 15).half().float(), lo.half().float()
+        want[quantize.Int4Linear(lin, group)] = (torch.round((g - lo) / step).clamp(0, 15) * step + lo).view(80, K)
+    for q, dequantized in want.items():
+        assert q.q8
+        for rows in (1, 2, 3, 4, 5, 7, 8, 20):
+            x = torch.randn(rows, K) * torch.rand(rows, K // 32, 1).repeat_interleave(32, 1).view(rows, K)  # scales
+            with torch.no_grad():
+                got = q(x)
+            expected = int8_activations(x).double() @ dequantized.double().T + lin.bias.detach().double()
+            name = f"{type(q).__name__} {getattr(q, 'group', '')}"
+            assert record(f"q8 kernel vs float64, {name} K {K}", err(got, expected.float())) <= TOL, (name, rows)
+        assert calls == [1, 2, 3, 4, 5, 7, 8]  # 20 rows: the GEMM path
+        calls.clear()
+
+
+@needs_q8
+def test_int8_activations_pass_gradients_through_the_rounding(monkeypatch):
+    """With autograd the products take the GEMM path (the kernel has no backward), whose rounding passes gradients
+    through unchanged: the input's gradient of sum(y) is the dequantized weight's column sums."""
+    monkeypatch.setattr(quantize, "CPU_KERNELS", True)
+    torch.manual_seed(0)
+    q = quantize.Int8Linear(torch.nn.Linear(128, 16))
+    assert q.q8
+    x = torch.randn(2, 128, requires_grad=True)
+    q(x).sum().backward()
+    w = q.weight.float().view(16, 4, 32) * q.scale.float()[..., None]
+    assert err(x.grad, w.view(16, 128).sum(0).expand(2, -1)) <= TOL
+
+
+@needs_reference("tokenizers")
+def test_load_quantize_names_pick_the_kernel_and_the_dtype(hub, monkeypatch):
+    """generate.load's quantize names: "int8" and "int4" take the q8 kernel where quantize.q8_on() (the rule forced
+    on here), and then the model around them is fp32 on the CPU; "-weight-only" keeps PyTorch's kernels (int4 in the
+    checkpoint's dtype); an unknown name is one error that lists the known ones."""
+    monkeypatch.setattr(quantize, "CPU_KERNELS", True)
+    path = snapshot(hub[0], "phi3-4k")
+    own = generate.load(path)[0].embed.weight.dtype
+    kernel = quantize.q8_kernel() is not None
+    for name, q8, dtype in (
+        ("int8", kernel, torch.float32),
+        ("int8-weight-only", False, torch.float32),
+        ("int4", kernel, torch.float32 if kernel else own),
+        ("int4-weight-only", False, own),
+    ):
+        model = generate.load(path, quantize=name)[0]
+        qs = [m for m in model.modules() if isinstance(m, (quantize.Int8Linear, quantize.Int4Linear))]
+        fits = [getattr(m, "in_features", m.weight.shape[-1]) % 64 == 0 for m in qs]  # (the kernel's inputs)
+        assert any(fits) and [m.q8 for m in qs] == [q8 and f for f in fits], name
+        assert model.embed.weight.dtype == dtype, name
+    with pytest.raises(ValueError, match="quantize 'int3' is unknown .*int8-weight-only"):
+        generate.load(path, quantize="int3")
 
 
 @needs_reference("tokenizers")
