@@ -2,7 +2,9 @@
 the speed)."""
 
 import copy
+import json
 import platform
+import shutil
 import subprocess
 import sys
 
@@ -462,13 +464,17 @@ def test_int8_activations_pass_gradients_through_the_rounding(monkeypatch):
 
 
 @needs_reference("tokenizers")
-def test_load_quantize_names_pick_the_kernel_and_the_dtype(hub, monkeypatch):
+def test_load_quantize_names_pick_the_kernel_and_the_dtype(hub, monkeypatch, tmp_path):
     """generate.load's quantize names: "int8" and "int4" take the q8 kernel where quantize.q8_on() (the rule forced
     on here), and then the model around them is fp32 on the CPU; "-weight-only" keeps PyTorch's kernels (int4 in the
     checkpoint's dtype); an unknown name is one error that lists the known ones."""
     monkeypatch.setattr(quantize, "CPU_KERNELS", True)
-    path = snapshot(hub[0], "phi3-4k")
+    path = tmp_path / "bf16"  # a checkpoint whose own dtype is bfloat16
+    shutil.copytree(snapshot(hub[0], "phi3-4k"), path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config | {"torch_dtype": "bfloat16"}))
     own = generate.load(path)[0].embed.weight.dtype
+    assert own == torch.bfloat16
     kernel = quantize.q8_kernel() is not None
     for name, q8, dtype in (
         ("int8", kernel, torch.float32),
