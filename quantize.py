@@ -335,7 +335,8 @@ def q8_linear(x, weight, scales, lows=None, group=32):
 def rounded(x):
     """x (..., in) with each block of 32 rounded as the kernel rounds it (to int8 times max|block| / 127), for the
     products that do not go through it (prompts, autograd, other devices): every path of a Linear computes the same
-    function, so decoding equals the full forward pass. Gradients pass through the rounding unchanged."""
+    function (up to fp32 reordering, which can move a value across a rounding boundary). Gradients pass through the
+    rounding unchanged."""
     b = x.float().unflatten(-1, (-1, 32))
     amax = b.abs().amax(-1, keepdim=True)
     r = (torch.round(b * torch.where(amax > 0, 127 / amax, 0)) * (amax / 127)).flatten(-2).to(x.dtype)
@@ -348,7 +349,7 @@ def decoding(x) -> bool:  # 1 to 8 rows on the CPU without autograd (the kernels
 
 class Int8Linear(nn.Module):
     """A Linear whose weight is stored as int8 (symmetric: w ≈ q * scale, q in -127..127): decoding reads 1 byte per
-    weight instead of 2 (bf16) or 4 (fp32). On an x86-64 CPU, unless weight_only, it is llama.cpp's q8_0: an fp16
+    weight instead of 2 (bf16) or 4 (fp32). On the CPU where q8_on(), unless weight_only, it is llama.cpp's q8_0: an fp16
     scale per block of 32 weights, and the activations rounded to int8 per block of 32 too (q8_linear, and
     `rounded` where a GEMM is faster); a scale per channel cost 3 of 50 greedy continuations once the activations
     were rounded. Else one scale per output channel, activations in their dtype (PyTorch's int8 kernel)."""
@@ -408,7 +409,7 @@ def quantize_int8(model: nn.Module, weight_only: bool = False):
 class Int4Linear(nn.Module):
     """A Linear whose weight is stored as 4-bit numbers in groups of `group` input columns (gpt-fast's scheme:
     w ≈ q * scale + min per group, q in 0..15, asymmetric): half a byte per weight (plus 4 bytes a group).
-    On an x86-64 CPU (unless weight_only) they are packed for q8_linear, which rounds decoding's activations to int8:
+    On the CPU where q8_on() (unless weight_only) they are packed for q8_linear, which rounds activations to int8:
     pairs of 32-column blocks in 32 bytes (the first block's in the low nibbles), fp16 scales and minimums (out,
     in / group); prompts multiply by the weights dequantized. Else for PyTorch's int4 kernel of the weight's device
     (CPU; CUDA: tinygemm, bf16 tensor cores, its own tile layout), bf16 activations times the 4-bit weights."""
