@@ -57,14 +57,14 @@ def adapter_dir(name_or_dir, revision=None) -> Path:
 
 
 def load(name_or_dir, dtype="auto", device=None, revision=None, attn="sdpa", quantize=None, adapter=None, tp=False):
-    """(model, tokenizer) from a Hub id or a local directory. dtype "auto" takes the checkpoint's own (float16
-    becomes bfloat16 on the CPU, where float16 matmuls are slow); device None picks CUDA when there is one;
-    quantize="int8" stores the weights as int8 (per channel), "int4" as 4-bit groups; decoding on an x86-64 CPU
-    (where quantize.q8_on(): AMD, AVX2) rounds the activations to int8 too (llama.cpp's q8_0 arithmetic, 1.6-2.3x
-    faster), unless "int8-weight-only" or "int4-weight-only". With int8, or int4 with int8 activations, and dtype "auto" on the CPU the rest of the model
-    and the activations are float32 (converting to bf16 costs more than it saves). adapter: a PEFT LoRA adapter
-    (Hub id or directory), merged into the weights before any quantization. tp=True (inside torchrun's process
-    group: tp.init()): this rank's shard of the model (tp.py)."""
+    """(model, tokenizer) from a Hub id or a local directory. dtype "auto" takes the checkpoint's own (float16 becomes
+    bfloat16 on the CPU, where float16 matmuls are slow); device None picks CUDA when there is one; quantize="int8"
+    stores the weights as int8, "int4" as 4-bit groups; decoding on an x86-64 CPU (where quantize.q8_on(): AMD, AVX2)
+    rounds the activations to int8 too (llama.cpp's q8_0 arithmetic, 1.6-2.3x faster), unless "int8-weight-only" or
+    "int4-weight-only". With int8, or int4 with int8 activations, and dtype "auto" on the CPU the rest of the model and
+    the activations are float32 (converting to bf16 costs more than it saves). adapter: a PEFT LoRA adapter (Hub id or
+    directory), merged into the weights before any quantization. tp=True (inside torchrun's process group: tp.init()):
+    this rank's shard of the model (tp.py)."""
     if tp and (quantize or adapter):
         raise ValueError("tensor parallelism (--tp) takes no --quantize or --adapter yet")
     if quantize is not None and quantize not in QUANTIZERS:

@@ -349,10 +349,10 @@ def decoding(x) -> bool:  # 1 to 8 rows on the CPU without autograd (the kernels
 
 class Int8Linear(nn.Module):
     """A Linear whose weight is stored as int8 (symmetric: w ≈ q * scale, q in -127..127): decoding reads 1 byte per
-    weight instead of 2 (bf16) or 4 (fp32). On the CPU where q8_on(), unless weight_only, it is llama.cpp's q8_0: an fp16
-    scale per block of 32 weights, and the activations rounded to int8 per block of 32 too (q8_linear, and
-    `rounded` where a GEMM is faster); a scale per channel cost 3 of 50 greedy continuations once the activations
-    were rounded. Else one scale per output channel, activations in their dtype (PyTorch's int8 kernel)."""
+    weight instead of 2 (bf16) or 4 (fp32). On the CPU where q8_on(), unless weight_only, it is llama.cpp's q8_0: an
+    fp16 scale per block of 32 weights, and the activations rounded to int8 per block of 32 too (q8_linear, and
+    `rounded` where a GEMM is faster); a scale per channel cost 3 of 50 greedy continuations once the activations were
+    rounded. Else one scale per output channel, activations in their dtype (PyTorch's int8 kernel)."""
 
     def __init__(self, linear: nn.Linear, weight_only: bool = False):
         super().__init__()

@@ -41,8 +41,8 @@ from conftest import (
 def test_compiled_batch1_decode_streams_weights_and_matches(monkeypatch, fresh_compiler):
     """Batch-1 decoding under torch.compile (inductor) multiplies by every weight as multiply-and-sum (quantize.matvec):
     the logits equal the full forward pass, for biased Linears, a row longer than 4096 (summed in 4 chunks of 2050)
-    and weight-only int8 weights. The caller's grad mode is left on: a compiled step run with grad enabled used to lose its
-    cache writes after the first token (decode_one_token runs under no_grad)."""
+    and weight-only int8 weights. The caller's grad mode is left on: a compiled step run with grad enabled used to
+    lose its cache writes after the first token (decode_one_token runs under no_grad)."""
     calls = []
 
     def counted(x, weight, scale=None):
@@ -417,9 +417,9 @@ def int8_activations(x):
 def test_q8_kernel_multiplies_int8_activations_by_the_quantized_weights(K, monkeypatch):
     """The C++ kernel (quantize.Q8_SOURCE, built here: on an x86-64 CPU with a compiler it must) computes, for 1 to 8
     rows (its tiles of 4 rows and the 1 to 3 left over), the activations rounded to int8 per block of 32 times the
-    weights dequantized by their scheme: int8 with an fp16 scale per block of 32 (q8_0), int4 per group of 32, 64 or
-    128 columns (q * scale + min, both fp16), bias added; written out here in float64. 20 rows take the GEMM path (quantize.rounded and the weights
-    expanded) to the same product."""
+    weights dequantized by their scheme: int8 with an fp16 scale per block of 32 (q8_0), int4 per group of 32, 64 or 128
+    columns (q * scale + min, both fp16), bias added; written out here in float64. 20 rows take the GEMM path
+    (quantize.rounded and the weights expanded) to the same product."""
     assert quantize.q8_kernel() is not None
     monkeypatch.setattr(quantize, "CPU_KERNELS", True)  # (the rule that turns it on: AMD)
     calls = []
