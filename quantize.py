@@ -333,14 +333,15 @@ def q8_linear(x, weight, scales, lows=None, group=32):
 
 
 def rounded(x):
-    """x (..., in) with each block of 32 rounded as the kernel rounds it (to int8 times max|block| / 127), for the
-    products that do not go through it (prompts, autograd, other devices): every path of a Linear computes the same
-    function (up to fp32 reordering, which can move a value across a rounding boundary). Gradients pass through the
-    rounding unchanged."""
-    b = x.float().unflatten(-1, (-1, 32))
+    """x (..., in) as fp32 with each block of 32 rounded as the kernel rounds it (to int8 times max|block| / 127), for
+    the products that do not go through it (prompts, autograd, other devices), which then multiply in fp32 as it does:
+    every path of a Linear computes the same function, whatever x's dtype (up to fp32 reordering, which can move a
+    value across a rounding boundary). Gradients pass through the rounding unchanged."""
+    xf = x.float()
+    b = xf.unflatten(-1, (-1, 32))
     amax = b.abs().amax(-1, keepdim=True)
-    r = (torch.round(b * torch.where(amax > 0, 127 / amax, 0)) * (amax / 127)).flatten(-2).to(x.dtype)
-    return x + (r - x).detach() if x.requires_grad else r
+    r = (torch.round(b * torch.where(amax > 0, 127 / amax, 0)) * (amax / 127)).flatten(-2)
+    return xf + (r - xf).detach() if x.requires_grad else r
 
 
 def decoding(x) -> bool:  # 1 to 8 rows on the CPU without autograd (the kernels have no backward)
@@ -373,7 +374,7 @@ class Int8Linear(nn.Module):
             y = q8_linear(x, self.weight, self.scale)
         elif self.q8:  # (the same product, with the weights expanded)
             w = self.weight.float().view(len(self.weight), -1, 32).mul_(self.scale.float()[..., None]).flatten(1)
-            y = (linear if self.cpu_kernels else F.linear)(rounded(x), w.to(x.dtype))
+            y = (linear if self.cpu_kernels else F.linear)(rounded(x), w).to(x.dtype)
         elif self.cpu_kernels and one_row_compiled(x) and x.dtype == torch.float32:
             y = matvec(x, self.weight, self.scale)  # (with bf16 x inductor's loop is not vectorized: 3x slower)
         elif x.device.type == "cpu" and rows <= 8 and x.shape[-1] % 16 == 0:
@@ -455,7 +456,7 @@ class Int4Linear(nn.Module):
         pairs = self.weight.view(len(self.weight), -1, 1, 32)
         q = torch.cat([pairs & 15, pairs >> 4], 2).view(len(self.weight), -1, self.group).float()
         w = torch.addcmul(self.lows.float()[..., None], q, self.scales.float()[..., None]).flatten(1)  # q * s + lo
-        return linear(rounded(x), w.to(x.dtype))
+        return linear(rounded(x), w).to(x.dtype)
 
 
 def quantize_int4(model: nn.Module, group: int = 128, weight_only: bool = False):

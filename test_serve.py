@@ -444,8 +444,9 @@ def test_serve_embeddings_equal_generate_embed_in_both_encodings(server):
     assert [d.index for d in r.data] == [0, 1, 2] and torch.equal(torch.tensor([d.embedding for d in r.data]), want)
     ids = [tok.encode(t, bos=tok.add_bos) for t in texts]
     assert r.usage.prompt_tokens == r.usage.total_tokens == sum(map(len, ids))
-    r = client.embeddings.create(model="m", input=ids[1], encoding_format="float")
-    assert torch.equal(torch.tensor(r.data[0].embedding), want[1])
+    r = client.embeddings.create(model="m", input=ids[1], encoding_format="float")  # alone, as embed of it alone (a
+    # batch of 3 multiplies other row counts: the CPU kernels' blocking, and so the last bits, differ on AMD)
+    assert torch.equal(torch.tensor(r.data[0].embedding), generate.embed(model, tok, texts[1:2])[0])
     r = client.embeddings.create(model="m", input=ids, extra_body={"pooling": "mean"})
     assert torch.equal(torch.tensor([d.embedding for d in r.data]), generate.embed(model, tok, texts, pooling="mean"))
     for bad, param in [
