@@ -706,8 +706,8 @@ def build_parser():
     p.add_argument(
         "--quantize",
         choices=list(QUANTIZERS),
-        help="int8 (per channel) or int4 (groups of 128) weights; on an x86-64 CPU decoding rounds activations to int8"
-        " too (2x faster), unless int8-weight-only or int4-weight-only",
+        help="int8 or int4 (groups of 128) weights; where quantize.q8_on() (AMD, AVX2) decoding rounds activations to"
+        " int8 too (1.6-2.3x faster), unless int8-weight-only or int4-weight-only",
     )
     p.add_argument("--adapter", help="a PEFT LoRA adapter (Hub id or directory), merged into the weights at load")
     p.add_argument("--speculate", type=int, default=0, metavar="K", help="speculative decoding, K drafts a step")
