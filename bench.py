@@ -31,7 +31,7 @@ Benchmarks (never tests: speed is measured here, correctness in test_phi.py). Ne
         greedy speculative decoding with prompt lookup against plain greedy decoding (batch 1, eager) on a trained
         model (default out/model, what `python train.py` writes): an editing workload (the prompt holds code the
         continuation repeats) and a plain one; tokens/s of each, the acceptance rate, and a check that the tokens agree
-    python bench.py llama-cpp [--sizes 160m,1.4b] [--json out.json]
+    python bench.py llama-cpp [--sizes 160m,1.4b] [--only q8_0,int8] [--rounds 1] [--json out.json]
         llama.cpp side by side (needs requirements-bench.txt): the same random phi-shaped weights written as GGUF
         files (architecture phi2; bf16, q8_0 and q4_0, quantized by the gguf package) and run through
         llama-cpp-python's low-level API (llama_decode on token ids: no tokenizer, no sampling, one call a token),
@@ -485,7 +485,7 @@ def bench_pairs(args):
 
     print(
         f"{cpu_model()} ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}, CPU kernels "
-        f"{'on' if quantize.CPU_KERNELS else 'off'}; median of {args.rounds} turns, tokens/s; ratio: ours / the "
+        f"{'on' if quantize.CPU_KERNELS else 'off'}; median of {args.rounds or 3} turns, tokens/s; ratio: ours / the "
         f"better transformers row"
     )
     results = []
@@ -504,14 +504,14 @@ def bench_pairs(args):
                     for B in (1, 8):
                         decode(B, n if "compile" in impl else 4)
                 got = {(i, m): [] for i in PAIRED for m in ("prefill", "decode_b1", "decode_b8")}
-                for _ in range(args.rounds):
+                for _ in range(args.rounds or 3):
                     for impl, (prefill, decode) in run.items():
                         got[impl, "prefill"].append(512 / min(timed(prefill) for _ in range(2)))
                         got[impl, "decode_b1"].append(decode(1, n))
                         got[impl, "decode_b8"].append(decode(8, n))
             if size != "1.4b":
                 models = {"ours": ours.float().train(), "hf-eager": hf.float().train(), "hf-sdpa": hf}
-                for _ in range(args.rounds):
+                for _ in range(args.rounds or 3):
                     for impl, model in models.items():
                         if impl.startswith("hf"):
                             model.set_attn_implementation(impl[3:])
@@ -1064,6 +1064,7 @@ def wanted(args, row):  # llama-cpp --only: the rows whose name holds one of its
 def bench_llama_cpp(args):
     """Per size: llama.cpp (bf16, q8_0, q4_0) and ours (bf16, int8, int4; eager and compiled) and transformers on
     the same random weights; prefill (512) and batch-1 decode tokens/s; ours over llama.cpp per bit width."""
+    import statistics
     import tempfile
 
     import torch
@@ -1071,7 +1072,10 @@ def bench_llama_cpp(args):
     import phi
 
     threads = torch.get_num_threads()
-    print(f"{cpu_model()} ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}, {threads} threads")
+    print(
+        f"{cpu_model()} ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}, {threads} threads; "
+        f"median of {args.rounds or 1} round(s)"
+    )
     results = []
     for size in args.sizes.split(","):
         cfg = model_config(size)
@@ -1081,17 +1085,22 @@ def bench_llama_cpp(args):
         d = Path(tempfile.mkdtemp(prefix=f"phi-llama-{size}-"))
         torch.manual_seed(0)
         phi.Phi.from_config(cfg).save_pretrained(d / "ckpt")
-        rows = {}
+        runs, gguf = {}, {}  # row -> its result in each round; llama.cpp row -> its GGUF file
         for kind in [k for k in LLAMA_ROWS if wanted(args, f"llama.cpp {k}")]:
+            gguf[f"llama.cpp {kind}"] = d / f"{kind}.gguf"
             write_gguf(d / "ckpt", d / f"{kind}.gguf", kind)
-            rows[f"llama.cpp {kind}"], errors = row_process("_llama", d / f"{kind}.gguf", size, threads)
-            if errors is not None:
-                print(f"llama.cpp {kind} failed: {errors[-3:]}")
-            (d / f"{kind}.gguf").unlink()
-        for impl, dtype in [(i, d) for i, d in LLAMA_OURS if wanted(args, f"{i} {d}")]:
-            rows[f"{impl} {dtype}"], errors = row_process("_row", size, dtype, impl, d / "ckpt", "cpu")
-            if errors is not None:
-                print(f"{impl} {dtype} failed: {errors[-1:]}")
+        for _ in range(args.rounds or 1):  # every row once a round: the host's drift reaches each row alike
+            for name, path in gguf.items():
+                runs.setdefault(name, []).append(row_process("_llama", path, size, threads))
+            for impl, dtype in [(i, d) for i, d in LLAMA_OURS if wanted(args, f"{i} {d}")]:
+                runs.setdefault(f"{impl} {dtype}", []).append(row_process("_row", size, dtype, impl, d / "ckpt", "cpu"))
+        rows = {}
+        for name, results in runs.items():
+            for _, errors in results:
+                if errors is not None:
+                    print(f"{name} failed: {errors[-3:]}")
+            got = [r for r, _ in results if r]
+            rows[name] = {k: statistics.median(r[k] for r in got) for k in ("prefill", "decode_b1")} if got else None
         shutil.rmtree(d)
         print(f"\n{size}: tokens/s (prefill 512; decode batch 1 after a 128-token prompt)")
         print(f"{'row':28} {'prefill':>9} {'decode b1':>9}")
@@ -1179,7 +1188,9 @@ if __name__ == "__main__":
     p.add_argument("--verify-size", default="1.4b", help="speculative: the size whose verify-step cost is measured")
     p.add_argument("--shapes", default="phi-2,phi3-mini", help="finetune: train.py presets")
     p.add_argument("--modes", default="full,lora,lora+int8", help="finetune")
-    p.add_argument("--rounds", type=int, default=3, help="pairs: turns of each implementation")
+    p.add_argument(
+        "--rounds", type=int, help="pairs: turns of each implementation (3); llama-cpp: rounds of every row (1)"
+    )
     p.add_argument("--model", default="out/model", help="int8-agreement: a trained checkpoint")
     p.add_argument("--prompts", type=int, default=50)
     p.add_argument("--new-tokens", type=int, default=32, help="int8-agreement, speculative")

@@ -12,14 +12,13 @@ bench.py apply them; phi.py never sees them. The CPU kernels are kept where they
 Both were measured faster on AMD EPYC; on an Intel Xeon with AMX the compiled matvec step was slower than the eager
 one and MKL is Intel's own: there nn.Linear stays (CPU_KERNELS; PHI_CPU_KERNELS=0/1 overrides the rule).
 
-int8 and int4 weights decode (1 to 8 rows) on x86-64 CPUs with AVX2 through Q8_SOURCE, a small C++ kernel built at
-first use: llama.cpp's q8_0 arithmetic (activations rounded to int8 per block of 32, int8 x int8 products summed in
-int32), 2-2.7x PyTorch's int8 and int4 kernels, which widen every weight to float (AMD EPYC; by the CPU_KERNELS
-rule, q8_on). weight_only=True keeps PyTorch's kernels (activations not rounded), as does a CPU the rule leaves out,
-one without AVX2, or a machine without a C++ compiler.
+int8 and int4 weights multiply on x86-64 CPUs with AVX2 through Q8_SOURCE, a small C++ operator built at first use:
+llama.cpp's q8_0 arithmetic (activations rounded to int8 per block of 32, int8 x int8 products summed in int32),
+decoding at 2-2.7x PyTorch's int8 and int4 kernels, which widen every weight to float, and prompts without expanding
+the weights (AMD EPYC; by the CPU_KERNELS rule, q8_on). weight_only=True keeps PyTorch's kernels (activations not
+rounded), as does a CPU the rule leaves out, one without AVX2, or a machine without a C++ compiler.
 """
 
-import ctypes
 import functools
 import hashlib
 import math
@@ -137,15 +136,18 @@ def speed_up(model: nn.Module, cpu_kernels: bool | None = None):
     return swap_linears(model, lambda lin: lin if isinstance(lin, FastLinear) else fast(lin))
 
 
-# The int8 x int8 kernel (C++, AVX2 intrinsics, OpenMP: torch's own libgomp, loaded first, serves it). Plain C calls
-# through ctypes rather than a torch extension: torch's headers take ~1 minute to compile and its builder needs
-# ninja; this builds in ~2 s with the compiler torch.compile already needs on the CPU.
+# The int8 x int8 kernel (C++, AVX2 intrinsics, OpenMP: torch's own libgomp serves it), an operator of torch's
+# stable C ABI (torch/csrc/stable: a few C headers, ~5 s to build, where the full extension headers take ~1 minute
+# and torch's builder needs ninja): eager calls cost one dispatch (~10 us), and torch.compile calls it as any aten op.
 Q8_SOURCE = r"""
-// int8 x int8 products for decoding (1 to a few rows) on x86-64 with AVX2: llama.cpp's q8_0 arithmetic.
+// int8 x int8 products on x86-64 with AVX2: llama.cpp's q8_0 arithmetic, as the operator phi_q8::linear.
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
 
 // A row x (K,) -> q (K,) int8 and d (K/32,) per block of 32: x ~ q * d, d = max|x| / 127 (halves to even, as
 // torch.round); xs (K/G,): the sums of the rounded x per group of G columns (for int4's per-group minimums).
@@ -157,7 +159,7 @@ static void quantize_row(const float* x, int64_t K, int64_t G, int8_t* q, float*
     for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(v[i]));
     d[b] = amax / 127.f;
     int sum = 0;
-    for (int i = 0; i < 32; i++) sum += q[32 * b + i] = (int8_t)nearbyintf(amax > 0.f ? v[i] * (127.f / amax) : 0.f);
+    for (int i = 0; i < 32; i++) sum += q[32 * b + i] = (int8_t)nearbyintf(d[b] > 0.f ? v[i] / d[b] : 0.f);
     xs[32 * b / G] += sum * d[b];
   }
 }
@@ -215,52 +217,85 @@ static void column(const void* wrow, const uint16_t* s, const uint16_t* lo, cons
   }
 }
 
+// Output column n for rows m .. m + R - 1 (R <= 4: 4 x 2 accumulators of the 16 registers).
 template <int BITS>
-static void columns(int64_t n, int64_t M, const void* W, const uint16_t* s, const uint16_t* lo, const int8_t* q,
-                    const float* d, const float* xs, int64_t N, int64_t K, int64_t G, float* y) {
+static void columns(int64_t n, int64_t m, int64_t R, const void* W, const uint16_t* s, const uint16_t* lo,
+                    const int8_t* q, const float* d, const float* xs, int64_t N, int64_t K, int64_t G, float* y) {
   const void* w = (const uint8_t*)W + n * K * BITS / 8;
   const uint16_t *sn = s + n * K / G, *ln = BITS == 8 ? lo : lo + n * K / G;
-  for (int64_t m = 0; m < M; m += 4) {  // rows 4 at a time (4 x 2 accumulators of 16 registers)
-    const int8_t* qm = q + m * K;
-    const float *dm = d + m * K / 32, *xm = xs + m * K / G;
-    float* ym = y + m * N + n;
-    switch (M - m < 4 ? M - m : 4) {
-      case 1: column<1, BITS>(w, sn, ln, qm, dm, xm, K, G, ym, N); break;
-      case 2: column<2, BITS>(w, sn, ln, qm, dm, xm, K, G, ym, N); break;
-      case 3: column<3, BITS>(w, sn, ln, qm, dm, xm, K, G, ym, N); break;
-      default: column<4, BITS>(w, sn, ln, qm, dm, xm, K, G, ym, N);
-    }
+  const int8_t* qm = q + m * K;
+  const float *dm = d + m * K / 32, *xm = xs + m * K / G;
+  float* ym = y + m * N + n;
+  switch (R) {
+    case 1: column<1, BITS>(w, sn, ln, qm, dm, xm, K, G, ym, N); break;
+    case 2: column<2, BITS>(w, sn, ln, qm, dm, xm, K, G, ym, N); break;
+    case 3: column<3, BITS>(w, sn, ln, qm, dm, xm, K, G, ym, N); break;
+    default: column<4, BITS>(w, sn, ln, qm, dm, xm, K, G, ym, N);
   }
 }
 
 // y (M, N) fp32 = x (M, K) fp32 @ W.T, x rounded per block of 32 first. bits 8: W (N, K) int8, s (N, K/32) fp16;
 // bits 4: W (N, K/2) as above, s and lo (N, K/G) fp16. K % 64 == 0; G (int4) 32, 64 or 128, dividing K.
-extern "C" void linear_q8(const float* x, int64_t M, const void* W, const uint16_t* s, const uint16_t* lo,
-                          int64_t N, int64_t K, int64_t G, int bits, float* y, int threads) {
+// Each thread takes 16 columns at a time, whose weights (16 K bytes) stay in L2 while every tile of rows passes.
+static void linear_q8(const float* x, int64_t M, const void* W, const uint16_t* s, const uint16_t* lo, int64_t N,
+                      int64_t K, int64_t G, int bits, float* y) {
   if (bits == 8) G = 32;
   int8_t* q = (int8_t*)malloc(M * K + M * (K / 32 + K / G) * sizeof(float));
   float *d = (float*)(q + M * K), *xs = d + M * K / 32;
+#pragma omp parallel for schedule(static) if (M > 8)
   for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, K, G, q + m * K, d + m * K / 32, xs + m * K / G);
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t n = 0; n < N; n++) {
-    if (bits == 8)
-      columns<8>(n, M, W, s, lo, q, d, xs, N, K, G, y);
-    else
-      columns<4>(n, M, W, s, lo, q, d, xs, N, K, G, y);
-  }
+#pragma omp parallel for schedule(static)
+  for (int64_t n0 = 0; n0 < N; n0 += 16)
+    for (int64_t m = 0; m < M; m += 4)
+      for (int64_t n = n0; n < n0 + 16 && n < N; n++) {
+        int64_t R = M - m < 4 ? M - m : 4;
+        if (bits == 8)
+          columns<8>(n, m, R, W, s, lo, q, d, xs, N, K, G, y);
+        else
+          columns<4>(n, m, R, W, s, lo, q, d, xs, N, K, G, y);
+      }
   free(q);
 }
+
+using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
+
+// The operator: x (M, K) fp32 -> y (M, N) fp32; int8 weight (N, K) and scales, or (lows given) int4's layout.
+Tensor linear(Tensor x, Tensor weight, Tensor scales, std::optional<Tensor> lows, int64_t group) {
+  const int bits = lows.has_value() ? 4 : 8;
+  STD_TORCH_CHECK(x.dim() == 2 && x.scalar_type() == ScalarType::Float && x.is_contiguous(), "x: (rows, in) fp32");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), G = bits == 8 ? 32 : group;
+  STD_TORCH_CHECK(weight.scalar_type() == (bits == 8 ? ScalarType::Char : ScalarType::Byte) &&
+                      weight.is_contiguous() && weight.size(1) * 8 / bits == K,
+                  "weight: int8 (out, in), or uint8 (out, in / 2) with lows");
+  STD_TORCH_CHECK(K % 64 == 0 && (G == 32 || G == 64 || G == 128) && K % G == 0, "in % 64, group 32/64/128");
+  for (const Tensor& t : {scales, lows.value_or(scales)})
+    STD_TORCH_CHECK(t.scalar_type() == ScalarType::Half && t.is_contiguous() && t.numel() == N * K / G,
+                    "scales, lows: fp16 (out, in / group)");
+  Tensor y = torch::stable::new_empty(x, {M, N});
+  linear_q8((const float*)x.data_ptr(), M, weight.data_ptr(), (const uint16_t*)scales.data_ptr(),
+            bits == 4 ? (const uint16_t*)lows->data_ptr() : nullptr, N, K, G, bits, (float*)y.data_ptr());
+  return y;
+}
+
+STABLE_TORCH_LIBRARY(phi_q8, m) {
+  m.def("linear(Tensor x, Tensor weight, Tensor scales, Tensor? lows, int group) -> Tensor");
+}
+STABLE_TORCH_LIBRARY_IMPL(phi_q8, CPU, m) { m.impl("linear", TORCH_BOX(&linear)); }
 """
 
 
 @functools.cache
-def q8_kernel():
-    """linear_q8 (Q8_SOURCE) as a ctypes function, compiled at first use into ~/.cache/phi (once per machine and
-    source), or None where it cannot run: not x86-64 with AVX2, or no compiler ($CXX, else c++; one line on stderr)."""
+def q8_kernel() -> bool:
+    """Is the operator phi_q8::linear (Q8_SOURCE) loaded? It is compiled at first use into ~/.cache/phi (once per
+    machine, torch and source); False where it cannot run: not x86-64 with AVX2, or it does not build (no compiler:
+    $CXX, else c++; one line on stderr)."""
     if platform.machine().lower() not in ("x86_64", "amd64") or torch.backends.cpu.get_cpu_capability() == "DEFAULT":
-        return None
-    flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
-    key = hashlib.sha256((Q8_SOURCE + " ".join(flags)).encode()).hexdigest()[:16]
+        return False
+    torch_dir = Path(torch.__file__).parent
+    flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", f"-I{torch_dir / 'include'}"]
+    flags += [f"-L{torch_dir / 'lib'}", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}"]
+    key = hashlib.sha256((Q8_SOURCE + " ".join(flags) + torch.__version__).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "phi"
     lib = cache / f"q8-{key}.so"
     try:
@@ -268,26 +303,27 @@ def q8_kernel():
             cache.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=cache) as tmp:
                 (Path(tmp) / "q8.cpp").write_text(Q8_SOURCE)
-                cmd = [os.environ.get("CXX", "c++"), *flags, str(Path(tmp) / "q8.cpp"), "-o", str(Path(tmp) / "q8.so")]
+                cmd = [os.environ.get("CXX", "c++"), str(Path(tmp) / "q8.cpp"), *flags, "-o", str(Path(tmp) / "q8.so")]
                 subprocess.run(cmd, check=True, capture_output=True, text=True)
                 os.replace(Path(tmp) / "q8.so", lib)  # whole or not at all, should processes build it at once
-        fn = ctypes.CDLL(str(lib)).linear_q8  # (CDLL releases the GIL during the call)
+        torch.ops.load_library(lib)
     except (OSError, subprocess.CalledProcessError) as e:
         why = e.stderr.strip().splitlines()[-1] if isinstance(e, subprocess.CalledProcessError) and e.stderr else e
         print(
             f"quantize.py: the int8 CPU kernel did not build ({why}); PyTorch's int8/int4 kernels instead",
             file=sys.stderr,
         )
-        return None
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes, fn.restype = [p, i64, p, p, p, i64, i64, i64, ctypes.c_int, p, ctypes.c_int], None
-    return fn
+        return False
+    torch.library.register_fake("phi_q8::linear")(
+        lambda x, weight, scales, lows, group: x.new_empty(x.shape[0], weight.shape[0])
+    )
+    return True
 
 
 def q8_on() -> bool:
     """Do int8/int4 weights take the kernel (and int8 activations)? Where the CPU kernels' rule holds (CPU_KERNELS:
     measured faster on AMD EPYC; not yet measured elsewhere) and the kernel builds."""
-    return CPU_KERNELS and q8_kernel() is not None
+    return CPU_KERNELS and q8_kernel()
 
 
 def q8_fits(linear: nn.Linear) -> bool:  # the kernel takes in_features % 64 == 0 (every Phi's) on the CPU
@@ -299,61 +335,40 @@ def q8_product(
 ) -> torch.Tensor:
     """x (rows, in) @ W.T as fp32 (rows, out) through the kernel: int8 W (out, in) times fp16 scales (out, in / 32),
     or (lows given) 4-bit W (out, in / 2) * scales + lows per group of `group` columns (Int4Linear's layout)."""
-    x, scales = x.float().contiguous(), scales.half().contiguous()  # (half(): should model.to(dtype) have run)
-    lows = None if lows is None else lows.half().contiguous()
-    y = x.new_empty(x.shape[0], weight.shape[0])
-    bits, lo = (8, None) if lows is None else (4, lows.data_ptr())
-    shape = (weight.shape[0], x.shape[1], group, bits)  # N, K, G
-    q8_kernel()(
-        x.data_ptr(),
-        x.shape[0],
-        weight.data_ptr(),
-        scales.data_ptr(),
-        lo,
-        *shape,
-        y.data_ptr(),
-        torch.get_num_threads(),
-    )
-    return y
-
-
-# The same as a custom op, which torch.compile keeps opaque (it cannot trace a ctypes call); eager calls skip it
-# (the op's dispatch costs ~20 us a call, a tenth of a small Linear's product).
-q8_op = torch.library.custom_op("phi_speed::q8_product", q8_product, mutates_args=())
-q8_op.register_fake(
-    lambda x, weight, scales, lows, group: x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-)
+    if scales.dtype != torch.float16:  # (should model.to(dtype) have run)
+        scales, lows = scales.half(), None if lows is None else lows.half()
+    return torch.ops.phi_q8.linear(x.float().contiguous(), weight, scales, lows, group)
 
 
 def q8_linear(x, weight, scales, lows=None, group=32):
-    """x (..., in) times the quantized weight, in x's dtype, through the kernel (its custom op under torch.compile)."""
-    rows = x.reshape(-1, x.shape[-1])
-    y = (q8_op if torch.compiler.is_compiling() else q8_product)(rows, weight, scales, lows, group)
+    """x (..., in) times the quantized weight, in x's dtype, through the kernel."""
+    y = q8_product(x.reshape(-1, x.shape[-1]), weight, scales, lows, group)
     return y.to(x.dtype).view(*x.shape[:-1], -1)
 
 
 def rounded(x):
     """x (..., in) as fp32 with each block of 32 rounded as the kernel rounds it (to int8 times max|block| / 127), for
-    the products that do not go through it (prompts, autograd, other devices), which then multiply in fp32 as it does:
+    the products that do not go through it (autograd, other devices), which then multiply in fp32 as it does:
     every path of a Linear computes the same function, whatever x's dtype (up to fp32 reordering, which can move a
     value across a rounding boundary). Gradients pass through the rounding unchanged."""
     xf = x.float()
     b = xf.unflatten(-1, (-1, 32))
     amax = b.abs().amax(-1, keepdim=True)
-    r = (torch.round(b * torch.where(amax > 0, 127 / amax, 0)) * (amax / 127)).flatten(-2)
+    d = amax / 127  # (x / d, as the kernel: 127 / amax would be torch's 127 * (1 / amax), rounded differently)
+    r = (torch.round(torch.where(d > 0, b / d, 0)) * d).flatten(-2)
     return xf + (r - xf).detach() if x.requires_grad else r
 
 
-def decoding(x) -> bool:  # 1 to 8 rows on the CPU without autograd (the kernels have no backward)
-    return x.device.type == "cpu" and x.numel() <= 8 * x.shape[-1] and not (torch.is_grad_enabled() and x.requires_grad)
+def q8_takes(x) -> bool:  # any number of rows on the CPU, but not under autograd (the kernel has no backward)
+    return x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
 
 
 class Int8Linear(nn.Module):
     """A Linear whose weight is stored as int8 (symmetric: w ≈ q * scale, q in -127..127): decoding reads 1 byte per
     weight instead of 2 (bf16) or 4 (fp32). On the CPU where q8_on(), unless weight_only, it is llama.cpp's q8_0: an
-    fp16 scale per block of 32 weights, and the activations rounded to int8 per block of 32 too (q8_linear, and
-    `rounded` where a GEMM is faster); a scale per channel cost 3 of 50 greedy continuations once the activations were
-    rounded. Else one scale per output channel, activations in their dtype (PyTorch's int8 kernel)."""
+    fp16 scale per block of 32 weights, and the activations rounded to int8 per block of 32 too (q8_linear; under
+    autograd `rounded` and the weights expanded); a scale per channel cost 3 of 50 greedy continuations once the
+    activations were rounded. Else one scale per output channel, activations in their dtype (PyTorch's int8 kernel)."""
 
     def __init__(self, linear: nn.Linear, weight_only: bool = False):
         super().__init__()
@@ -370,9 +385,9 @@ class Int8Linear(nn.Module):
 
     def forward(self, x):
         rows = x.numel() // x.shape[-1]
-        if self.q8 and decoding(x):
+        if self.q8 and q8_takes(x):
             y = q8_linear(x, self.weight, self.scale)
-        elif self.q8:  # (the same product, with the weights expanded)
+        elif self.q8:  # autograd, another device: the same product with the weights expanded
             w = self.weight.float().view(len(self.weight), -1, 32).mul_(self.scale.float()[..., None]).flatten(1)
             y = (linear if self.cpu_kernels else F.linear)(rounded(x), w).to(x.dtype)
         elif self.cpu_kernels and one_row_compiled(x) and x.dtype == torch.float32:
@@ -412,7 +427,7 @@ class Int4Linear(nn.Module):
     w ≈ q * scale + min per group, q in 0..15, asymmetric): half a byte per weight (plus 4 bytes a group).
     On the CPU where q8_on() (unless weight_only) they are packed for q8_linear, which rounds activations to int8:
     pairs of 32-column blocks in 32 bytes (the first block's in the low nibbles), fp16 scales and minimums (out,
-    in / group); prompts multiply by the weights dequantized. Else for PyTorch's int4 kernel of the weight's device
+    in / group); under autograd the weights are dequantized. Else for PyTorch's int4 kernel of the weight's device
     (CPU; CUDA: tinygemm, bf16 tensor cores, its own tile layout), bf16 activations times the 4-bit weights."""
 
     def __init__(self, linear: nn.Linear, group: int, weight_only: bool = False):
@@ -445,14 +460,14 @@ class Int4Linear(nn.Module):
 
     def forward(self, x):
         if self.q8:
-            y = q8_linear(x, self.weight, self.scales, self.lows, self.group) if decoding(x) else self.prompt(x)
+            y = q8_linear(x, self.weight, self.scales, self.lows, self.group) if q8_takes(x) else self.expanded(x)
         else:
             rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (the kernel wants it contiguous)
             mm = torch.ops.aten._weight_int4pack_mm if rows.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
             y = mm(rows, self.weight, self.group, self.scales_and_zeros).view(*x.shape[:-1], -1).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
-    def prompt(self, x):  # the kernel's product through a GEMM of the weights dequantized (faster over many rows)
+    def expanded(self, x):  # the kernel's product through a GEMM of the weights dequantized (autograd, other devices)
         pairs = self.weight.view(len(self.weight), -1, 1, 32)
         q = torch.cat([pairs & 15, pairs >> 4], 2).view(len(self.weight), -1, self.group).float()
         w = torch.addcmul(self.lows.float()[..., None], q, self.scales.float()[..., None]).flatten(1)  # q * s + lo
