@@ -1100,7 +1100,8 @@ def bench_llama_cpp(args):
                 if errors is not None:
                     print(f"{name} failed: {errors[-3:]}")
             got = [r for r, _ in results if r]
-            rows[name] = {k: statistics.median(r[k] for r in got) for k in ("prefill", "decode_b1")} if got else None
+            median = {k: statistics.median(r[k] for r in got) for k in ("prefill", "decode_b1")}
+            rows[name] = median | {"rounds": got} if got else None
         shutil.rmtree(d)
         print(f"\n{size}: tokens/s (prefill 512; decode batch 1 after a 128-token prompt)")
         print(f"{'row':28} {'prefill':>9} {'decode b1':>9}")
