@@ -242,18 +242,19 @@ static void linear_q8(const float* x, int64_t M, const void* W, const uint16_t* 
   if (bits == 8) G = 32;
   int8_t* q = (int8_t*)malloc(M * K + M * (K / 32 + K / G) * sizeof(float));
   float *d = (float*)(q + M * K), *xs = d + M * K / 32;
-#pragma omp parallel for schedule(static) if (M > 8)
+  const int threads = torch::stable::get_num_threads();  // (torch's setting, whichever thread calls)
+#pragma omp parallel for schedule(static) num_threads(threads) if (M > 8)
   for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, K, G, q + m * K, d + m * K / 32, xs + m * K / G);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t n0 = 0; n0 < N; n0 += 16)
-    for (int64_t m = 0; m < M; m += 4)
-      for (int64_t n = n0; n < n0 + 16 && n < N; n++) {
-        int64_t R = M - m < 4 ? M - m : 4;
+    for (int64_t m = 0; m < M; m += 4) {
+      const int64_t R = M - m < 4 ? M - m : 4;
+      for (int64_t n = n0; n < n0 + 16 && n < N; n++)
         if (bits == 8)
           columns<8>(n, m, R, W, s, lo, q, d, xs, N, K, G, y);
         else
           columns<4>(n, m, R, W, s, lo, q, d, xs, N, K, G, y);
-      }
+    }
   free(q);
 }
 
