@@ -1089,10 +1089,11 @@ def bench_llama_cpp(args):
         for kind in [k for k in LLAMA_ROWS if wanted(args, f"llama.cpp {k}")]:
             gguf[f"llama.cpp {kind}"] = d / f"{kind}.gguf"
             write_gguf(d / "ckpt", d / f"{kind}.gguf", kind)
+        our_rows = [(impl, dtype) for impl, dtype in LLAMA_OURS if wanted(args, f"{impl} {dtype}")]
         for _ in range(args.rounds or 1):  # every row once a round: the host's drift reaches each row alike
             for name, path in gguf.items():
                 runs.setdefault(name, []).append(row_process("_llama", path, size, threads))
-            for impl, dtype in [(i, d) for i, d in LLAMA_OURS if wanted(args, f"{i} {d}")]:
+            for impl, dtype in our_rows:
                 runs.setdefault(f"{impl} {dtype}", []).append(row_process("_row", size, dtype, impl, d / "ckpt", "cpu"))
         rows = {}
         for name, results in runs.items():

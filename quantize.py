@@ -239,7 +239,6 @@ static void columns(int64_t n, int64_t m, int64_t R, const void* W, const uint16
 // Each thread takes 16 columns at a time, whose weights (16 K bytes) stay in L2 while every tile of rows passes.
 static void linear_q8(const float* x, int64_t M, const void* W, const uint16_t* s, const uint16_t* lo, int64_t N,
                       int64_t K, int64_t G, int bits, float* y) {
-  if (bits == 8) G = 32;
   int8_t* q = (int8_t*)malloc(M * K + M * (K / 32 + K / G) * sizeof(float));
   float *d = (float*)(q + M * K), *xs = d + M * K / 32;
   const int threads = torch::stable::get_num_threads();  // (torch's setting, whichever thread calls)
