@@ -145,99 +145,121 @@ Q8_SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
 
-// A row x (K,) -> q (K,) int8 and d (K/32,) per block of 32: x ~ q * d, d = max|x| / 127 (halves to even, as
-// torch.round); xs (K/G,): the sums of the rounded x per group of G columns (for int4's per-group minimums).
+// A row x (K,) -> q (K,) int8 and d (K/32,) per block of 32: x ~ q * d, d = max|x| / 127, q = x / d halved to even
+// (as torch.round; 0 where d is); xs (K/G,): the sums of the rounded x per group of G columns (int4's minimums).
 static void quantize_row(const float* x, int64_t K, int64_t G, int8_t* q, float* d, float* xs) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
   for (int64_t g = 0; g < K / G; g++) xs[g] = 0.f;
   for (int64_t b = 0; b < K / 32; b++) {
-    const float* v = x + 32 * b;
-    float amax = 0.f;
-    for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(v[i]));
-    d[b] = amax / 127.f;
-    int sum = 0;
-    for (int i = 0; i < 32; i++) sum += q[32 * b + i] = (int8_t)nearbyintf(d[b] > 0.f ? v[i] / d[b] : 0.f);
-    xs[32 * b / G] += sum * d[b];
-  }
-}
-
-static inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-static inline float half(uint16_t h) { return _cvtsh_ss(h); }  // an fp16 scale (F16C)
-
-// R rows' products with one weight block into acc: u its weights unsigned (int8: |w|, whose sign moves onto q, as
-// maddubs wants one side unsigned; int4: 0..15), s its scale; maddubs adds pairs into int16 (no overflow: |q| <=
-// 127), madd pairs of those into int32.
-template <int R, int BITS>
-static inline void block(__m256 acc[R], __m256i u, __m256i w, const int8_t* q, int64_t K, const float* d, float s) {
-  for (int r = 0; r < R; r++) {
-    __m256i qr = _mm256_loadu_si256((const __m256i*)(q + r * K));
-    if (BITS == 8) qr = _mm256_sign_epi8(qr, w);
-    __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, qr), _mm256_set1_epi16(1));
-    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d[r * K / 32] * s), acc[r]);
-  }
-}
-
-// One output column for R rows at once, so each weight block is loaded and widened once for all of them; blocks
-// two at a time into two accumulators a row, or each FMA would wait on the one before. s (fp16): the scale of
-// each group of G columns (int8: G = 32), so y = sum_b d_b s_g (w_b . q_b), plus for int4 sum_g lo_g xs_g.
-// int4: blocks in pairs of 32 bytes (byte j: block 2i's weight j low, block 2i + 1's high), W = w * s_g + lo_g.
-template <int R, int BITS>
-static void column(const void* wrow, const uint16_t* s, const uint16_t* lo, const int8_t* q, const float* d,
-                   const float* xs, int64_t K, int64_t G, float* y, int64_t N) {
-  const int gshift = __builtin_ctzll(G / 32);  // (a division a block would cost more than the block)
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
-  __m256 a0[R], a1[R];
-  for (int r = 0; r < R; r++) a0[r] = a1[r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < K / 32; b += 2) {
-    float s0 = half(s[b >> gshift]), s1 = half(s[(b + 1) >> gshift]);
-    if (BITS == 8) {
-      const int8_t* w = (const int8_t*)wrow + 32 * b;
-      __m256i w0 = _mm256_loadu_si256((const __m256i*)w), w1 = _mm256_loadu_si256((const __m256i*)(w + 32));
-      block<R, 8>(a0, _mm256_sign_epi8(w0, w0), w0, q + 32 * b, K, d + b, s0);
-      block<R, 8>(a1, _mm256_sign_epi8(w1, w1), w1, q + 32 * b + 32, K, d + b + 1, s1);
-    } else {
-      __m256i w = _mm256_loadu_si256((const __m256i*)((const uint8_t*)wrow + 16 * b));
-      block<R, 4>(a0, _mm256_and_si256(w, low4), w, q + 32 * b, K, d + b, s0);
-      block<R, 4>(a1, _mm256_and_si256(_mm256_srli_epi16(w, 4), low4), w, q + 32 * b + 32, K, d + b + 1, s1);
+    __m256 v[4], m = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i] = _mm256_loadu_ps(x + 32 * b + 8 * i)));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    d[b] = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h))) / 127.f;
+    const __m256 dv = _mm256_set1_ps(d[b]);
+    __m256i r[4];
+    __m256 sum = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+      __m256 t = d[b] > 0.f ? _mm256_round_ps(_mm256_div_ps(v[i], dv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+                            : _mm256_setzero_ps();
+      sum = _mm256_add_ps(sum, t);
+      r[i] = _mm256_cvtps_epi32(t);
     }
-  }
-  for (int r = 0; r < R; r++) {
-    float dot = hsum(_mm256_add_ps(a0[r], a1[r]));
-    if (BITS == 4)
-      for (int64_t g = 0; g < K / G; g++) dot += half(lo[g]) * xs[r * K / G + g];
-    y[r * N] = dot;
+    // int32 -> int8 (packs interleave 128-bit lanes; the permute puts the 32 back in order)
+    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+    p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256((__m256i*)(q + 32 * b), p);
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    xs[32 * b / G] += _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s))) * d[b];
   }
 }
 
-// Output column n for rows m .. m + R - 1 (R <= 4: 4 x 2 accumulators of the 16 registers).
+static inline __m256i four(const int8_t* q) {  // 4 bytes of a rounded row into each 32-bit lane
+  int32_t v;
+  memcpy(&v, q, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// 8 output columns (a tile) for R rows at once: lane c of each 32-byte weight register holds column c's weights,
+// so a register's products are the 8 columns' partial dot products side by side (llama.cpp's repacked "8x8" q4_0),
+// with no horizontal sums; each register is loaded and widened once for all R rows. Per block of 32 columns:
+// int8: 8 registers, register j's lane c = W[c][4j .. 4j + 3] (maddubs wants one side unsigned: |w|, with w's sign
+// moved onto q; pairs into int16, no overflow as |q|, |w| <= 127); int4: 4 registers, register j's lane c byte i =
+// W[c][8j + i] low, W[c][8j + 4 + i] high (0..15: eight maddubs sum into int16 below 2^15). madd sums into int32.
+// s (and lo): (K/G, 8) fp16, the tile's scales (and minimums) per group of G columns (int8: G = 32):
+// y = sum_b d_b s_g (w_b . q_b), plus for int4 sum_g lo_g xs_g.
+template <int R, int BITS>
+static void tile(const uint8_t* w, const uint16_t* s, const uint16_t* lo, const int8_t* q, const float* d,
+                 const float* xs, int64_t K, int64_t G, float* y, int64_t N) {
+  const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0F);
+  __m256 acc[R], sg = _mm256_setzero_ps();
+  for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < K / 32; b++) {
+    if (b % (G / 32) == 0) {  // a group's scales (and minimums times the group's sums of x)
+      const int64_t g = 32 * b / G;
+      sg = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s + 8 * g)));
+      if (BITS == 4) {
+        const __m256 lg = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(lo + 8 * g)));
+        for (int r = 0; r < R; r++) acc[r] = _mm256_fmadd_ps(lg, _mm256_set1_ps(xs[r * K / G + g]), acc[r]);
+      }
+    }
+    __m256i p[R];
+    for (int r = 0; r < R; r++) p[r] = _mm256_setzero_si256();
+    if (BITS == 8) {
+      for (int j = 0; j < 8; j++) {
+        const __m256i wj = _mm256_loadu_si256((const __m256i*)(w + 256 * b + 32 * j)), u = _mm256_sign_epi8(wj, wj);
+        for (int r = 0; r < R; r++) {
+          const __m256i qs = _mm256_sign_epi8(four(q + r * K + 32 * b + 4 * j), wj);
+          p[r] = _mm256_add_epi32(p[r], _mm256_madd_epi16(_mm256_maddubs_epi16(u, qs), ones));
+        }
+      }
+    } else {
+      for (int j = 0; j < 4; j++) {
+        const __m256i wj = _mm256_loadu_si256((const __m256i*)(w + 128 * b + 32 * j));
+        const __m256i l = _mm256_and_si256(wj, low4), h = _mm256_and_si256(_mm256_srli_epi16(wj, 4), low4);
+        for (int r = 0; r < R; r++) {
+          const int8_t* qr = q + r * K + 32 * b + 8 * j;
+          p[r] = _mm256_add_epi16(p[r], _mm256_maddubs_epi16(l, four(qr)));
+          p[r] = _mm256_add_epi16(p[r], _mm256_maddubs_epi16(h, four(qr + 4)));
+        }
+      }
+      for (int r = 0; r < R; r++) p[r] = _mm256_madd_epi16(p[r], ones);
+    }
+    for (int r = 0; r < R; r++)
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[r]), _mm256_mul_ps(sg, _mm256_set1_ps(d[r * K / 32 + b])), acc[r]);
+  }
+  for (int r = 0; r < R; r++) _mm256_storeu_ps(y + r * N, acc[r]);
+}
+
+// Tile t (columns 8t .. 8t + 7) for rows m .. m + R - 1 (R <= 4: the 4 accumulators, 4 sums and the weights fit
+// the 16 registers).
 template <int BITS>
-static void columns(int64_t n, int64_t m, int64_t R, const void* W, const uint16_t* s, const uint16_t* lo,
-                    const int8_t* q, const float* d, const float* xs, int64_t N, int64_t K, int64_t G, float* y) {
-  const void* w = (const uint8_t*)W + n * K * BITS / 8;
-  const uint16_t *sn = s + n * K / G, *ln = BITS == 8 ? lo : lo + n * K / G;
+static void tiles(int64_t t, int64_t m, int64_t R, const uint8_t* W, const uint16_t* s, const uint16_t* lo,
+                  const int8_t* q, const float* d, const float* xs, int64_t N, int64_t K, int64_t G, float* y) {
+  const uint8_t* w = W + 8 * t * K * BITS / 8;
+  const uint16_t *st = s + 8 * t * K / G, *lt = BITS == 8 ? lo : lo + 8 * t * K / G;
   const int8_t* qm = q + m * K;
   const float *dm = d + m * K / 32, *xm = xs + m * K / G;
-  float* ym = y + m * N + n;
+  float* ym = y + m * N + 8 * t;
   switch (R) {
-    case 1: column<1, BITS>(w, sn, ln, qm, dm, xm, K, G, ym, N); break;
-    case 2: column<2, BITS>(w, sn, ln, qm, dm, xm, K, G, ym, N); break;
-    case 3: column<3, BITS>(w, sn, ln, qm, dm, xm, K, G, ym, N); break;
-    default: column<4, BITS>(w, sn, ln, qm, dm, xm, K, G, ym, N);
+    case 1: tile<1, BITS>(w, st, lt, qm, dm, xm, K, G, ym, N); break;
+    case 2: tile<2, BITS>(w, st, lt, qm, dm, xm, K, G, ym, N); break;
+    case 3: tile<3, BITS>(w, st, lt, qm, dm, xm, K, G, ym, N); break;
+    default: tile<4, BITS>(w, st, lt, qm, dm, xm, K, G, ym, N);
   }
 }
 
-// y (M, N) fp32 = x (M, K) fp32 @ W.T, x rounded per block of 32 first. bits 8: W (N, K) int8, s (N, K/32) fp16;
-// bits 4: W (N, K/2) as above, s and lo (N, K/G) fp16. K % 64 == 0; G (int4) 32, 64 or 128, dividing K.
-// Each thread takes 16 columns at a time, whose weights (16 K bytes) stay in L2 while every tile of rows passes.
-static void linear_q8(const float* x, int64_t M, const void* W, const uint16_t* s, const uint16_t* lo, int64_t N,
+// y (M, N) fp32 = x (M, K) fp32 @ W.T, x rounded per block of 32 first. W in tiles of 8 columns (N % 8 == 0):
+// bits 8: int8 (N, K), s (N, K/32) fp16; bits 4: (N, K/2), s and lo (N, K/G) fp16 (the layouts of tile). K % 64 == 0;
+// G (int4) 32, 64 or 128, dividing K. Each thread takes 2 tiles at a time, whose weights (16 K bytes) stay in
+// L2 while every 4 rows pass.
+static void linear_q8(const float* x, int64_t M, const uint8_t* W, const uint16_t* s, const uint16_t* lo, int64_t N,
                       int64_t K, int64_t G, int bits, float* y) {
   int8_t* q = (int8_t*)malloc(M * K + M * (K / 32 + K / G) * sizeof(float));
   float *d = (float*)(q + M * K), *xs = d + M * K / 32;
@@ -245,14 +267,14 @@ static void linear_q8(const float* x, int64_t M, const void* W, const uint16_t* 
 #pragma omp parallel for schedule(static) num_threads(threads) if (M > 8)
   for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, K, G, q + m * K, d + m * K / 32, xs + m * K / G);
 #pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t n0 = 0; n0 < N; n0 += 16)
+  for (int64_t t0 = 0; t0 < N / 8; t0 += 2)
     for (int64_t m = 0; m < M; m += 4) {
       const int64_t R = M - m < 4 ? M - m : 4;
-      for (int64_t n = n0; n < n0 + 16 && n < N; n++)
+      for (int64_t t = t0; t < t0 + 2 && t < N / 8; t++)
         if (bits == 8)
-          columns<8>(n, m, R, W, s, lo, q, d, xs, N, K, G, y);
+          tiles<8>(t, m, R, W, s, lo, q, d, xs, N, K, G, y);
         else
-          columns<4>(n, m, R, W, s, lo, q, d, xs, N, K, G, y);
+          tiles<4>(t, m, R, W, s, lo, q, d, xs, N, K, G, y);
     }
   free(q);
 }
@@ -266,14 +288,14 @@ Tensor linear(Tensor x, Tensor weight, Tensor scales, std::optional<Tensor> lows
   STD_TORCH_CHECK(x.dim() == 2 && x.scalar_type() == ScalarType::Float && x.is_contiguous(), "x: (rows, in) fp32");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), G = bits == 8 ? 32 : group;
   STD_TORCH_CHECK(weight.scalar_type() == (bits == 8 ? ScalarType::Char : ScalarType::Byte) &&
-                      weight.is_contiguous() && weight.size(1) * 8 / bits == K,
-                  "weight: int8 (out, in), or uint8 (out, in / 2) with lows");
+                      weight.is_contiguous() && weight.size(1) * 8 / bits == K && N % 8 == 0,
+                  "weight: int8 (out, in), or uint8 (out, in / 2) with lows; out % 8 == 0");
   STD_TORCH_CHECK(K % 64 == 0 && (G == 32 || G == 64 || G == 128) && K % G == 0, "in % 64, group 32/64/128");
   for (const Tensor& t : {scales, lows.value_or(scales)})
     STD_TORCH_CHECK(t.scalar_type() == ScalarType::Half && t.is_contiguous() && t.numel() == N * K / G,
                     "scales, lows: fp16 (out, in / group)");
   Tensor y = torch::stable::new_empty(x, {M, N});
-  linear_q8((const float*)x.data_ptr(), M, weight.data_ptr(), (const uint16_t*)scales.data_ptr(),
+  linear_q8((const float*)x.data_ptr(), M, (const uint8_t*)weight.data_ptr(), (const uint16_t*)scales.data_ptr(),
             bits == 4 ? (const uint16_t*)lows->data_ptr() : nullptr, N, K, G, bits, (float*)y.data_ptr());
   return y;
 }
@@ -326,8 +348,20 @@ def q8_on() -> bool:
     return CPU_KERNELS and q8_kernel()
 
 
-def q8_fits(linear: nn.Linear) -> bool:  # the kernel takes in_features % 64 == 0 (every Phi's) on the CPU
-    return linear.weight.device.type == "cpu" and linear.in_features % 64 == 0 and q8_on()
+def q8_fits(linear: nn.Linear) -> bool:  # the kernel takes in % 64 == 0 and out % 8 == 0 (every Phi's) on the CPU
+    return (
+        linear.weight.device.type == "cpu" and linear.in_features % 64 == 0 and linear.out_features % 8 == 0 and q8_on()
+    )
+
+
+def tiled(t: torch.Tensor, width: int) -> torch.Tensor:
+    """t (out, n) in the kernel's tiles of 8 rows (output columns): (out / 8, n / width, 8, width), each row's `width`
+    numbers side by side with the next 7 rows' (a weight register's lanes), as (out, n) again."""
+    return t.view(len(t) // 8, 8, -1, width).transpose(1, 2).reshape(t.shape)
+
+
+def untiled(t: torch.Tensor, width: int) -> torch.Tensor:  # tiled's inverse
+    return t.view(len(t) // 8, -1, 8, width).transpose(1, 2).reshape(t.shape)
 
 
 def q8_product(
@@ -368,7 +402,9 @@ class Int8Linear(nn.Module):
     weight instead of 2 (bf16) or 4 (fp32). On the CPU where q8_on(), unless weight_only, it is llama.cpp's q8_0: an
     fp16 scale per block of 32 weights, and the activations rounded to int8 per block of 32 too (q8_linear; under
     autograd `rounded` and the weights expanded); a scale per channel cost 3 of 50 greedy continuations once the
-    activations were rounded. Else one scale per output channel, activations in their dtype (PyTorch's int8 kernel)."""
+    activations were rounded. Weights and scales are then in the kernel's tiles of 8 output columns (`tiled`; as
+    (out, in) fp32: `dequantized`). Else one scale per output channel, activations in their dtype (PyTorch's int8
+    kernel)."""
 
     def __init__(self, linear: nn.Linear, weight_only: bool = False):
         super().__init__()
@@ -377,9 +413,13 @@ class Int8Linear(nn.Module):
         blocks = w.view(len(w), -1, 32) if self.q8 else w[:, None]  # (out, in / 32 or 1, 32 or in)
         scale = blocks.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
         scale = scale.half().float().clamp(min=2**-24) if self.q8 else scale  # (the scale the kernel reads)
-        self.register_buffer("weight", torch.round(blocks / scale).clamp(-127, 127).to(torch.int8).view_as(w))
-        scale = scale.flatten(1).squeeze(1)  # (out, in / 32), or per channel (out,)
-        self.register_buffer("scale", scale.to(torch.float16 if self.q8 else linear.weight.dtype))
+        weight, scale = torch.round(blocks / scale).clamp(-127, 127).to(torch.int8).view_as(w), scale.flatten(1)
+        if self.q8:  # (out, in) in tiles of 4 bytes, the scales (out, in / 32) in tiles of 1
+            self.register_buffer("weight", tiled(weight, 4))
+            self.register_buffer("scale", tiled(scale.half(), 1))
+        else:
+            self.register_buffer("weight", weight)
+            self.register_buffer("scale", scale.squeeze(1).to(linear.weight.dtype))  # per channel (out,)
         self.bias = linear.bias
         self.cpu_kernels = isinstance(linear, FastLinear)  # speed_up ran: matvec and oneDNN here too
 
@@ -388,8 +428,7 @@ class Int8Linear(nn.Module):
         if self.q8 and q8_takes(x):
             y = q8_linear(x, self.weight, self.scale)
         elif self.q8:  # autograd, another device: the same product with the weights expanded
-            w = self.weight.float().view(len(self.weight), -1, 32).mul_(self.scale.float()[..., None]).flatten(1)
-            y = (linear if self.cpu_kernels else F.linear)(rounded(x), w).to(x.dtype)
+            y = (linear if self.cpu_kernels else F.linear)(rounded(x), self.dequantized()).to(x.dtype)
         elif self.cpu_kernels and one_row_compiled(x) and x.dtype == torch.float32:
             y = matvec(x, self.weight, self.scale)  # (with bf16 x inductor's loop is not vectorized: 3x slower)
         elif x.device.type == "cpu" and rows <= 8 and x.shape[-1] % 16 == 0:
@@ -400,6 +439,10 @@ class Int8Linear(nn.Module):
         else:  # a prompt, or another device: the weights expanded, multiplied as FastLinear does (fp32: oneDNN)
             y = (linear if self.cpu_kernels else F.linear)(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
         return y if self.bias is None else y + self.bias
+
+    def dequantized(self) -> torch.Tensor:  # the kernel's weight (q8) as fp32 (out, in)
+        w = untiled(self.weight, 4).float().view(len(self.weight), -1, 32)
+        return (w * untiled(self.scale, 1).float()[..., None]).flatten(1)
 
 
 # PyTorch's int8-weight kernel as a custom op: torch.compile keeps it as it is (it fails to lower the bare call, and
@@ -426,8 +469,8 @@ class Int4Linear(nn.Module):
     """A Linear whose weight is stored as 4-bit numbers in groups of `group` input columns (gpt-fast's scheme:
     w ≈ q * scale + min per group, q in 0..15, asymmetric): half a byte per weight (plus 4 bytes a group).
     On the CPU where q8_on() (unless weight_only) they are packed for q8_linear, which rounds activations to int8:
-    pairs of 32-column blocks in 32 bytes (the first block's in the low nibbles), fp16 scales and minimums (out,
-    in / group); under autograd the weights are dequantized. Else for PyTorch's int4 kernel of the weight's device
+    per 8 columns 4 bytes, columns 0-3 in the low nibbles and 4-7 in the high, fp16 scales and minimums (out, in /
+    group), all in the kernel's tiles of 8 output columns (`tiled`); under autograd the weights are dequantized. Else for PyTorch's int4 kernel of the weight's device
     (CPU; CUDA: tinygemm, bf16 tensor cores, its own tile layout), bf16 activations times the 4-bit weights."""
 
     def __init__(self, linear: nn.Linear, group: int, weight_only: bool = False):
@@ -442,11 +485,11 @@ class Int4Linear(nn.Module):
             lo, scale = lo.half().float(), scale.half().float()
         q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).flatten(1)  # (out, in)
         self.bias, self.group, self.in_features = linear.bias, group, in_features
-        if self.q8:
-            pairs = q.to(torch.uint8).view(out_features, in_features // 64, 2, 32)
-            self.register_buffer("weight", (pairs[:, :, 0] | pairs[:, :, 1] << 4).reshape(out_features, -1))
-            self.register_buffer("scales", scale.half())
-            self.register_buffer("lows", lo.half())
+        if self.q8:  # per 8 columns, byte i: column i low, column 4 + i high; in tiles of 4 bytes (see Q8_SOURCE)
+            eights = q.to(torch.uint8).view(out_features, -1, 2, 4)
+            self.register_buffer("weight", tiled((eights[:, :, 0] | eights[:, :, 1] << 4).flatten(1), 4))
+            self.register_buffer("scales", tiled(scale.half(), 1))
+            self.register_buffer("lows", tiled(lo.half(), 1))
             return
         if w.is_cuda:  # from two 4-bit numbers a byte (the even column high), into tiles of 16 x inner_k_tiles
             tiles = next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)
@@ -468,10 +511,10 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def expanded(self, x):  # the kernel's product through a GEMM of the weights dequantized (autograd, other devices)
-        pairs = self.weight.view(len(self.weight), -1, 1, 32)
-        q = torch.cat([pairs & 15, pairs >> 4], 2).view(len(self.weight), -1, self.group).float()
-        w = torch.addcmul(self.lows.float()[..., None], q, self.scales.float()[..., None]).flatten(1)  # q * s + lo
-        return linear(rounded(x), w).to(x.dtype)
+        fours = untiled(self.weight, 4).view(len(self.weight), -1, 1, 4)
+        q = torch.cat([fours & 15, fours >> 4], 2).view(len(self.weight), -1, self.group).float()
+        lows, scales = untiled(self.lows, 1).float()[..., None], untiled(self.scales, 1).float()[..., None]
+        return linear(rounded(x), torch.addcmul(lows, q, scales).flatten(1)).to(x.dtype)  # q * s + lo
 
 
 def quantize_int4(model: nn.Module, group: int = 128, weight_only: bool = False):
