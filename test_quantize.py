@@ -425,26 +425,27 @@ def near_halves(x):
 @pytest.mark.parametrize("K", [192, 2048])
 def test_q8_kernel_multiplies_int8_activations_by_the_quantized_weights(K, monkeypatch):
     """The C++ kernel (quantize.Q8_SOURCE, built here: on an x86-64 CPU with a compiler it must) computes, for 1 to 37
-    rows (its tiles of 4 rows and the 1 to 3 left over; 80 columns: 5 blocks of 16), the activations rounded to int8
-    per block of 32 times the weights dequantized by their scheme: int8 with an fp16 scale per block of 32 (q8_0), int4
-    per group of 32, 64 or 128 columns (q * scale + min, both fp16), bias added; written out here in float64. Under
-    autograd the product takes the GEMM path (quantize.rounded and the weights expanded) to the same result."""
+    rows (its tiles of 4 rows and the 1 to 3 left over; 72 columns: 9 tiles of 8, the last 16 columns a thread takes
+    at a time half full), the activations rounded to int8 per block of 32 times the weights dequantized by their
+    scheme: int8 with an fp16 scale per block of 32 (q8_0), int4 per group of 32, 64 or 128 columns (q * scale + min,
+    both fp16), bias added; written out here in float64. Under autograd the product takes the GEMM path
+    (quantize.rounded and the weights expanded) to the same result."""
     assert quantize.q8_kernel()
     monkeypatch.setattr(quantize, "CPU_KERNELS", True)  # (the rule that turns it on: AMD)
     calls = []
     product = quantize.q8_product
     monkeypatch.setattr(quantize, "q8_product", lambda *a: calls.append(a[0].shape[0]) or product(*a))
     torch.manual_seed(0)
-    lin = torch.nn.Linear(K, 80)
+    lin = torch.nn.Linear(K, 72)
     w = lin.weight.detach()
-    b = w.view(80, -1, 32)
+    b = w.view(72, -1, 32)
     s = (b.abs().amax(-1, keepdim=True) / 127).half().float()
-    want = {quantize.Int8Linear(lin): (torch.round(b / s) * s).view(80, K)}
+    want = {quantize.Int8Linear(lin): (torch.round(b / s) * s).view(72, K)}
     for group in (32, 64, 128)[: 3 if K % 128 == 0 else 2]:
-        g = w.view(80, -1, group)
+        g = w.view(72, -1, group)
         lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
         step, lo = ((hi - lo) / 15).half().float(), lo.half().float()
-        want[quantize.Int4Linear(lin, group)] = (torch.round((g - lo) / step).clamp(0, 15) * step + lo).view(80, K)
+        want[quantize.Int4Linear(lin, group)] = (torch.round((g - lo) / step).clamp(0, 15) * step + lo).view(72, K)
     for q, dequantized in want.items():
         assert q.q8
         for rows in (1, 2, 3, 4, 5, 7, 8, 20, 37, -20):  # -20: 20 rows under autograd
@@ -465,7 +466,8 @@ def test_q8_kernel_multiplies_int8_activations_by_the_quantized_weights(K, monke
 @needs_q8
 def test_q8_kernel_without_a_compiler_is_one_line_and_checks_its_inputs(monkeypatch, tmp_path, capsys):
     """Where the kernel cannot build (no compiler), q8_kernel is False with one line on stderr (PyTorch's kernels
-    serve instead), not an error. The operator names what is wrong with its inputs."""
+    serve instead), not an error. The operator names what is wrong with its inputs; a Linear whose shape it does not
+    take (in % 64, out % 8) keeps PyTorch's kernels."""
     assert quantize.q8_kernel()  # (built, with the real compiler)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # (no cached build there)
     monkeypatch.setenv("CXX", "false")
@@ -479,9 +481,16 @@ def test_q8_kernel_without_a_compiler_is_one_line_and_checks_its_inputs(monkeypa
         ((x, w.float(), s, None, 32), "weight: int8"),
         ((x, w, s.float(), None, 32), "scales, lows: fp16"),
         ((x[:, :32].contiguous(), w[:, :32].contiguous(), s[:, :1].contiguous(), None, 32), "in % 64"),
+        ((x, w[:6], s[:6], None, 32), "out % 8"),
     ):
         with pytest.raises(RuntimeError, match=what):
             torch.ops.phi_q8.linear(*args)
+    monkeypatch.setattr(quantize, "CPU_KERNELS", True)
+    assert [quantize.Int8Linear(torch.nn.Linear(i, o)).q8 for i, o in ((64, 8), (64, 12), (96, 8))] == [
+        True,
+        False,
+        False,
+    ]
 
 
 @needs_q8
