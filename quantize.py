@@ -157,7 +157,8 @@ static void quantize_row(const float* x, int64_t K, int64_t G, int8_t* q, float*
   for (int64_t g = 0; g < K / G; g++) xs[g] = 0.f;
   for (int64_t b = 0; b < K / 32; b++) {
     __m256 v[4], m = _mm256_setzero_ps();
-    for (int i = 0; i < 4; i++) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i] = _mm256_loadu_ps(x + 32 * b + 8 * i)));
+    for (int i = 0; i < 4; i++)
+      m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i] = _mm256_loadu_ps(x + 32 * b + 8 * i)));
     __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
     h = _mm_max_ps(h, _mm_movehl_ps(h, h));
     d[b] = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h))) / 127.f;
@@ -470,8 +471,9 @@ class Int4Linear(nn.Module):
     w ≈ q * scale + min per group, q in 0..15, asymmetric): half a byte per weight (plus 4 bytes a group).
     On the CPU where q8_on() (unless weight_only) they are packed for q8_linear, which rounds activations to int8:
     per 8 columns 4 bytes, columns 0-3 in the low nibbles and 4-7 in the high, fp16 scales and minimums (out, in /
-    group), all in the kernel's tiles of 8 output columns (`tiled`); under autograd the weights are dequantized. Else for PyTorch's int4 kernel of the weight's device
-    (CPU; CUDA: tinygemm, bf16 tensor cores, its own tile layout), bf16 activations times the 4-bit weights."""
+    group), all in the kernel's tiles of 8 output columns (`tiled`); under autograd the weights are dequantized.
+    Else for PyTorch's int4 kernel of the weight's device (CPU; CUDA: tinygemm, bf16 tensor cores, its own tile
+    layout), bf16 activations times the 4-bit weights."""
 
     def __init__(self, linear: nn.Linear, group: int, weight_only: bool = False):
         super().__init__()
