@@ -142,7 +142,6 @@ def speed_up(model: nn.Module, cpu_kernels: bool | None = None):
 Q8_SOURCE = r"""
 // int8 x int8 products on x86-64 with AVX2: llama.cpp's q8_0 arithmetic, as the operator phi_q8::linear.
 #include <immintrin.h>
-#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
