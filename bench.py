@@ -1101,8 +1101,10 @@ def bench_llama_cpp(args):
                 if errors is not None:
                     print(f"{name} failed: {errors[-3:]}")
             got = [r for r, _ in results if r]
-            median = {k: statistics.median(r[k] for r in got) for k in ("prefill", "decode_b1")}
-            rows[name] = median | {"rounds": got} if got else None
+            rows[name] = None  # (every round failed: no median to take)
+            if got:
+                median = {k: statistics.median(r[k] for r in got) for k in ("prefill", "decode_b1")}
+                rows[name] = median | {"rounds": got}
         shutil.rmtree(d)
         print(f"\n{size}: tokens/s (prefill 512; decode batch 1 after a 128-token prompt)")
         print(f"{'row':28} {'prefill':>9} {'decode b1':>9}")
