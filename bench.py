@@ -35,9 +35,9 @@ Benchmarks (never tests: speed is measured here, correctness in test_phi.py). Ne
         llama.cpp side by side (needs requirements-bench.txt): the same random phi-shaped weights written as GGUF
         files (architecture phi2; bf16, q8_0 and q4_0, quantized by the gguf package) and run through
         llama-cpp-python's low-level API (llama_decode on token ids: no tokenizer, no sampling, one call a token),
-        against ours (bf16, int8, int4; eager and compiled) and transformers (bf16), each row in a process of its
-        own, the same thread count: prefill tokens/s (512) and batch-1 decode tokens/s after a 128-token prompt, and
-        ours over llama.cpp per bit width
+        against ours (bf16, int8, int4; eager, compiled, and compiled ahead of time: +aot) and transformers (bf16),
+        each row in a process of its own, the same thread count: prefill tokens/s (512) and batch-1 decode tokens/s
+        after a 128-token prompt, and ours over llama.cpp per bit width
     python bench.py serve [--sizes 160m,1.4b] [--clients 1,2,4,8,16] [--dtypes bfloat16]
         N concurrent streaming clients against serve.py (continuous batching, --max-batch 16) run as a program:
         aggregate tokens/s, time to first token p50/p99, time per output token p50 (64 tokens each)
@@ -378,6 +378,10 @@ def runners(impl, model, cfg, dtype, device):
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
     if impl.startswith("ours"):
         steps = generate.Steps.compiled(device) if "compile" in impl else generate.Steps()
+        if "aot" in impl:  # the step compiled ahead of time (built here if not in the cache: what --compile does)
+            steps = generate.Steps.exported(model)
+            if not isinstance(steps.decode, generate.ExportedStep):
+                raise RuntimeError("the decode step compiled ahead of time is not there (see the line above)")
 
         def prefill():
             generate.prefill(model, ids512, None, phi.KVCache(cfg, 1, 512, dtype=dtype, device=device))
@@ -934,18 +938,21 @@ LLAMA_ROWS = ("bf16", "q8_0", "q4_0")
 LLAMA_OURS = [  # (impl, dtype): ours per bit width (int8/int4 as generate.load makes them on the CPU), transformers
     ("ours", "bfloat16"),
     ("ours+compile", "bfloat16"),
+    ("ours+aot", "bfloat16"),
     ("ours+int8", "float32"),
     ("ours+int8+compile", "float32"),
+    ("ours+int8+aot", "float32"),
     ("ours+int8-wo", "float32"),
     ("ours+int4", "float32"),
     ("ours+int4+compile", "float32"),
+    ("ours+int4+aot", "float32"),
     ("ours+int4-wo", "bfloat16"),
     ("hf-sdpa", "bfloat16"),
 ]
 BITS = {
-    "bf16": ("ours", "ours+compile"),
-    "q8_0": ("ours+int8", "ours+int8+compile"),
-    "q4_0": ("ours+int4", "ours+int4+compile"),
+    "bf16": ("ours", "ours+compile", "ours+aot"),
+    "q8_0": ("ours+int8", "ours+int8+compile", "ours+int8+aot"),
+    "q4_0": ("ours+int4", "ours+int4+compile", "ours+int4+aot"),
 }
 
 
@@ -1062,8 +1069,9 @@ def wanted(args, row):  # llama-cpp --only: the rows whose name holds one of its
 
 
 def bench_llama_cpp(args):
-    """Per size: llama.cpp (bf16, q8_0, q4_0) and ours (bf16, int8, int4; eager and compiled) and transformers on
-    the same random weights; prefill (512) and batch-1 decode tokens/s; ours over llama.cpp per bit width."""
+    """Per size: llama.cpp (bf16, q8_0, q4_0) and ours (bf16, int8, int4; eager, compiled, exported) and
+    transformers on the same random weights; prefill (512) and batch-1 decode tokens/s; ours over llama.cpp per bit
+    width."""
     import statistics
     import tempfile
 

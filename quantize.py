@@ -8,11 +8,14 @@ bench.py apply them; phi.py never sees them. The CPU kernels are kept where they
 - matvec: a batch-1 Linear inside the compiled decode step as multiply-and-sum, which inductor compiles into one
   streaming pass over the weights (a GEMM library called with one row reads them at about half the bandwidth);
 - oneDNN for fp32 matmuls instead of MKL, which nn.Linear calls: MKL dispatches on the CPU vendor and takes slower
-  code paths on AMD (1.2x slower at 512 rows, 1.5-2.7x at 1-8 rows on an AMD EPYC).
-Both were measured faster on AMD EPYC; on an Intel Xeon with AMX the compiled matvec step was slower than the eager
+  code paths on AMD (1.2x slower at 512 rows, 1.5-2.7x at 1-8 rows on an AMD EPYC);
+- bf16: decoding's few rows through the operator phi_cpu::matvec_bf16 (bf16_decoding), prompts in fp32 on a CPU
+  without bf16 instructions (BF16_NATIVE);
+- FastAttention: a decode step's attention in one operator call, phi_cpu::decode_attention.
+They were measured faster on AMD EPYC; on an Intel Xeon with AMX the compiled matvec step was slower than the eager
 one and MKL is Intel's own: there nn.Linear stays (CPU_KERNELS; PHI_CPU_KERNELS=0/1 overrides the rule).
 
-int8 and int4 weights multiply on x86-64 CPUs with AVX2 through Q8_SOURCE, a small C++ operator built at first use:
+int8 and int4 weights multiply on x86-64 CPUs with AVX2 through Q8_SOURCE, small C++ operators built at first use:
 llama.cpp's q8_0 arithmetic (activations rounded to int8 per block of 32, int8 x int8 products summed in int32),
 decoding at 2-2.7x PyTorch's int8 and int4 kernels, which widen every weight to float, and prompts without expanding
 the weights (AMD EPYC; by the CPU_KERNELS rule, q8_on). weight_only=True keeps PyTorch's kernels (activations not
@@ -33,13 +36,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import phi
 
-def cpu_vendor() -> str:
+
+def cpu_info(key: str) -> str:  # the first CPU's /proc/cpuinfo field (vendor_id, flags, ...), "" where none
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line.split(":")[1].strip() for line in f if line.startswith("vendor_id")), "")
+            return next((line.split(":")[1].strip() for line in f if line.split(":")[0].strip() == key), "")
     except OSError:
         return ""
+
+
+def cpu_vendor() -> str:
+    return cpu_info("vendor_id")
 
 
 CPU_KERNELS = {"0": False, "1": True}.get(os.environ.get("PHI_CPU_KERNELS", ""), cpu_vendor() == "AuthenticAMD")
@@ -56,14 +65,17 @@ def bf16_halves(t):
     return (i << 16).view(torch.float32), (i & -65536).view(torch.float32)
 
 
-PAIRS_MIN_WEIGHTS = 2**20  # matvec widens bf16 in pairs from this many weights on
+# matvec widens bf16 in pairs from this many weights on, where the CPU has AVX-512: with AVX2 only, inductor does not
+# vectorize the int32 shifts, and the pairs ran a compiled 160m bf16 step 3.2x slower (AMD EPYC Zen 3: 63 ms vs 19.8)
+PAIRS_MIN_WEIGHTS = 2**20 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else math.inf
 
 
 def matvec(x, weight, scale=None):
     """x (..., in), one row, times weight (out, in).T as multiply-and-sum in fp32 (scale: int8's per-channel (out,)).
     Inductor compiles it into one pass over the weight; rows > 4096 in equal chunks (summed faster). bf16 from 1M
-    weights widens in int32 pairs (one by one, 1.4b ran out of compute at ~35 GB/s of weights); below, the pairs'
-    two views, Python calls in inductor's wrapper, cost more than they save."""
+    weights widens in int32 pairs where the CPU has AVX-512 (PAIRS_MIN_WEIGHTS; one by one, 1.4b ran out of compute
+    at ~35 GB/s of weights); below, the pairs' two views, Python calls in inductor's wrapper, cost more than they
+    save."""
     N, K = weight.shape
     n = next((n for n in range(1, K + 1) if K % n == 0 and K // n <= 4096), 1)
     w, xs = weight.view(N, n, K // n), x.reshape(n, K // n)
@@ -96,19 +108,65 @@ onednn_linear.register_autograd(
 ONEDNN_MIN_WEIGHTS = 2**20 if torch.backends.mkldnn.is_available() else math.inf  # math.inf: F.linear always
 
 
+# A CPU without bf16 dot products (AVX-512 BF16, AMX) multiplies bf16 matrices far slower than fp32 ones: on an AMD
+# EPYC Zen 3 (AVX2) a 512 x 768 by 768 x 3072 product took 138 ms in bf16, 18 ms in fp32 with the weights widened
+# for the call (8192 x 2048: 863 and 163 ms). Widening pays from ~64 rows (16: 4.3 ms and 1.4; one row: 0.3 and 0.9).
+BF16_NATIVE = bool({"avx512_bf16", "amx_bf16"} & set(cpu_info("flags").split()))
+WIDEN_MIN_ROWS = 64
+
+
 def linear(x, weight, bias=None):  # x @ weight.T + bias; oneDNN: fp32 on the CPU, not autocast (F.linear's bf16)
+    widen = x.dtype == torch.bfloat16 and not BF16_NATIVE and not torch.compiler.is_compiling()  # (compiled: decoding)
+    if widen and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+        if x.numel() >= WIDEN_MIN_ROWS * x.shape[-1]:  # a prompt: in fp32, rounded to bf16 once
+            return linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
     onednn = x.dtype == torch.float32 and x.device.type == "cpu" and weight.numel() >= ONEDNN_MIN_WEIGHTS
     return (onednn_linear if onednn and not torch.is_autocast_enabled("cpu") else F.linear)(x, weight, bias)
 
 
+def bf16_decoding(x, weight) -> bool:
+    """Does a bf16 product take the operator phi_cpu::matvec_bf16: bf16 weights on the CPU, a few rows (eager: up to
+    8; a compiled step, whose rows are its batch, any), with gradients off (decoding: not a compiled training step's
+    thousands of rows). (FastLinear asks where q8_kernel built.)
+    It reads the weights at 1.2-2x the speed of the bf16 GEMM and of inductor's matvec (AMD EPYC Zen 3: 8192 x
+    2048, one row, 26.6 GB/s against 16.6 and 13.3)."""
+    if weight.dtype != torch.bfloat16 or x.device.type != "cpu" or torch.is_grad_enabled():
+        return False
+    return (torch.compiler.is_compiling() or x.numel() <= 8 * x.shape[-1]) and weight.shape[0] % 4 == 0
+
+
 class FastLinear(nn.Linear):
-    """nn.Linear, with matvec for one row in the compiled CPU decode step, and oneDNN for other fp32 CPU products."""
+    """nn.Linear, with the bf16 operator for decoding (bf16_decoding), matvec for one row in the compiled CPU decode
+    step, and oneDNN for other fp32 CPU products."""
+
+    kernel = False  # the CPU operators are built (speed_up sets it: q8_kernel)
 
     def forward(self, x):
+        if self.kernel and bf16_decoding(x, self.weight) and x.shape[-1] % 8 == 0:
+            y = torch.ops.phi_cpu.matvec_bf16(x.reshape(-1, x.shape[-1]).float().contiguous(), self.weight)
+            y = y.to(x.dtype).view(*x.shape[:-1], -1)
+            return y if self.bias is None else y + self.bias
         if one_row_compiled(x):
             y = matvec(x, self.weight)
             return y if self.bias is None else y + self.bias
         return linear(x, self.weight, self.bias)
+
+
+class FastAttention(phi.Attention):
+    """phi.Attention, with a decode step's attention (one query per row and head) in the CPU operator
+    phi_cpu::decode_attention (Q8_SOURCE): one call instead of ~10 small ops, reading only the slots the mask
+    allows (the compiled step's masks cover every slot of the cache), softmax in fp32 as phi.py's."""
+
+    def decode_attention(self, q, k, v, mask):
+        takes = q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and k.dtype == q.dtype
+        if (
+            takes
+            and self.head_dim % 8 == 0
+            and self.head_dim <= 256
+            and not (torch.is_grad_enabled() and q.requires_grad)
+        ):
+            return torch.ops.phi_cpu.decode_attention(q.contiguous(), k, v, mask, self.scale or self.head_dim**-0.5)
+        return super().decode_attention(q, k, v, mask)
 
 
 def swap_linears(model: nn.Module, make, skip=()):
@@ -130,9 +188,13 @@ def speed_up(model: nn.Module, cpu_kernels: bool | None = None):
 
     def fast(lin):
         f = FastLinear(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta")
-        f.weight, f.bias = lin.weight, lin.bias
+        f.weight, f.bias, f.kernel = lin.weight, lin.bias, q8_kernel()
         return f
 
+    if q8_kernel():  # (a subclass adding no state: the module keeps its parameters and names)
+        for m in model.modules():
+            if type(m) is phi.Attention:
+                m.__class__ = FastAttention
     return swap_linears(model, lambda lin: lin if isinstance(lin, FastLinear) else fast(lin))
 
 
@@ -140,8 +202,9 @@ def speed_up(model: nn.Module, cpu_kernels: bool | None = None):
 # stable C ABI (torch/csrc/stable: a few C headers, ~5 s to build, where the full extension headers take ~1 minute
 # and torch's builder needs ninja): eager calls cost one dispatch (~10 us), and torch.compile calls it as any aten op.
 Q8_SOURCE = r"""
-// int8 x int8 products on x86-64 with AVX2: llama.cpp's q8_0 arithmetic, as the operator phi_q8::linear.
+// int8 x int8 products on x86-64 with AVX2: llama.cpp's q8_0 arithmetic, as the operator phi_cpu::linear.
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -300,16 +363,139 @@ Tensor linear(Tensor x, Tensor weight, Tensor scales, std::optional<Tensor> lows
   return y;
 }
 
-STABLE_TORCH_LIBRARY(phi_q8, m) {
-  m.def("linear(Tensor x, Tensor weight, Tensor scales, Tensor? lows, int group) -> Tensor");
+// Attention for one query per row and head (a decode step) over S cached slots: y = softmax(scale q.k_s over the
+// slots the mask allows) . v_s, all in fp32 (E: float, or bf16 as uint16_t: an fp32's top half). q, y (B, H, hd)
+// contiguous; k, v (B, KV, S, hd) and mask (B, 1 | H, S) by their strides (st: k's, v's, mask's for row, head,
+// slot), so a slice of the cache needs no copy; query head h reads key head h / (H / KV) (GQA). Slots the mask
+// hides are not read: a cache's empty slots cost nothing. No slot allowed: NaN, as a softmax of only -inf.
+static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 load8(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
-STABLE_TORCH_LIBRARY_IMPL(phi_q8, CPU, m) { m.impl("linear", TORCH_BOX(&linear)); }
+static inline void store(float* p, float x) { *p = x; }
+static inline void store(uint16_t* p, float x) {  // fp32 -> bf16, to nearest even (as torch; NaN stays NaN)
+  uint32_t u;
+  memcpy(&u, &x, 4);
+  *p = (uint16_t)(x != x ? 0x7FC0 : (u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+template <typename E>
+static void attend(const E* q, const E* k, const E* v, const bool* mask, int64_t B, int64_t H, int64_t KV, int64_t S,
+                   int64_t hd, const int64_t (*st)[3], float scale, E* y) {
+  const int threads = torch::stable::get_num_threads();
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads) if (B * H * S * hd >= 65536)
+  for (int64_t b = 0; b < B; b++)
+    for (int64_t h = 0; h < H; h++) {
+      const int64_t j = h / (H / KV);
+      const E *kh = k + b * st[0][0] + j * st[0][1], *vh = v + b * st[1][0] + j * st[1][1];
+      const bool* m = mask + b * st[2][0] + h * st[2][1];
+      float* p = (float*)malloc(S * sizeof(float));
+      __m256 qv[32], o[32];  // hd <= 256
+      for (int64_t i = 0; i < hd / 8; i++) qv[i] = load8(q + (b * H + h) * hd + 8 * i), o[i] = _mm256_setzero_ps();
+      float top = -INFINITY, sum = 0.f;
+      for (int64_t s = 0; s < S; s++) {  // the scores
+        if (!m[s * st[2][2]]) continue;
+        const E* ks = kh + s * st[0][2];
+        __m256 a = _mm256_setzero_ps(), a2 = _mm256_setzero_ps();  // (two chains of fma: half the latency)
+        for (int64_t i = 0; i + 1 < hd / 8; i += 2) {
+          a = _mm256_fmadd_ps(qv[i], load8(ks + 8 * i), a);
+          a2 = _mm256_fmadd_ps(qv[i + 1], load8(ks + 8 * i + 8), a2);
+        }
+        if (hd / 8 % 2) a = _mm256_fmadd_ps(qv[hd / 8 - 1], load8(ks + hd - 8), a);
+        a = _mm256_add_ps(a, a2);
+        __m128 r = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+        p[s] = _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r))) * scale;
+        top = p[s] > top ? p[s] : top;
+      }
+      for (int64_t s = 0; s < S; s++) {  // exp(score - max), times the values
+        if (!m[s * st[2][2]]) continue;
+        const float e = expf(p[s] - top);
+        sum += e;
+        for (int64_t i = 0; i < hd / 8; i++)
+          o[i] = _mm256_fmadd_ps(_mm256_set1_ps(e), load8(vh + s * st[1][2] + 8 * i), o[i]);
+      }
+      free(p);
+      float out[256];
+      for (int64_t i = 0; i < hd / 8; i++) _mm256_storeu_ps(out + 8 * i, o[i]);
+      for (int64_t i = 0; i < hd; i++) store(y + (b * H + h) * hd + i, out[i] / sum);
+    }
+}
+
+// The operator: q (B, H, 1, hd), k and v (B, KV, S, hd), mask bool (B, 1 | H, 1, S) -> y (B, H, 1, hd) in q's dtype.
+Tensor decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, double scale) {
+  const auto dt = q.scalar_type();
+  STD_TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && q.is_contiguous(), "q: (rows, heads, 1, head_dim) contiguous");
+  const int64_t B = q.size(0), H = q.size(1), hd = q.size(3), KV = k.dim() == 4 ? k.size(1) : 0;
+  const int64_t S = k.dim() == 4 ? k.size(2) : 0;
+  STD_TORCH_CHECK(dt == ScalarType::Float || dt == ScalarType::BFloat16, "q: float32 or bfloat16");
+  STD_TORCH_CHECK(hd % 8 == 0 && hd <= 256, "head_dim: a multiple of 8, at most 256");
+  for (const Tensor& t : {k, v})
+    STD_TORCH_CHECK(t.scalar_type() == dt && t.dim() == 4 && t.size(0) == B && t.size(1) == KV && t.size(2) == S &&
+                        t.size(3) == hd && t.stride(3) == 1 && KV > 0 && H % KV == 0,
+                    "k, v: (rows, kv_heads, slots, head_dim) in q's dtype, kv_heads dividing heads");
+  STD_TORCH_CHECK(mask.scalar_type() == ScalarType::Bool && mask.dim() == 4 && mask.size(0) == B &&
+                      (mask.size(1) == 1 || mask.size(1) == H) && mask.size(2) == 1 && mask.size(3) == S,
+                  "mask: bool (rows, 1 or heads, 1, slots)");
+  const int64_t st[3][3] = {{k.stride(0), k.stride(1), k.stride(2)},
+                            {v.stride(0), v.stride(1), v.stride(2)},
+                            {mask.stride(0), mask.size(1) == 1 ? 0 : mask.stride(1), mask.stride(3)}};
+  Tensor y = torch::stable::new_empty(q, {B, H, 1, hd});
+  if (dt == ScalarType::Float)
+    attend((const float*)q.data_ptr(), (const float*)k.data_ptr(), (const float*)v.data_ptr(),
+           (const bool*)mask.data_ptr(), B, H, KV, S, hd, st, (float)scale, (float*)y.data_ptr());
+  else
+    attend((const uint16_t*)q.data_ptr(), (const uint16_t*)k.data_ptr(), (const uint16_t*)v.data_ptr(),
+           (const bool*)mask.data_ptr(), B, H, KV, S, hd, st, (float)scale, (uint16_t*)y.data_ptr());
+  return y;
+}
+
+// y (M, N) fp32 = x (M, K) fp32 @ W.T for bf16 weights W (N, K) and a few rows (decoding): each weight widened in a
+// register (a shift), 4 columns at a time, whose weights stay in L1 while the rows pass. N % 4 == 0, K % 8 == 0.
+Tensor matvec_bf16(Tensor x, Tensor weight) {
+  STD_TORCH_CHECK(x.dim() == 2 && x.scalar_type() == ScalarType::Float && x.is_contiguous(), "x: (rows, in) fp32");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  STD_TORCH_CHECK(weight.scalar_type() == ScalarType::BFloat16 && weight.is_contiguous() && weight.size(1) == K &&
+                      N % 4 == 0 && K % 8 == 0,
+                  "weight: bf16 (out, in), out % 4 == 0, in % 8 == 0");
+  Tensor y = torch::stable::new_empty(x, {M, N});
+  const float* xp = (const float*)x.data_ptr();
+  const uint16_t* wp = (const uint16_t*)weight.data_ptr();
+  float* yp = (float*)y.data_ptr();
+  const int threads = torch::stable::get_num_threads();
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t n = 0; n < N; n += 4)
+    for (int64_t m = 0; m < M; m++) {
+      __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int64_t k = 0; k < K; k += 8) {
+        const __m256 xv = _mm256_loadu_ps(xp + m * K + k);
+        for (int c = 0; c < 4; c++) a[c] = _mm256_fmadd_ps(load8(wp + (n + c) * K + k), xv, a[c]);
+      }
+      for (int c = 0; c < 4; c++) {
+        __m128 r = _mm_add_ps(_mm256_castps256_ps128(a[c]), _mm256_extractf128_ps(a[c], 1));
+        r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+        yp[m * N + n + c] = _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)));
+      }
+    }
+  return y;
+}
+
+STABLE_TORCH_LIBRARY(phi_cpu, m) {
+  m.def("linear(Tensor x, Tensor weight, Tensor scales, Tensor? lows, int group) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
+  m.def("matvec_bf16(Tensor x, Tensor weight) -> Tensor");
+}
+STABLE_TORCH_LIBRARY_IMPL(phi_cpu, CPU, m) {
+  m.impl("linear", TORCH_BOX(&linear));
+  m.impl("decode_attention", TORCH_BOX(&decode_attention));
+  m.impl("matvec_bf16", TORCH_BOX(&matvec_bf16));
+}
 """
 
 
 @functools.cache
 def q8_kernel() -> bool:
-    """Is the operator phi_q8::linear (Q8_SOURCE) loaded? It is compiled at first use into ~/.cache/phi (once per
+    """Is the operator phi_cpu::linear (Q8_SOURCE) loaded? It is compiled at first use into ~/.cache/phi (once per
     machine, torch and source); False where it cannot run: not x86-64 with AVX2, or it does not build (no compiler:
     $CXX, else c++; one line on stderr)."""
     if platform.machine().lower() not in ("x86_64", "amd64") or torch.backends.cpu.get_cpu_capability() == "DEFAULT":
@@ -336,9 +522,11 @@ def q8_kernel() -> bool:
             file=sys.stderr,
         )
         return False
-    torch.library.register_fake("phi_q8::linear")(
+    torch.library.register_fake("phi_cpu::linear")(
         lambda x, weight, scales, lows, group: x.new_empty(x.shape[0], weight.shape[0])
     )
+    torch.library.register_fake("phi_cpu::decode_attention")(lambda q, k, v, mask, scale: torch.empty_like(q))
+    torch.library.register_fake("phi_cpu::matvec_bf16")(lambda x, weight: x.new_empty(x.shape[0], weight.shape[0]))
     return True
 
 
@@ -371,7 +559,7 @@ def q8_product(
     or (lows given) 4-bit W (out, in / 2) * scales + lows per group of `group` columns (Int4Linear's layout)."""
     if scales.dtype != torch.float16:  # (should model.to(dtype) have run)
         scales, lows = scales.half(), None if lows is None else lows.half()
-    return torch.ops.phi_q8.linear(x.float().contiguous(), weight, scales, lows, group)
+    return torch.ops.phi_cpu.linear(x.float().contiguous(), weight, scales, lows, group)
 
 
 def q8_linear(x, weight, scales, lows=None, group=32):

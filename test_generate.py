@@ -14,6 +14,7 @@ import transformers
 
 import generate
 import phi
+import quantize
 import tokenizer
 import train
 from conftest import (
@@ -512,6 +513,61 @@ def test_compiled_decode_step_compiles_once_and_matches(tmp_path, fresh_compiler
         got = stepped_logits(model, step, ids, 8, cache)
     assert counter.frame_count == 1
     assert err(got, full[:, 8:]) <= TOL
+
+
+def test_exported_step_is_built_once_kept_and_decodes_as_the_plain_step(hub, tmp_path, monkeypatch):
+    """The decode step compiled ahead of time (generate.ExportedStep, AOTInductor), the command line's step on a CPU
+    where quantize.CPU_KERNELS holds: without a package in the cache (XDG_CACHE_HOME) the CLI decodes with the plain
+    step and says so; --compile builds the package once, and later runs without --compile load it; the text is the
+    plain step's every time. Through the API it gives the plain step's logits (within TOL) and cache writes for 2
+    rows at any cache length, and the same greedy tokens for left-padded prompts; a checkpoint of the same shape with
+    other weights loads the same package and gets its own logits (the package holds no weights). A damaged package
+    is one line on stderr, and the plain step."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(quantize, "CPU_KERNELS", True)
+    home, _ = hub
+    args = ("--model", "test/phi-2", "--prompt", PROMPT, "--max-new-tokens", 12, "--temperature", 0)
+    runs = [run_cli(home, *args, "--dtype", "float32", *extra) for extra in ((), ("--compile",), ())]
+    assert [r.returncode for r in runs] == [0, 0, 0] and runs[1].stdout == runs[2].stdout == runs[0].stdout, runs
+    assert "decode: the plain step (--compile compiles one" in runs[0].stderr
+    assert "compiling the decode step ahead of time" in runs[1].stderr
+    assert all("decode: the step compiled ahead of time" in r.stderr for r in runs[1:])
+    assert "compiling" not in runs[2].stderr
+
+    model, _ = generate.load(snapshot(home, "phi-2"), dtype="float32", device="cpu")
+    step = generate.ExportedStep.load(model)
+    assert isinstance(step, generate.ExportedStep)
+    ids = ids_for(20, vocab=model.config.vocab_size)
+    with torch.no_grad():
+        caches = [phi.KVCache(model.config, 2, S) for S in (20, 20, 31)]
+        mine = stepped_logits(model, generate.decode_one_token, ids, 6, caches[0])
+        for cache in caches[1:]:
+            assert record("exported decode step vs plain", err(stepped_logits(model, step, ids, 6, cache), mine)) <= TOL
+        for a, b in zip(generate.step_tensors(caches[0]), generate.step_tensors(caches[1])):
+            assert err(a, b) <= 1e-5
+        prompts = [ids[0, :5].tolist(), ids[1, :11].tolist()]  # (the first left-padded)
+        plain = list(generate.generate_batch(model, prompts, 10, eos_ids=set()))
+        steps = generate.Steps.exported(model, build=False)
+        assert steps.decode.runner is not step.runner  # (loaded again)
+        exported = list(generate.generate_batch(model, prompts, 10, eos_ids=set(), steps=steps))
+        assert torch.equal(torch.stack(exported), torch.stack(plain))
+
+        other = copy.deepcopy(model)
+        for p in other.parameters():
+            p.mul_(1.5)
+        step = generate.ExportedStep.load(other)
+        assert generate.ExportedStep.path(other) == generate.ExportedStep.path(model)
+        want = stepped_logits(other, generate.decode_one_token, ids, 6, phi.KVCache(model.config, 2, 20))
+        got = stepped_logits(other, step, ids, 6, phi.KVCache(model.config, 2, 20))
+        assert err(got, want) <= TOL and err(got, mine) > 0.1
+        same = stepped_logits(model, step, ids, 6, phi.KVCache(model.config, 2, 20))  # (not its model: the plain step)
+        assert err(same, mine) <= TOL
+
+    generate.ExportedStep.path(model).write_bytes(b"not a package")
+    r = run_cli(home, *args, "--dtype", "float32")
+    assert r.returncode == 0 and r.stdout == runs[0].stdout
+    assert re.search(r"the compiled decode step .*\.pt2 is not used \(.+\); the plain step instead", r.stderr), r
+    assert "decode: the plain step" in r.stderr
 
 
 @pytest.mark.parametrize("new_tokens", [20, 36])

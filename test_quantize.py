@@ -78,6 +78,7 @@ def test_bf16_matvec_widens_in_int32_pairs_exactly(monkeypatch, fresh_compiler):
     and compiled, from quantize.PAIRS_MIN_WEIGHTS weights on. Against fp32 products of the same bf16 numbers, the result is
     off by the final bf16 rounding only; rows whose chunks have an odd length (4097 = 17 x 241, and 63) and smaller
     weights take the plain widening, with the same result."""
+    monkeypatch.setattr(quantize, "PAIRS_MIN_WEIGHTS", 2**20)  # (the AVX-512 rule's threshold, on any CPU)
     halves = []
     bf16_halves = quantize.bf16_halves
     monkeypatch.setattr(quantize, "bf16_halves", lambda t: halves.append(t.shape) or bf16_halves(t))
@@ -93,6 +94,28 @@ def test_bf16_matvec_widens_in_int32_pairs_exactly(monkeypatch, fresh_compiler):
             assert got.dtype == torch.bfloat16 and got.shape == (1, N)
             assert record(f"bf16 matvec {name}, {N}x{K} (max err / bf16 rounding bound)", err(got, want) / bound) <= 1
             assert len(halves) == (2 if pairs else 0)  # x and the weight; the compiled call counts too
+
+
+def test_bf16_prompts_multiply_in_fp32_where_the_cpu_has_no_bf16_instructions(monkeypatch):
+    """A FastLinear given bf16 activations of 64 rows or more, on a CPU without bf16 dot products (quantize.BF16_NATIVE
+    False: no AVX-512 BF16 or AMX), widens its weights to fp32 for the call (oneDNN's fp32 product from 1M weights)
+    and rounds the result to bf16 once: within bf16's rounding of the exact product of the same numbers, as the bf16
+    kernel is; fewer rows, or a CPU with bf16 instructions, keep the bf16 kernel; gradients flow either way."""
+    calls, onednn = [], quantize.onednn_linear
+    monkeypatch.setattr(quantize, "onednn_linear", lambda x, w, b: calls.append(x.dtype) or onednn(x, w, b))
+    torch.manual_seed(0)
+    lin = quantize.speed_up(torch.nn.Sequential(torch.nn.Linear(1024, 1024)).bfloat16(), cpu_kernels=True)[0]
+    for native, rows, widened in ((False, 64, True), (False, 63, False), (True, 64, False)):
+        monkeypatch.setattr(quantize, "BF16_NATIVE", native)
+        calls.clear()
+        x = torch.randn(rows, 1024).bfloat16().requires_grad_()
+        got = lin(x)
+        exact = x.detach().double() @ lin.weight.detach().double().T + lin.bias.detach().double()
+        assert got.dtype == torch.bfloat16 and calls == ([torch.float32] if widened else [])
+        assert err(got, exact) <= 2**-8 * exact.abs().max().item()
+        got.sum().backward()
+        assert lin.weight.grad is not None and x.grad.shape == x.shape
+        lin.weight.grad = None
 
 
 @pytest.mark.parametrize("model_type", ["phi", "phi3"])
@@ -475,7 +498,7 @@ def test_q8_kernel_without_a_compiler_is_one_line_and_checks_its_inputs(monkeypa
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "the int8 CPU kernel did not build" in lines[0], lines
     x, w, s = torch.randn(2, 64), torch.randint(-127, 128, (8, 64), dtype=torch.int8), torch.ones(8, 2).half()
-    assert torch.ops.phi_q8.linear(x, w, s, None, 32).shape == (2, 8)
+    assert torch.ops.phi_cpu.linear(x, w, s, None, 32).shape == (2, 8)
     for args, what in (
         ((x.double(), w, s, None, 32), "x: .*fp32"),
         ((x, w.float(), s, None, 32), "weight: int8"),
@@ -484,13 +507,121 @@ def test_q8_kernel_without_a_compiler_is_one_line_and_checks_its_inputs(monkeypa
         ((x, w[:6], s[:6], None, 32), "out % 8"),
     ):
         with pytest.raises(RuntimeError, match=what):
-            torch.ops.phi_q8.linear(*args)
+            torch.ops.phi_cpu.linear(*args)
     monkeypatch.setattr(quantize, "CPU_KERNELS", True)
     assert [quantize.Int8Linear(torch.nn.Linear(i, o)).q8 for i, o in ((64, 8), (64, 12), (96, 8))] == [
         True,
         False,
         False,
     ]
+
+
+def attention_reference(q, k, v, mask):
+    """One query per (row, head) over the slots the mask allows, in float64: softmax(q.k / sqrt(hd)) . v."""
+    G = q.shape[1] // k.shape[1]
+    k, v = (t.double().repeat_interleave(G, 1) for t in (k, v))  # (B, H, S, hd)
+    att = (q.double() @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return att.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+
+
+@needs_q8
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_operator_matches_softmax_attention(dtype):
+    """phi_cpu::decode_attention (quantize.Q8_SOURCE), which FastAttention calls for a decode step's single query:
+    GQA (8 heads on 2 KV heads), a mask per row (pads) or per head (Phi-3-small's block-sparse layers), keys and
+    values a slice of a longer cache (strided), head dims 40 (an odd number of 8-lane registers) and 64, against the
+    softmax written out in float64 and phi.Attention.decode_attention. bf16 inputs: fp32 inside, one rounding of the
+    output. A row with no key allowed is NaN, as the softmax of only -inf is."""
+    assert quantize.q8_kernel()
+    g = torch.Generator().manual_seed(0)
+    for hd, heads_mask in ((40, False), (64, True)):
+        cfg = tiny_config(
+            model_type="phi3", hidden_size=8 * hd, num_attention_heads=8, num_key_value_heads=2, head_dim=hd
+        )
+        attn = phi.Attention(cfg, 0)
+        q = torch.randn(3, 8, 1, hd, generator=g).to(dtype)
+        cache_k, cache_v = (torch.randn(3, 2, 50, hd, generator=g).to(dtype) for _ in range(2))
+        k, v = cache_k[:, :, :37], cache_v[:, :, :37]  # (the filled slots: a strided view)
+        mask = torch.rand(3, 8 if heads_mask else 1, 1, 37, generator=g) < 0.6
+        mask[..., 5] = True
+        mask[2] = False  # (no slot allowed)
+        got = torch.ops.phi_cpu.decode_attention(q, k, v, mask, hd**-0.5)
+        assert got.dtype == dtype and got.shape == q.shape
+        want = attention_reference(q, k, v, mask)
+        assert got[2].isnan().all() and want[2].isnan().all()
+        bound = 1e-6 if dtype == torch.float32 else 2**-8 * want[:2].abs().max().item()
+        assert record(f"decode attention {dtype} hd {hd} vs float64", err(got[:2], want[:2])) <= bound
+        if dtype == torch.float32:
+            assert err(got[:2], attn.decode_attention(q, k, v, mask)[:2]) <= 1e-6
+    for args, what in (
+        ((q.double(), k, v, mask), "q: float32 or bfloat16"),
+        ((q, k.float() if dtype == torch.bfloat16 else k.bfloat16(), v, mask), "k, v: .* in q's dtype"),
+        ((q[..., :60].contiguous(), k[..., :60], v[..., :60], mask), "head_dim: a multiple of 8"),
+        ((q, k, v, mask.float()), "mask: bool"),
+        ((q, k[:, :1].expand(3, 3, 37, 64), v[:, :1].expand(3, 3, 37, 64), mask), "kv_heads dividing heads"),
+    ):
+        with pytest.raises(RuntimeError, match=what):
+            torch.ops.phi_cpu.decode_attention(*args, 0.125)
+
+
+@needs_q8
+@pytest.mark.parametrize("model_type", ["phi", "phi3"])
+def test_fast_attention_decodes_as_phi_attention(model_type, monkeypatch):
+    """speed_up swaps phi.Attention for quantize.FastAttention (a subclass: same parameters and state dict): its
+    decode steps (generate.decode_step's, masked over every slot of the cache; a forward whose window cuts the
+    cache) give the plain model's logits, and the operator is what runs them."""
+    cfg = tiny_config(model_type=model_type, num_key_value_heads=2, sliding_window=6 if model_type == "phi3" else None)
+    torch.manual_seed(0)
+    plain = phi.Phi.from_config(cfg).eval()
+    fast = quantize.speed_up(copy.deepcopy(plain), cpu_kernels=True)
+    assert all(type(layer.attn) is quantize.FastAttention for layer in fast.layers)
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    ids = ids_for(14, B=2)
+    with torch.no_grad():
+        for step in (generate.decode_one_token, lambda m, t, c: m(t[:, None], cache=c)[:, -1]):
+            want = stepped_logits(plain, step, ids, 5, phi.KVCache(cfg, 2, 14))
+            calls, op = [], torch.ops.phi_cpu.decode_attention
+            monkeypatch.setattr(torch.ops.phi_cpu, "decode_attention", lambda *a: calls.append(1) or op(*a))
+            got = stepped_logits(fast, step, ids, 5, phi.KVCache(cfg, 2, 14))
+            monkeypatch.undo()
+            assert record(f"FastAttention decode ({model_type}) vs phi.Attention", err(got, want)) <= TOL
+            # a forward takes SDPA unless a mask is needed: phi3's window of 6 cuts the cache from 7 slots on
+            masked = 9 if step is generate.decode_one_token else 8 if cfg.sliding_window else 0
+            assert len(calls) == masked * cfg.num_hidden_layers
+
+
+@needs_q8
+def test_bf16_operator_multiplies_a_few_rows_as_float64(monkeypatch):
+    """phi_cpu::matvec_bf16 (quantize.Q8_SOURCE), which FastLinear takes for bf16 weights and up to 8 rows (decoding;
+    any rows inside a compiled step): fp32 products of the bf16 weights (2048 columns, 72 rows of weights: 18 tiles
+    of 4), against float64, and the Linear's bf16 output within its rounding; 9 rows, or gradients on, keep
+    PyTorch's kernel. The operator names what is wrong with its inputs."""
+    assert quantize.q8_kernel()
+    calls, op = [], torch.ops.phi_cpu.matvec_bf16
+    monkeypatch.setattr(torch.ops.phi_cpu, "matvec_bf16", lambda x, w: calls.append(len(x)) or op(x, w))
+    torch.manual_seed(0)
+    lin = quantize.speed_up(torch.nn.Sequential(torch.nn.Linear(2048, 72)).bfloat16(), cpu_kernels=True)[0]
+    w = lin.weight.detach()
+    for rows in (1, 3, 8, 9):
+        x = torch.randn(rows, 2048)
+        assert record("bf16 operator vs float64", err(op(x, w), x.double() @ w.double().T)) <= 1e-4
+        with torch.no_grad():  # (decoding; with gradients on, PyTorch's kernel)
+            got = lin(x.bfloat16())
+        exact = x.bfloat16().double() @ w.double().T + lin.bias.detach().double()
+        bound = 2**-7 * exact.abs().max().item()  # (rounded to bf16 twice: the product, then the bias added)
+        assert got.dtype == torch.bfloat16 and err(got, exact) <= bound
+        assert calls == ([rows] if rows <= 8 else [])
+        calls.clear()
+        lin(x.bfloat16())
+        assert calls == []
+    for args, what in (
+        ((x.double(), w), "x: .*fp32"),
+        ((x, w.float()), "weight: bf16"),
+        ((x, w[:70].contiguous()), "out % 4"),
+        ((x[:, :2044].contiguous(), w[:, :2044].contiguous()), "in % 8"),
+    ):
+        with pytest.raises(RuntimeError, match=what):
+            op(*args)
 
 
 @needs_q8
