@@ -313,8 +313,8 @@ class ExportedStep:
     without weights, so any checkpoint of that shape loads it (in well under a second) and hands it its own tensors
     (as they are then: a model moved or cast after it loaded needs the step loaded again)."""
 
-    def __init__(self, model, runner):
-        self.model, self.runner = model, runner
+    def __init__(self, model, runner, package: Path):
+        self.model, self.runner, self.package = model, runner, package
 
     def __call__(self, model, token, cache):
         tensors = step_tensors(cache)
@@ -352,7 +352,7 @@ class ExportedStep:
             why = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             print(f"the compiled decode step {path} is not used ({why}); the plain step instead", file=sys.stderr)
             return None
-        return cls(model, runner)
+        return cls(model, runner, path)
 
     @staticmethod
     def build(step: FlatStep, path: Path):
@@ -950,10 +950,7 @@ def command_line_steps(model, compile: bool, tp: bool = False) -> Steps:
         return Steps.compiled(device) if compile and not model.config.moe else Steps()
     steps = Steps.exported(model, build=compile)
     if isinstance(steps.decode, ExportedStep):
-        print(
-            f"decode: the step compiled ahead of time for this model shape ({ExportedStep.path(model)})",
-            file=sys.stderr,
-        )
+        print(f"decode: the step compiled ahead of time for this model shape ({steps.decode.package})", file=sys.stderr)
     else:
         print(
             "decode: the plain step (--compile compiles one ahead of time for this model shape, once)", file=sys.stderr

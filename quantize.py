@@ -212,6 +212,12 @@ Q8_SOURCE = r"""
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
 
+static inline float hsum(__m256 a) {  // the sum of a register's 8 lanes
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
 // A row x (K,) -> q (K,) int8 and d (K/32,) per block of 32: x ~ q * d, d = max|x| / 127, q = x / d halved to even
 // (as torch.round; 0 where d is); xs (K/G,): the sums of the rounded x per group of G columns (int4's minimums).
 static void quantize_row(const float* x, int64_t K, int64_t G, int8_t* q, float* d, float* xs) {
@@ -237,9 +243,7 @@ static void quantize_row(const float* x, int64_t K, int64_t G, int8_t* q, float*
     __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
     p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     _mm256_storeu_si256((__m256i*)(q + 32 * b), p);
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    xs[32 * b / G] += _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s))) * d[b];
+    xs[32 * b / G] += hsum(sum) * d[b];
   }
 }
 
@@ -402,10 +406,7 @@ static void attend(const E* q, const E* k, const E* v, const bool* mask, int64_t
           a2 = _mm256_fmadd_ps(qv[i + 1], load8(ks + 8 * i + 8), a2);
         }
         if (hd / 8 % 2) a = _mm256_fmadd_ps(qv[hd / 8 - 1], load8(ks + hd - 8), a);
-        a = _mm256_add_ps(a, a2);
-        __m128 r = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-        r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-        p[s] = _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r))) * scale;
+        p[s] = hsum(_mm256_add_ps(a, a2)) * scale;
         top = p[s] > top ? p[s] : top;
       }
       for (int64_t s = 0; s < S; s++) {  // exp(score - max), times the values
@@ -471,11 +472,7 @@ Tensor matvec_bf16(Tensor x, Tensor weight) {
         const __m256 xv = _mm256_loadu_ps(xp + m * K + k);
         for (int c = 0; c < 4; c++) a[c] = _mm256_fmadd_ps(load8(wp + (n + c) * K + k), xv, a[c]);
       }
-      for (int c = 0; c < 4; c++) {
-        __m128 r = _mm_add_ps(_mm256_castps256_ps128(a[c]), _mm256_extractf128_ps(a[c], 1));
-        r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-        yp[m * N + n + c] = _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)));
-      }
+      for (int c = 0; c < 4; c++) yp[m * N + n + c] = hsum(a[c]);
     }
   return y;
 }
