@@ -158,13 +158,8 @@ class FastAttention(phi.Attention):
     allows (the compiled step's masks cover every slot of the cache), softmax in fp32 as phi.py's."""
 
     def decode_attention(self, q, k, v, mask):
-        takes = q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and k.dtype == q.dtype
-        if (
-            takes
-            and self.head_dim % 8 == 0
-            and self.head_dim <= 256
-            and not (torch.is_grad_enabled() and q.requires_grad)
-        ):
+        takes = q8_takes(q) and q.dtype in (torch.float32, torch.bfloat16) and k.dtype == q.dtype
+        if takes and self.head_dim % 8 == 0 and self.head_dim <= 256:
             return torch.ops.phi_cpu.decode_attention(q.contiguous(), k, v, mask, self.scale or self.head_dim**-0.5)
         return super().decode_attention(q, k, v, mask)
 
