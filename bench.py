@@ -431,7 +431,7 @@ def load_impl(impl, ckpt, dtype, device):
 
     if impl.startswith("ours"):
         model = quantize.speed_up(phi.Phi.from_pretrained(ckpt, dtype=dtype, device=device))  # CPU kernels
-        weight_only = "-wo" in impl  # PyTorch's kernels, activations not rounded to int8
+        weight_only = "-wo" in impl  # PyTorch's kernels, activations not rounded
         if "int4" in impl:
             return quantize.quantize_int4(model, weight_only=weight_only)
         return quantize.quantize_int8(model, weight_only) if "int8" in impl else model
@@ -1196,7 +1196,7 @@ if __name__ == "__main__":
     )
     p.add_argument("--k", type=int, default=4, help="speculative: drafts a step")
     p.add_argument("--bits", type=int, default=8, choices=[8, 4], help="int8-agreement: int8 or int4 weights")
-    p.add_argument("--weight-only", action="store_true", help="int8-agreement: activations not rounded to int8")
+    p.add_argument("--weight-only", action="store_true", help="int8-agreement: activations not rounded")
     p.add_argument("--verify-size", default="1.4b", help="speculative: the size whose verify-step cost is measured")
     p.add_argument("--shapes", default="phi-2,phi3-mini", help="finetune: train.py presets")
     p.add_argument("--modes", default="full,lora,lora+int8", help="finetune")

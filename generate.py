@@ -35,7 +35,7 @@ from tokenizer import TOKENIZER_FILES, Tokenizer, chat_prompt, download, load_to
 
 MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json"]
 LEGACY_FILES = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]  # read with torch.load(weights_only=True)
-QUANTIZERS = {  # "int8"/"int4": on a CPU where quantize.q8_on() the activations are rounded to int8 too
+QUANTIZERS = {  # "int8"/"int4": on a CPU where quantize.q8_on() the activations are rounded too (int16, int8)
     "int8": quantize_int8,
     "int4": quantize_int4,
     "int8-weight-only": functools.partial(quantize_int8, weight_only=True),
@@ -64,9 +64,9 @@ def load(name_or_dir, dtype="auto", device=None, revision=None, attn="sdpa", qua
     """(model, tokenizer) from a Hub id or a local directory. dtype "auto" takes the checkpoint's own (float16 becomes
     bfloat16 on the CPU, where float16 matmuls are slow); device None picks CUDA when there is one; quantize="int8"
     stores the weights as int8, "int4" as 4-bit groups; on an x86-64 CPU (where quantize.q8_on(): AMD, AVX2) the
-    activations are rounded to int8 too (llama.cpp's q8_0 arithmetic: decoding 1.6-2.3x faster, prompts without
-    expanding the weights), unless "int8-weight-only" or "int4-weight-only". With int8, or int4 with int8
-    activations, and dtype "auto" on the CPU the rest of the model and the activations are float32 (converting to
+    activations are rounded too, to int16 (int8) or int8 (int4), per block of 32 (integer products: decoding 1.6-2.3x
+    faster, prompts without expanding the weights), unless "int8-weight-only" or "int4-weight-only". With int8, or
+    int4 with rounded activations, and dtype "auto" on the CPU the rest of the model and the activations are float32 (converting to
     bf16 costs more than it saves). adapter: a PEFT LoRA adapter (Hub id or directory), merged into the weights
     before any quantization. tp=True (inside torchrun's process group: tp.init()): this rank's shard of the model
     (tp.py)."""
@@ -830,8 +830,8 @@ def build_parser():
     p.add_argument(
         "--quantize",
         choices=list(QUANTIZERS),
-        help="int8 or int4 (groups of 128) weights; where quantize.q8_on() (AMD, AVX2) activations are rounded to int8"
-        " too (decoding 1.6-2.3x faster), unless int8-weight-only or int4-weight-only",
+        help="int8 or int4 (groups of 128) weights; where quantize.q8_on() (AMD, AVX2) activations are rounded too"
+        " (int8: to int16, int4: to int8; decoding 1.6-2.3x faster), unless int8-weight-only or int4-weight-only",
     )
     p.add_argument("--adapter", help="a PEFT LoRA adapter (Hub id or directory), merged into the weights at load")
     p.add_argument("--speculate", type=int, default=0, metavar="K", help="speculative decoding, K drafts a step")

@@ -16,9 +16,9 @@ They were measured faster on AMD EPYC; on an Intel Xeon with AMX the compiled ma
 one and MKL is Intel's own: there nn.Linear stays (CPU_KERNELS; PHI_CPU_KERNELS=0/1 overrides the rule).
 
 int8 and int4 weights multiply on x86-64 CPUs with AVX2 through Q8_SOURCE, small C++ operators built at first use:
-llama.cpp's q8_0 arithmetic (activations rounded to int8 per block of 32, int8 x int8 products summed in int32),
-decoding at 2-2.7x PyTorch's int8 and int4 kernels, which widen every weight to float, and prompts without expanding
-the weights (AMD EPYC; by the CPU_KERNELS rule, q8_on). weight_only=True keeps PyTorch's kernels (activations not
+integer products summed in int32, the activations rounded per block of 32 (to int16 for int8 weights, llama.cpp's
+q8_0 blocks; to int8 for int4), decoding at 2-2.7x PyTorch's int8 and int4 kernels, which widen every weight to
+float, and prompts without expanding the weights (AMD EPYC; by the CPU_KERNELS rule, q8_on). weight_only=True keeps PyTorch's kernels (activations not
 rounded), as does a CPU the rule leaves out, one without AVX2, or a machine without a C++ compiler.
 """
 
@@ -193,16 +193,18 @@ def speed_up(model: nn.Module, cpu_kernels: bool | None = None):
     return swap_linears(model, lambda lin: lin if isinstance(lin, FastLinear) else fast(lin))
 
 
-# The int8 x int8 kernel (C++, AVX2 intrinsics, OpenMP: torch's own libgomp serves it), an operator of torch's
+# The integer kernel (C++, AVX2 intrinsics, OpenMP: torch's own libgomp serves it), an operator of torch's
 # stable C ABI (torch/csrc/stable: a few C headers, ~5 s to build, where the full extension headers take ~1 minute
 # and torch's builder needs ninja): eager calls cost one dispatch (~10 us), and torch.compile calls it as any aten op.
 Q8_SOURCE = r"""
-// int8 x int8 products on x86-64 with AVX2: llama.cpp's q8_0 arithmetic, as the operator phi_cpu::linear.
+// Integer products on x86-64 with AVX2, as the operator phi_cpu::linear: int8 weights (llama.cpp's q8_0: an fp16
+// scale per block of 32) times activations rounded to int16 per block of 32; int4 weights times int8 activations.
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <type_traits>
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
@@ -213,10 +215,13 @@ static inline float hsum(__m256 a) {  // the sum of a register's 8 lanes
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-// A row x (K,) -> q (K,) int8 and d (K/32,) per block of 32: x ~ q * d, d = max|x| / 127, q = x / d halved to even
-// (as torch.round; 0 where d is); xs (K/G,): the sums of the rounded x per group of G columns (int4's minimums).
-static void quantize_row(const float* x, int64_t K, int64_t G, int8_t* q, float* d, float* xs) {
+// A row x (K,) -> q (K,) int8 (Q) or int16 and d (K/32,) per block of 32: x ~ q * d, d = max|x| / 127 (int8) or
+// 32767, q = x / d halved to even (as torch.round; 0 where d is); xs (K/G,): the sums of the rounded x per group of
+// G columns (int4's minimums).
+template <typename Q>
+static void quantize_row(const float* x, int64_t K, int64_t G, Q* q, float* d, float* xs) {
   const __m256 sign = _mm256_set1_ps(-0.f);
+  const float top = sizeof(Q) == 1 ? 127.f : 32767.f;
   for (int64_t g = 0; g < K / G; g++) xs[g] = 0.f;
   for (int64_t b = 0; b < K / 32; b++) {
     __m256 v[4], m = _mm256_setzero_ps();
@@ -224,7 +229,7 @@ static void quantize_row(const float* x, int64_t K, int64_t G, int8_t* q, float*
       m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i] = _mm256_loadu_ps(x + 32 * b + 8 * i)));
     __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
     h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    d[b] = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h))) / 127.f;
+    d[b] = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h))) / top;
     const __m256 dv = _mm256_set1_ps(d[b]);
     __m256i r[4];
     __m256 sum = _mm256_setzero_ps();
@@ -234,10 +239,15 @@ static void quantize_row(const float* x, int64_t K, int64_t G, int8_t* q, float*
       sum = _mm256_add_ps(sum, t);
       r[i] = _mm256_cvtps_epi32(t);
     }
-    // int32 -> int8 (packs interleave 128-bit lanes; the permute puts the 32 back in order)
-    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
-    p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    _mm256_storeu_si256((__m256i*)(q + 32 * b), p);
+    // int32 -> int8 or int16 (packs interleave 128-bit lanes; the permutes put the 32 back in order)
+    const __m256i p0 = _mm256_packs_epi32(r[0], r[1]), p1 = _mm256_packs_epi32(r[2], r[3]);
+    if (sizeof(Q) == 1) {
+      const __m256i p = _mm256_packs_epi16(p0, p1);
+      _mm256_storeu_si256((__m256i*)(q + 32 * b), _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    } else {
+      _mm256_storeu_si256((__m256i*)(q + 32 * b), _mm256_permute4x64_epi64(p0, 0xD8));
+      _mm256_storeu_si256((__m256i*)(q + 32 * b + 16), _mm256_permute4x64_epi64(p1, 0xD8));
+    }
     xs[32 * b / G] += hsum(sum) * d[b];
   }
 }
@@ -247,23 +257,37 @@ static inline __m256i four(const int8_t* q) {  // 4 bytes of a rounded row into 
   memcpy(&v, q, 4);
   return _mm256_set1_epi32(v);
 }
+static inline __m256i four(const int16_t* q) {  // 4 int16 of a rounded row into each 64-bit lane
+  int64_t v;
+  memcpy(&v, q, 8);
+  return _mm256_set1_epi64x(v);
+}
+
+// int8 register of a tile -> int16 within each 128-bit half (unpack doubles a byte, the shift keeps its sign): lo
+// holds columns 0, 1 | 4, 5, hi 2, 3 | 6, 7
+static inline void widen(const uint8_t* w, __m256i& lo, __m256i& hi) {
+  const __m256i wj = _mm256_loadu_si256((const __m256i*)w);
+  lo = _mm256_srai_epi16(_mm256_unpacklo_epi8(wj, wj), 8), hi = _mm256_srai_epi16(_mm256_unpackhi_epi8(wj, wj), 8);
+}
 
 // 8 output columns (a tile) for R rows at once: lane c of each 32-byte weight register holds column c's weights,
 // so a register's products are the 8 columns' partial dot products side by side (llama.cpp's repacked "8x8" q4_0),
 // with no horizontal sums; each register is loaded and widened once for all R rows. Per block of 32 columns:
-// int8: 8 registers, register j's lane c = W[c][4j .. 4j + 3] (maddubs wants one side unsigned: |w|, with w's sign
-// moved onto q; pairs into int16, no overflow as |q|, |w| <= 127); int4: 4 registers, register j's lane c byte i =
-// W[c][8j + i] low, W[c][8j + 4 + i] high (0..15: eight maddubs sum into int16 below 2^15). madd sums into int32.
-// s (and lo): (K/G, 8) fp16, the tile's scales (and minimums) per group of G columns (int8: G = 32):
-// y = sum_b d_b s_g (w_b . q_b), plus for int4 sum_g lo_g xs_g.
-template <int R, int BITS>
-static void tile(const uint8_t* w, const uint16_t* s, const uint16_t* lo, const int8_t* q, const float* d,
-                 const float* xs, int64_t K, int64_t G, float* y, int64_t N) {
+// int8: 8 registers, register j's lane c = W[c][4j .. 4j + 3], widened to int16 (widen) and multiplied by the
+// rows' int16 q, madd summing pairs into int32 (|w q| * 32 < 2^31), hadd the pairs; int4: 4 registers, register
+// j's lane c byte i = W[c][8j + i] low, W[c][8j + 4 + i] high (0..15), times int8 q (maddubs: eight sum into int16
+// below 2^15), madd summing into int32. s (and lo): (K/G, 8) fp16, the tile's scales (and minimums) per group of G
+// columns (int8: G = 32): y = sum_b d_b s_g (w_b . q_b), plus for int4 sum_g lo_g xs_g.
+template <int R, int BITS, bool WIDE>
+static void tile(const uint8_t* w, const int16_t* w16, const uint16_t* s, const uint16_t* lo, const void* qv,
+                 const float* d, const float* xs, int64_t K, int64_t G, float* y, int64_t N) {
+  typedef typename std::conditional<BITS == 8, int16_t, int8_t>::type Q;
+  const Q* q = (const Q*)qv;
   const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0F);
   __m256 acc[R], sg = _mm256_setzero_ps();
   for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < K / 32; b++) {
-    if (b % (G / 32) == 0) {  // a group's scales (and minimums times the group's sums of x)
+    if (BITS == 8 || b % (G / 32) == 0) {  // a group's scales (and minimums times the group's sums of x)
       const int64_t g = 32 * b / G;
       sg = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s + 8 * g)));
       if (BITS == 4) {
@@ -274,19 +298,28 @@ static void tile(const uint8_t* w, const uint16_t* s, const uint16_t* lo, const 
     __m256i p[R];
     for (int r = 0; r < R; r++) p[r] = _mm256_setzero_si256();
     if (BITS == 8) {
+      __m256i p2[R];  // (columns 4-7; p: 0-3, each column's two lanes of pair sums)
+      for (int r = 0; r < R; r++) p2[r] = _mm256_setzero_si256();
       for (int j = 0; j < 8; j++) {
-        const __m256i wj = _mm256_loadu_si256((const __m256i*)(w + 256 * b + 32 * j)), u = _mm256_sign_epi8(wj, wj);
+        __m256i lo4, hi4;  // columns 0, 1 | 4, 5 and 2, 3 | 6, 7 as int16 (widen's)
+        if (WIDE)
+          lo4 = _mm256_loadu_si256((const __m256i*)(w16 + 256 * b + 32 * j)),
+          hi4 = _mm256_loadu_si256((const __m256i*)(w16 + 256 * b + 32 * j + 16));
+        else
+          widen(w + 256 * b + 32 * j, lo4, hi4);
         for (int r = 0; r < R; r++) {
-          const __m256i qs = _mm256_sign_epi8(four(q + r * K + 32 * b + 4 * j), wj);
-          p[r] = _mm256_add_epi32(p[r], _mm256_madd_epi16(_mm256_maddubs_epi16(u, qs), ones));
+          const __m256i qr = four(q + r * K + 32 * b + 4 * j);
+          p[r] = _mm256_add_epi32(p[r], _mm256_madd_epi16(lo4, qr));
+          p2[r] = _mm256_add_epi32(p2[r], _mm256_madd_epi16(hi4, qr));
         }
       }
+      for (int r = 0; r < R; r++) p[r] = _mm256_hadd_epi32(p[r], p2[r]);
     } else {
       for (int j = 0; j < 4; j++) {
         const __m256i wj = _mm256_loadu_si256((const __m256i*)(w + 128 * b + 32 * j));
         const __m256i l = _mm256_and_si256(wj, low4), h = _mm256_and_si256(_mm256_srli_epi16(wj, 4), low4);
         for (int r = 0; r < R; r++) {
-          const int8_t* qr = q + r * K + 32 * b + 8 * j;
+          const Q* qr = q + r * K + 32 * b + 8 * j;
           p[r] = _mm256_add_epi16(p[r], _mm256_maddubs_epi16(l, four(qr)));
           p[r] = _mm256_add_epi16(p[r], _mm256_maddubs_epi16(h, four(qr + 4)));
         }
@@ -296,48 +329,73 @@ static void tile(const uint8_t* w, const uint16_t* s, const uint16_t* lo, const 
     for (int r = 0; r < R; r++)
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[r]), _mm256_mul_ps(sg, _mm256_set1_ps(d[r * K / 32 + b])), acc[r]);
   }
-  for (int r = 0; r < R; r++) _mm256_storeu_ps(y + r * N, acc[r]);
+  for (int r = 0; r < R; r++)
+    _mm256_storeu_ps(y + r * N, acc[r]);
 }
 
-// Tile t (columns 8t .. 8t + 7) for rows m .. m + R - 1 (R <= 4: the 4 accumulators, 4 sums and the weights fit
-// the 16 registers).
-template <int BITS>
-static void tiles(int64_t t, int64_t m, int64_t R, const uint8_t* W, const uint16_t* s, const uint16_t* lo,
-                  const int8_t* q, const float* d, const float* xs, int64_t N, int64_t K, int64_t G, float* y) {
+// Tile t (columns 8t .. 8t + 7) for rows m .. m + R - 1 (R <= 4: the 4 accumulators, the sums and the weights fit
+// the 16 registers, nearly); w16: the tile's int8 weights widened to int16 (WIDE).
+template <int BITS, bool WIDE>
+static void tiles(int64_t t, int64_t m, int64_t R, const uint8_t* W, const int16_t* w16, const uint16_t* s,
+                  const uint16_t* lo, const void* q, const float* d, const float* xs, int64_t N, int64_t K, int64_t G,
+                  float* y) {
   const uint8_t* w = W + 8 * t * K * BITS / 8;
   const uint16_t *st = s + 8 * t * K / G, *lt = BITS == 8 ? lo : lo + 8 * t * K / G;
-  const int8_t* qm = q + m * K;
+  const void* qm = (const char*)q + m * K * (BITS == 8 ? 2 : 1);
   const float *dm = d + m * K / 32, *xm = xs + m * K / G;
   float* ym = y + m * N + 8 * t;
   switch (R) {
-    case 1: tile<1, BITS>(w, st, lt, qm, dm, xm, K, G, ym, N); break;
-    case 2: tile<2, BITS>(w, st, lt, qm, dm, xm, K, G, ym, N); break;
-    case 3: tile<3, BITS>(w, st, lt, qm, dm, xm, K, G, ym, N); break;
-    default: tile<4, BITS>(w, st, lt, qm, dm, xm, K, G, ym, N);
+    case 1: tile<1, BITS, WIDE>(w, w16, st, lt, qm, dm, xm, K, G, ym, N); break;
+    case 2: tile<2, BITS, WIDE>(w, w16, st, lt, qm, dm, xm, K, G, ym, N); break;
+    case 3: tile<3, BITS, WIDE>(w, w16, st, lt, qm, dm, xm, K, G, ym, N); break;
+    default: tile<4, BITS, WIDE>(w, w16, st, lt, qm, dm, xm, K, G, ym, N);
   }
 }
 
-// y (M, N) fp32 = x (M, K) fp32 @ W.T, x rounded per block of 32 first. W in tiles of 8 columns (N % 8 == 0):
-// bits 8: int8 (N, K), s (N, K/32) fp16; bits 4: (N, K/2), s and lo (N, K/G) fp16 (the layouts of tile). K % 64 == 0;
-// G (int4) 32, 64 or 128, dividing K. Each thread takes 2 tiles at a time, whose weights (16 K bytes) stay in
-// L2 while every 4 rows pass.
+// y (M, N) fp32 = x (M, K) fp32 @ W.T, x rounded per block of 32 first (int16 for int8 weights, int8 for int4). W
+// in tiles of 8 columns (N % 8 == 0): bits 8: int8 (N, K), s (N, K/32) fp16; bits 4: (N, K/2), s and lo (N, K/G)
+// fp16 (the layouts of tile). K % 64 == 0; G (int4) 32, 64 or 128, dividing K. Each thread takes 2 tiles at a time,
+// whose weights (16 K bytes; 32 K widened) stay in L2 while every 4 rows pass.
 static void linear_q8(const float* x, int64_t M, const uint8_t* W, const uint16_t* s, const uint16_t* lo, int64_t N,
                       int64_t K, int64_t G, int bits, float* y) {
-  int8_t* q = (int8_t*)malloc(M * K + M * (K / 32 + K / G) * sizeof(float));
-  float *d = (float*)(q + M * K), *xs = d + M * K / 32;
+  const int64_t qb = bits == 8 ? 2 : 1;  // bytes per rounded x
+  char* q = (char*)malloc(M * K * qb + M * (K / 32 + K / G) * sizeof(float));
+  float *d = (float*)(q + M * K * qb), *xs = d + M * K / 32;
   const int threads = torch::stable::get_num_threads();  // (torch's setting, whichever thread calls)
 #pragma omp parallel for schedule(static) num_threads(threads) if (M > 8)
-  for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, K, G, q + m * K, d + m * K / 32, xs + m * K / G);
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t t0 = 0; t0 < N / 8; t0 += 2)
-    for (int64_t m = 0; m < M; m += 4) {
-      const int64_t R = M - m < 4 ? M - m : 4;
-      for (int64_t t = t0; t < t0 + 2 && t < N / 8; t++)
-        if (bits == 8)
-          tiles<8>(t, m, R, W, s, lo, q, d, xs, N, K, G, y);
-        else
-          tiles<4>(t, m, R, W, s, lo, q, d, xs, N, K, G, y);
+  for (int64_t m = 0; m < M; m++)
+    if (bits == 8)
+      quantize_row(x + m * K, K, G, (int16_t*)q + m * K, d + m * K / 32, xs + m * K / G);
+    else
+      quantize_row(x + m * K, K, G, (int8_t*)q + m * K, d + m * K / 32, xs + m * K / G);
+  // A prompt's int8 weights are widened to int16 once per tile (into w16, L2) for all its rows; decoding's few rows
+  // widen them in registers.
+  const bool wide = bits == 8 && M > 8;
+#pragma omp parallel num_threads(threads)
+  {
+    int16_t* w16 = wide ? (int16_t*)malloc(2 * 8 * K * sizeof(int16_t)) : nullptr;
+#pragma omp for schedule(static)
+    for (int64_t t0 = 0; t0 < N / 8; t0 += 2) {
+      for (int64_t t = t0; wide && t < t0 + 2 && t < N / 8; t++)
+        for (int64_t i = 0; i < K / 4; i++) {  // (register i: 4 weights of each of the 8 columns)
+          __m256i l, h;
+          widen(W + 8 * t * K + 32 * i, l, h);
+          _mm256_storeu_si256((__m256i*)(w16 + (t - t0) * 8 * K + 32 * i), l);
+          _mm256_storeu_si256((__m256i*)(w16 + (t - t0) * 8 * K + 32 * i + 16), h);
+        }
+      for (int64_t m = 0; m < M; m += 4) {
+        const int64_t R = M - m < 4 ? M - m : 4;
+        for (int64_t t = t0; t < t0 + 2 && t < N / 8; t++)
+          if (wide)
+            tiles<8, true>(t, m, R, W, w16 + (t - t0) * 8 * K, s, lo, q, d, xs, N, K, G, y);
+          else if (bits == 8)
+            tiles<8, false>(t, m, R, W, nullptr, s, lo, q, d, xs, N, K, G, y);
+          else
+            tiles<4, false>(t, m, R, W, nullptr, s, lo, q, d, xs, N, K, G, y);
+      }
     }
+    free(w16);
+  }
   free(q);
 }
 
@@ -523,7 +581,7 @@ def q8_kernel() -> bool:
 
 
 def q8_on() -> bool:
-    """Do int8/int4 weights take the kernel (and int8 activations)? Where the CPU kernels' rule holds (CPU_KERNELS:
+    """Do int8/int4 weights take the kernel (and rounded activations)? Where the CPU kernels' rule holds (CPU_KERNELS:
     measured faster on AMD EPYC; not yet measured elsewhere) and the kernel builds."""
     return CPU_KERNELS and q8_kernel()
 
@@ -560,15 +618,19 @@ def q8_linear(x, weight, scales, lows=None, group=32):
     return y.to(x.dtype).view(*x.shape[:-1], -1)
 
 
-def rounded(x):
-    """x (..., in) as fp32 with each block of 32 rounded as the kernel rounds it (to int8 times max|block| / 127), for
-    the products that do not go through it (autograd, other devices), which then multiply in fp32 as it does:
-    every path of a Linear computes the same function, whatever x's dtype (up to fp32 reordering, which can move a
-    value across a rounding boundary). Gradients pass through the rounding unchanged."""
+INT16 = 32767  # (int8 weights' activations: rounded to int16)
+
+
+def rounded(x, levels=127):
+    """x (..., in) as fp32 with each block of 32 rounded as the kernel rounds it (to an integer times max|block| /
+    levels: 127 for int4's int8 activations, INT16 for int8's), for the products that do not go through it
+    (autograd, other devices), which then multiply in fp32 as it does: every path of a Linear computes the same
+    function, whatever x's dtype (up to fp32 reordering, which can move a value across a rounding boundary).
+    Gradients pass through the rounding unchanged."""
     xf = x.float()
     b = xf.unflatten(-1, (-1, 32))
     amax = b.abs().amax(-1, keepdim=True)
-    d = amax / 127  # (x / d, as the kernel: 127 / amax would be torch's 127 * (1 / amax), rounded differently)
+    d = amax / levels  # (x / d, as the kernel: levels / amax would be levels * (1 / amax), rounded differently)
     r = (torch.round(torch.where(d > 0, b / d, 0)) * d).flatten(-2)
     return xf + (r - xf).detach() if x.requires_grad else r
 
@@ -580,11 +642,11 @@ def q8_takes(x) -> bool:  # any number of rows on the CPU, but not under autogra
 class Int8Linear(nn.Module):
     """A Linear whose weight is stored as int8 (symmetric: w ≈ q * scale, q in -127..127): decoding reads 1 byte per
     weight instead of 2 (bf16) or 4 (fp32). On the CPU where q8_on(), unless weight_only, it is llama.cpp's q8_0: an
-    fp16 scale per block of 32 weights, and the activations rounded to int8 per block of 32 too (q8_linear; under
-    autograd `rounded` and the weights expanded); a scale per channel cost 3 of 50 greedy continuations once the
-    activations were rounded. Weights and scales are then in the kernel's tiles of 8 output columns (`tiled`; as
-    (out, in) fp32: `dequantized`). Else one scale per output channel, activations in their dtype (PyTorch's int8
-    kernel)."""
+    fp16 scale per block of 32 weights, the activations rounded to int16 per block of 32 (q8_linear; under autograd
+    `rounded` and the weights expanded). llama.cpp rounds them to int8, which moved 2-3 of 50 greedy continuations
+    from fp32's (KL 2.1e-5; int16: 5.7e-6) for prompts 1.2x faster. Weights and scales are in the kernel's tiles of 8
+    output columns (`tiled`; as (out, in) fp32: `dequantized`). Else one scale per output channel, activations in
+    their dtype (PyTorch's int8 kernel)."""
 
     def __init__(self, linear: nn.Linear, weight_only: bool = False):
         super().__init__()
@@ -608,7 +670,7 @@ class Int8Linear(nn.Module):
         if self.q8 and q8_takes(x):
             y = q8_linear(x, self.weight, self.scale)
         elif self.q8:  # autograd, another device: the same product with the weights expanded
-            y = (linear if self.cpu_kernels else F.linear)(rounded(x), self.dequantized()).to(x.dtype)
+            y = (linear if self.cpu_kernels else F.linear)(rounded(x, INT16), self.dequantized()).to(x.dtype)
         elif self.cpu_kernels and one_row_compiled(x) and x.dtype == torch.float32:
             y = matvec(x, self.weight, self.scale)  # (with bf16 x inductor's loop is not vectorized: 3x slower)
         elif x.device.type == "cpu" and rows <= 8 and x.shape[-1] % 16 == 0:
@@ -641,7 +703,7 @@ NOT_QUANTIZED = ("score", "router")  # a classifier's score; a MoE router (a sma
 
 def quantize_int8(model: nn.Module, weight_only: bool = False):
     """Replace every Linear of the blocks (experts included, not a MoE router) and the lm_head (not a classifier's
-    score) by an Int8Linear, in place (weight_only: activations never rounded to int8)."""
+    score) by an Int8Linear, in place (weight_only: activations never rounded)."""
     return swap_linears(model, lambda linear: Int8Linear(linear, weight_only), skip=NOT_QUANTIZED)
 
 
@@ -701,7 +763,7 @@ class Int4Linear(nn.Module):
 def quantize_int4(model: nn.Module, group: int = 128, weight_only: bool = False):
     """Replace the blocks' and the lm_head's Linears by Int4Linear (groups of `group` columns, or the largest of 128,
     64, 32 that divides a Linear's inputs; a Linear none divides stays as it is), in place. CPU or CUDA (the CUDA
-    kernel also wants outputs in multiples of 8). weight_only: activations never rounded to int8."""
+    kernel also wants outputs in multiples of 8). weight_only: activations never rounded."""
     if next(model.parameters()).device.type not in ("cpu", "cuda"):
         raise ValueError("int4 weights need the CPU or CUDA (PyTorch's int4 kernels)")
 

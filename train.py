@@ -495,7 +495,7 @@ def build_model(args, cfg, device, tok_vocab, pad_id, num_labels):
         load_on = torch.device("cpu") if args.quantize else device  # int8: quantized on the CPU, then moved
         model = quantize.speed_up(cls.from_pretrained(src, dtype=dtype, device=load_on, **over).train())
         if args.lora:
-            if args.quantize == "int8":  # (the GPU never holds the bf16 base; activations never rounded to int8)
+            if args.quantize == "int8":  # (the GPU never holds the bf16 base; activations never rounded)
                 quantize.quantize_int8(model, weight_only=True).to(device)
             lora.add_lora(model, lora_settings(args))
             if args.resume:
