@@ -598,19 +598,20 @@ def test_fast_attention_decodes_as_phi_attention(model_type, monkeypatch):
 
 
 @needs_q8
-def test_bf16_operator_multiplies_a_few_rows_as_float64(monkeypatch):
+@pytest.mark.parametrize("K", [2048, 256])
+def test_bf16_operator_multiplies_a_few_rows_as_float64(K, monkeypatch):
     """phi_cpu::matvec_bf16 (quantize.Q8_SOURCE), which FastLinear takes for bf16 weights and up to 8 rows (decoding;
-    any rows inside a compiled step): fp32 products of the bf16 weights (2048 columns, 72 rows of weights: 18 tiles
-    of 4), against float64, and the Linear's bf16 output within its rounding; 9 rows, or gradients on, keep
-    PyTorch's kernel. The operator names what is wrong with its inputs."""
+    any rows inside a compiled step): fp32 products of the bf16 weights (76 rows of weights: 9 blocks of 8 and one of
+    4; K 256: the next block prefetched, 2048: not), against float64, and the Linear's bf16 output within its
+    rounding; 9 rows, or gradients on, keep PyTorch's kernel. The operator names what is wrong with its inputs."""
     assert quantize.q8_kernel()
     calls, op = [], torch.ops.phi_cpu.matvec_bf16
     monkeypatch.setattr(torch.ops.phi_cpu, "matvec_bf16", lambda x, w: calls.append(len(x)) or op(x, w))
     torch.manual_seed(0)
-    lin = quantize.speed_up(torch.nn.Sequential(torch.nn.Linear(2048, 72)).bfloat16(), cpu_kernels=True)[0]
+    lin = quantize.speed_up(torch.nn.Sequential(torch.nn.Linear(K, 76)).bfloat16(), cpu_kernels=True)[0]
     w = lin.weight.detach()
     for rows in (1, 3, 8, 9):
-        x = torch.randn(rows, 2048)
+        x = torch.randn(rows, K)
         assert record("bf16 operator vs float64", err(op(x, w), x.double() @ w.double().T)) <= 1e-4
         with torch.no_grad():  # (decoding; with gradients on, PyTorch's kernel)
             got = lin(x.bfloat16())
@@ -625,7 +626,7 @@ def test_bf16_operator_multiplies_a_few_rows_as_float64(monkeypatch):
         ((x.double(), w), "x: .*fp32"),
         ((x, w.float()), "weight: bf16"),
         ((x, w[:70].contiguous()), "out % 4"),
-        ((x[:, :2044].contiguous(), w[:, :2044].contiguous()), "in % 8"),
+        ((x[:, : K - 4].contiguous(), w[:, : K - 4].contiguous()), "in % 8"),
     ):
         with pytest.raises(RuntimeError, match=what):
             op(*args)
