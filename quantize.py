@@ -286,9 +286,10 @@ static void tile(const uint8_t* w, const int16_t* w16, const uint16_t* s, const 
   const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0F);
   __m256 acc[R], sg = _mm256_setzero_ps();
   for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+  const int shift = BITS == 8 || G == 32 ? 0 : G == 64 ? 1 : 2;  // (blocks of 32 per group: 1 << shift)
   for (int64_t b = 0; b < K / 32; b++) {
-    if (BITS == 8 || b % (G / 32) == 0) {  // a group's scales (and minimums times the group's sums of x)
-      const int64_t g = 32 * b / G;
+    if ((b & ((1 << shift) - 1)) == 0) {  // a group's scales (and minimums times the group's sums of x)
+      const int64_t g = b >> shift;
       sg = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s + 8 * g)));
       if (BITS == 4) {
         const __m256 lg = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(lo + 8 * g)));
