@@ -16,10 +16,11 @@ They were measured faster on AMD EPYC; on an Intel Xeon with AMX the compiled ma
 one and MKL is Intel's own: there nn.Linear stays (CPU_KERNELS; PHI_CPU_KERNELS=0/1 overrides the rule).
 
 int8 and int4 weights multiply on x86-64 CPUs with AVX2 through Q8_SOURCE, small C++ operators built at first use:
-integer products summed in int32, the activations rounded per block of 32 (to int16 for int8 weights, llama.cpp's
+integer products summed in int32, the activations rounded per block of 32 (to int16 for int8 weights, in llama.cpp's
 q8_0 blocks; to int8 for int4), decoding at 2-2.7x PyTorch's int8 and int4 kernels, which widen every weight to
-float, and prompts without expanding the weights (AMD EPYC; by the CPU_KERNELS rule, q8_on). weight_only=True keeps PyTorch's kernels (activations not
-rounded), as does a CPU the rule leaves out, one without AVX2, or a machine without a C++ compiler.
+float, and prompts without expanding the weights (AMD EPYC; by the CPU_KERNELS rule, q8_on). weight_only=True keeps
+PyTorch's kernels (activations not rounded), as does a CPU the rule leaves out, one without AVX2, or a machine
+without a C++ compiler.
 """
 
 import functools
@@ -243,7 +244,8 @@ static void quantize_row(const float* x, int64_t K, int64_t G, Q* q, float* d, f
     const __m256i p0 = _mm256_packs_epi32(r[0], r[1]), p1 = _mm256_packs_epi32(r[2], r[3]);
     if (sizeof(Q) == 1) {
       const __m256i p = _mm256_packs_epi16(p0, p1);
-      _mm256_storeu_si256((__m256i*)(q + 32 * b), _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+      const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+      _mm256_storeu_si256((__m256i*)(q + 32 * b), _mm256_permutevar8x32_epi32(p, order));
     } else {
       _mm256_storeu_si256((__m256i*)(q + 32 * b), _mm256_permute4x64_epi64(p0, 0xD8));
       _mm256_storeu_si256((__m256i*)(q + 32 * b + 16), _mm256_permute4x64_epi64(p1, 0xD8));
@@ -299,7 +301,7 @@ static void tile(const uint8_t* w, const int16_t* w16, const uint16_t* s, const 
     __m256i p[R];
     for (int r = 0; r < R; r++) p[r] = _mm256_setzero_si256();
     if (BITS == 8) {
-      __m256i p2[R];  // (columns 4-7; p: 0-3, each column's two lanes of pair sums)
+      __m256i p2[R];  // (p: columns 0, 1 | 4, 5, p2: 2, 3 | 6, 7, two lanes of pair sums each; hadd: 0-3 | 4-7)
       for (int r = 0; r < R; r++) p2[r] = _mm256_setzero_si256();
       for (int j = 0; j < 8; j++) {
         __m256i lo4, hi4;  // columns 0, 1 | 4, 5 and 2, 3 | 6, 7 as int16 (widen's)
@@ -663,9 +665,9 @@ class Int8Linear(nn.Module):
     weight instead of 2 (bf16) or 4 (fp32). On the CPU where q8_on(), unless weight_only, it is llama.cpp's q8_0: an
     fp16 scale per block of 32 weights, the activations rounded to int16 per block of 32 (q8_linear; under autograd
     `rounded` and the weights expanded). llama.cpp rounds them to int8, which moved 2-3 of 50 greedy continuations
-    from fp32's (KL 2.1e-5; int16: 5.7e-6) for prompts 1.2x faster. Weights and scales are in the kernel's tiles of 8
-    output columns (`tiled`; as (out, in) fp32: `dequantized`). Else one scale per output channel, activations in
-    their dtype (PyTorch's int8 kernel)."""
+    from fp32's (KL 2.1e-5; int16: 5.7e-6) for prompts 1.01-1.14x faster. Weights and scales are in the kernel's
+    tiles of 8 output columns (`tiled`; as (out, in) fp32: `dequantized`). Else one scale per output channel,
+    activations in their dtype (PyTorch's int8 kernel)."""
 
     def __init__(self, linear: nn.Linear, weight_only: bool = False):
         super().__init__()
