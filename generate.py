@@ -66,10 +66,10 @@ def load(name_or_dir, dtype="auto", device=None, revision=None, attn="sdpa", qua
     stores the weights as int8, "int4" as 4-bit groups; on an x86-64 CPU (where quantize.q8_on(): AMD, AVX2) the
     activations are rounded too, to int16 (int8) or int8 (int4), per block of 32 (integer products: decoding 1.6-2.3x
     faster, prompts without expanding the weights), unless "int8-weight-only" or "int4-weight-only". With int8, or
-    int4 with rounded activations, and dtype "auto" on the CPU the rest of the model and the activations are float32 (converting to
-    bf16 costs more than it saves). adapter: a PEFT LoRA adapter (Hub id or directory), merged into the weights
-    before any quantization. tp=True (inside torchrun's process group: tp.init()): this rank's shard of the model
-    (tp.py)."""
+    int4 with rounded activations, and dtype "auto" on the CPU the rest of the model and the activations are float32
+    (converting to bf16 costs more than it saves). adapter: a PEFT LoRA adapter (Hub id or directory), merged into
+    the weights before any quantization. tp=True (inside torchrun's process group: tp.init()): this rank's shard of
+    the model (tp.py)."""
     if tp and (quantize or adapter):
         raise ValueError("tensor parallelism (--tp) takes no --quantize or --adapter yet")
     if quantize is not None and quantize not in QUANTIZERS:

@@ -332,8 +332,7 @@ static void tile(const uint8_t* w, const int16_t* w16, const uint16_t* s, const 
     for (int r = 0; r < R; r++)
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[r]), _mm256_mul_ps(sg, _mm256_set1_ps(d[r * K / 32 + b])), acc[r]);
   }
-  for (int r = 0; r < R; r++)
-    _mm256_storeu_ps(y + r * N, acc[r]);
+  for (int r = 0; r < R; r++) _mm256_storeu_ps(y + r * N, acc[r]);
 }
 
 // Tile t (columns 8t .. 8t + 7) for rows m .. m + R - 1 (R <= 4: the 4 accumulators, the sums and the weights fit
