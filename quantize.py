@@ -133,7 +133,8 @@ def bf16_decoding(x, weight) -> bool:
     2048 from L3, one row, 26.6 GB/s against 16.6 and 13.3; a 0.5b token's 33 Linears from memory: 19.7-22 GB/s)."""
     if weight.dtype != torch.bfloat16 or x.device.type != "cpu" or torch.is_grad_enabled():
         return False
-    return (torch.compiler.is_compiling() or x.numel() <= 8 * x.shape[-1]) and weight.shape[0] % 4 == 0
+    fits = weight.shape[0] % 4 == 0 and weight.shape[1] % 8 == 0  # (the operator's out % 4, in % 8)
+    return (torch.compiler.is_compiling() or x.numel() <= 8 * x.shape[-1]) and fits
 
 
 class FastLinear(nn.Linear):
@@ -143,7 +144,7 @@ class FastLinear(nn.Linear):
     kernel = False  # the CPU operators are built (speed_up sets it: q8_kernel)
 
     def forward(self, x):
-        if self.kernel and bf16_decoding(x, self.weight) and x.shape[-1] % 8 == 0:
+        if self.kernel and bf16_decoding(x, self.weight):
             y = torch.ops.phi_cpu.matvec_bf16(x.reshape(-1, x.shape[-1]).float().contiguous(), self.weight)
             y = y.to(x.dtype).view(*x.shape[:-1], -1)
             return y if self.bias is None else y + self.bias
