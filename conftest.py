@@ -346,10 +346,14 @@ def hub(tmp_path_factory):
     return home, refs
 
 
-def run_cli(home, *args, stdin=""):
+def run_cli(home, *args, stdin="", background_build=False):
     """generate.main(argv) in this process (a subprocess would add seconds of imports and nothing else), offline
     on the Hugging Face cache under home: (exit code, stdout, stderr). stdout is written as bytes and decoded, so a
-    generated "\r\n" stays as it is. test_cli_runs_as_a_program runs generate.py as its own process."""
+    generated "\r\n" stays as it is. test_cli_runs_as_a_program runs generate.py as its own process. With
+    --no-compile unless background_build or --compile is given: on a CPU where the exported step applies, a run
+    without it starts building one in a process that outlives the test (generate.build_later)."""
+    if not background_build and not {"--compile", "--no-compile"} & {str(a) for a in args}:
+        args = (*args, "--no-compile")
     out, errs = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", newline=""), io.StringIO()
     with contextlib.ExitStack() as stack:
         stack.enter_context(

@@ -14,6 +14,7 @@ import functools
 import hashlib
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -92,7 +93,7 @@ def load(name_or_dir, dtype="auto", device=None, revision=None, attn="sdpa", qua
     if quantize is not None:
         QUANTIZERS[quantize](model)
     tok = load_tokenizer(d)
-    model.eos_ids = eos_ids(d, model.config, tok)
+    model.eos_ids, model.source = eos_ids(d, model.config, tok), d  # (source: where a background build loads it)
     return model, tok
 
 
@@ -355,6 +356,85 @@ class ExportedStep:
         return cls(model, runner, path)
 
     @staticmethod
+    def builder(path: Path) -> int | None:
+        """The pid of the process building the package at path in the background (build_in_background: its lock
+        file beside path; 0 while the pid is being written), if it is alive; the lock of one that died is removed."""
+        lock = path.with_suffix(".building")
+        try:
+            pid, age = lock.read_text().strip(), time.time() - lock.stat().st_mtime
+            if not pid:
+                return 0 if age < 60 else None
+            try:
+                if os.waitpid(int(pid), os.WNOHANG)[0]:  # (a child of this process that has exited: reaped now)
+                    raise ProcessLookupError
+            except ChildProcessError:  # (another process's)
+                os.kill(int(pid), 0)  # (signal 0: is it there)
+            return int(pid)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):  # no such process (or a damaged lock)
+            lock.unlink(missing_ok=True)
+            return None
+
+    @classmethod
+    def wait_for_builder(cls, model, timeout: float = 600.0):
+        """Wait for the background build of the model's package, if one is running (up to timeout seconds): a run
+        beside it would share the cores with it, which made decoding 5-10x slower on 2 cores (AMD EPYC Zen 3, 160m
+        int8: 5.6-11 tok/s against 51), though it runs at the lowest priority (SCHED_IDLE)."""
+        path, end = cls.path(model), time.time() + timeout
+        pid = cls.builder(path)
+        if pid is not None:
+            print(f"decode: waiting for the background build of the compiled step (pid {pid}, {path})", file=sys.stderr)
+        while pid is not None and time.time() < end:
+            time.sleep(0.2)
+            pid = cls.builder(path)
+
+    @classmethod
+    def build_in_background(cls, model, quantizer=None) -> str:
+        """Start building the model's package in a process of its own (`generate.py --build-step`, run when a run
+        ends), which loads the model from model.source as load() did here (quantizer: load()'s quantize), at the
+        lowest priority, and outlives this run (~30-70 s on 2 cores), so that later runs load the package. One build
+        per package at a time (a lock file beside it); one that fails leaves its log (failed_build), and no run
+        tries again but --compile. Says what became of it, for stderr."""
+        path = cls.path(model)
+        lock, log = path.with_suffix(".building"), path.with_suffix(".log")
+        if path.exists() or cls.builder(path) is not None or cls.failed_build(model):
+            return ""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except OSError as e:  # (FileExistsError: another run has just started one)
+            return "" if isinstance(e, FileExistsError) else f"decode: no compiled step is built ({e})"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--build-step", str(path), "--model", str(model.source)]
+        cmd += ["--dtype", str(model.embed.weight.dtype).removeprefix("torch."), "--device", "cpu"]
+        cmd += ["--quantize", quantizer] if quantizer else []
+        # the same rule, and the same thread count (both are part of the package's key)
+        env = os.environ | {
+            "PHI_CPU_KERNELS": str(int(quantize.CPU_KERNELS)),
+            "OMP_NUM_THREADS": str(torch.get_num_threads()),
+        }
+        try:
+            with open(log, "w") as out:
+                child = subprocess.Popen(
+                    cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env, start_new_session=True
+                )
+            os.write(fd, str(child.pid).encode())
+        except OSError as e:
+            lock.unlink(missing_ok=True)
+            return f"decode: no compiled step is built ({e})"
+        finally:
+            os.close(fd)
+        what = "the step compiled ahead of time for this model shape"
+        return f"decode: building {what} in the background, for later runs (pid {child.pid}, log {log})"
+
+    @classmethod
+    def failed_build(cls, model) -> Path | None:
+        """The log of a background build of the model's package that failed (none is running, none was built)."""
+        path = cls.path(model)
+        log = path.with_suffix(".log")
+        return log if log.exists() and not path.exists() and cls.builder(path) is None else None
+
+    @staticmethod
     def build(step: FlatStep, path: Path):
         """Export the step (example: 2 rows, 16 slots; both dimensions dynamic) and compile it into path."""
         print(f"compiling the decode step ahead of time into {path} (once for this model shape)", file=sys.stderr)
@@ -375,6 +455,7 @@ class ExportedStep:
             options = {"aot_inductor.package_constants_in_so": False}  # (the weights come from the model)
             torch._inductor.aoti_compile_and_package(program, package_path=f"{tmp}/step.pt2", inductor_configs=options)
             os.replace(f"{tmp}/step.pt2", path)  # whole or not at all
+        path.with_suffix(".log").unlink(missing_ok=True)  # (a background build's, failed or this one)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -823,10 +904,12 @@ def build_parser():
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "flash"])
     p.add_argument(
         "--compile",
-        action="store_true",
-        help="compile the one-token decode step (CPU: ahead of time, kept in ~/.cache/phi for later runs of any "
-        "checkpoint of this shape; CUDA: torch.compile)",
+        action=argparse.BooleanOptionalAction,
+        help="compile the one-token decode step now (CPU: ahead of time, kept in ~/.cache/phi for later runs of any "
+        "checkpoint of this shape, which a run without it otherwise builds in the background; CUDA: torch.compile);"
+        " --no-compile: the plain step, nothing built",
     )
+    p.add_argument("--build-step", help=argparse.SUPPRESS)  # (the process build_in_background starts)
     p.add_argument(
         "--quantize",
         choices=list(QUANTIZERS),
@@ -905,6 +988,8 @@ def check_args(args):
 def run(args):
     """Load, then stream one prompt's continuation, decode a batch, decode speculatively, or chat."""
     check_args(args)
+    if args.build_step:
+        return build_step(args)
     if args.tp:  # every rank runs every step; rank 0 prints
         args.device = str(tensor_parallel.init())
         if torch.distributed.get_rank():
@@ -919,7 +1004,15 @@ def run(args):
     )
     decoding = decoding_options(args, model, tok)
     if args.interactive:
-        return interactive(model, tok, args, decoding)
+        interactive(model, tok, args, decoding)
+    else:
+        decode_prompts(model, tok, args, decoding)
+    build_later(model, args, decoding["steps"])
+
+
+def decode_prompts(model, tok, args, decoding):
+    """The prompts of --prompt and --prompt-file (or a default one), each --num-samples times: streamed, as a batch,
+    speculatively or by beam search; the speed on stderr."""
     prompts = list(args.prompt or [])
     if args.prompt_file:
         prompts += [line.rstrip("\n") for line in Path(args.prompt_file).read_text().splitlines() if line.strip()]
@@ -937,25 +1030,68 @@ def run(args):
     report(stats, decoding["steps"].first_compiles)
 
 
-def command_line_steps(model, compile: bool, tp: bool = False) -> Steps:
-    """The decode steps of the command line. On a CPU where quantize.py's rule holds (CPU_KERNELS): the step compiled
-    ahead of time where its package is in the cache (--compile builds it first, once per model shape), else the
-    plain one, with one line on stderr saying which. Elsewhere torch.compile's steps with --compile, and for a
-    LongRoPE model (the exported step has the short factors only), a mixture of experts (whose routing picks
-    experts on the host: the plain step) and tensor-parallel ranks."""
+def aot_steps(model, tp: bool = False) -> bool:
+    """Does the command line decode through the step compiled ahead of time (where there is one)? On a CPU where
+    quantize.py's rule holds (CPU_KERNELS), but not for a LongRoPE model (the exported step has the short factors
+    only), a mixture of experts (whose routing picks experts on the host) or tensor-parallel ranks."""
+    plain = model.config.moe or model.rotary.scaled or model.embed.weight.device.type != "cpu" or tp
+    return quantize.CPU_KERNELS and not plain
+
+
+def command_line_steps(model, compile: bool | None, tp: bool = False) -> Steps:
+    """The decode steps of the command line. Where aot_steps: the step compiled ahead of time where its package is
+    in the cache (or being built in the background: waited for), with --compile built first (once per model shape);
+    else the plain one, and (compile None: no --no-compile) the package built in the background when this run ends
+    (build_later); one line on stderr says which. Elsewhere torch.compile's steps with --compile, and the plain
+    steps for a mixture of experts."""
     device = model.embed.weight.device
     if compile and model.config.moe:  # generate_batch would take the plain step at every token
         print("note: --compile is not used: a mixture of experts picks its experts on the host", file=sys.stderr)
-    if model.config.moe or model.rotary.scaled or device.type != "cpu" or not quantize.CPU_KERNELS or tp:
+    if not aot_steps(model, tp):
         return Steps.compiled(device) if compile and not model.config.moe else Steps()
-    steps = Steps.exported(model, build=compile)
+    if compile is False:
+        print("decode: the plain step (--no-compile)", file=sys.stderr)
+        return Steps()
+    ExportedStep.wait_for_builder(model)
+    steps = Steps.exported(model, build=bool(compile))
+    failed, path = ExportedStep.failed_build(model), ExportedStep.path(model)
     if isinstance(steps.decode, ExportedStep):
         print(f"decode: the step compiled ahead of time for this model shape ({steps.decode.package})", file=sys.stderr)
-    else:
+    elif failed:
         print(
-            "decode: the plain step (--compile compiles one ahead of time for this model shape, once)", file=sys.stderr
+            f"decode: the plain step (a build of the compiled step failed: {failed}; --compile tries again)",
+            file=sys.stderr,
         )
+    elif compile is None and not path.exists():  # (one there that did not load: the line above)
+        why = "after this run, the step compiled ahead of time for this model shape is built in the background, once"
+        print(f"decode: the plain step; {why} (--no-compile: not)", file=sys.stderr)
+    else:
+        print("decode: the plain step", file=sys.stderr)
     return steps
+
+
+def build_later(model, args, steps: Steps):
+    """When a run ends: where it decoded with the plain step for want of a package (and no --no-compile), start
+    building one in the background for the runs after it (ExportedStep.build_in_background)."""
+    if args.compile is None and aot_steps(model, args.tp) and not isinstance(steps.decode, ExportedStep):
+        line = ExportedStep.build_in_background(model, args.quantize)
+        if line:
+            print(line, file=sys.stderr)
+
+
+def build_step(args):
+    """--build-step PATH, the process ExportedStep.build_in_background starts: load the model as the run that
+    started it did, then build its package at PATH and load it once (a package that does not load is no package).
+    Its lock stays until it has exited (ExportedStep.builder: a run waits for the whole process); its log (stdout and
+    stderr) where the build failed."""
+    if hasattr(os, "SCHED_IDLE"):  # the lowest priority (which still left a run beside it 5-10x slower)
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    path = Path(args.build_step)
+    model, _ = load(args.model, args.dtype, "cpu", quantize=args.quantize)
+    if ExportedStep.path(model) != path:  # (the key of what was loaded here is not the starting run's)
+        raise ValueError(f"this model's compiled step would be {ExportedStep.path(model)}, not {path}")
+    if ExportedStep.load(model, build=True) is None:
+        raise ValueError(f"the compiled step {path} was not built (the line above says why)")
 
 
 def decoding_options(args, model, tok) -> dict:

@@ -468,7 +468,7 @@ def test_cli_runs_as_a_program(hub):
     """python generate.py in its own process, offline through HF_HOME / HF_HUB_OFFLINE: the in-process runs' output,
     and exit code 1 with one line for bad input."""
     home, _ = hub
-    args = ["--model", "test/phi-2", "--prompt", PROMPT, "--max-new-tokens", 8, "--temperature", 0]
+    args = ["--model", "test/phi-2", "--prompt", PROMPT, "--max-new-tokens", 8, "--temperature", 0, "--no-compile"]
     env = python_env(HF_HOME=home, HF_HUB_OFFLINE=1, PYTHONIOENCODING="utf-8")
     for extra, code in (([], 0), (["--top-k", "-2"], 1)):
         argv = [sys.executable, str(ROOT / "generate.py"), *map(str, args + extra)]
@@ -518,23 +518,42 @@ def test_compiled_decode_step_compiles_once_and_matches(tmp_path, fresh_compiler
 def test_exported_step_is_built_once_kept_and_decodes_as_the_plain_step(hub, tmp_path, monkeypatch):
     """The decode step compiled ahead of time (generate.ExportedStep, AOTInductor), the command line's step on a CPU
     where quantize.CPU_KERNELS holds: without a package in the cache (XDG_CACHE_HOME) the CLI decodes with the plain
-    step and says so; --compile builds the package once, and later runs without --compile load it; the text is the
-    plain step's every time. Through the API it gives the plain step's logits (within TOL) and cache writes for 2
-    rows at any cache length, and the same greedy tokens for left-padded prompts; a checkpoint of the same shape with
-    other weights loads the same package and gets its own logits (the package holds no weights). A damaged package
-    is one line on stderr, and the plain step."""
+    step, says so, and when it ends starts building the package in a process of its own; the next run waits for
+    that process, then loads the package, as --compile does; --no-compile decodes with the plain step; the text is
+    the plain step's every time. Through the API it gives the plain step's logits (within TOL) and cache writes for
+    2 rows at any cache length, and the same greedy tokens for left-padded prompts; a checkpoint of the same shape
+    with other weights loads the same package and gets its own logits (the package holds no weights). A damaged
+    package is one line on stderr, and the plain step; a background build that failed is not tried again."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(quantize, "CPU_KERNELS", True)
     home, _ = hub
-    args = ("--model", "test/phi-2", "--prompt", PROMPT, "--max-new-tokens", 12, "--temperature", 0)
-    runs = [run_cli(home, *args, "--dtype", "float32", *extra) for extra in ((), ("--compile",), ())]
-    assert [r.returncode for r in runs] == [0, 0, 0] and runs[1].stdout == runs[2].stdout == runs[0].stdout, runs
-    assert "decode: the plain step (--compile compiles one" in runs[0].stderr
-    assert "compiling the decode step ahead of time" in runs[1].stderr
-    assert all("decode: the step compiled ahead of time" in r.stderr for r in runs[1:])
-    assert "compiling" not in runs[2].stderr
+    args = (
+        "--model",
+        "test/phi-2",
+        "--prompt",
+        PROMPT,
+        "--max-new-tokens",
+        12,
+        "--temperature",
+        0,
+        "--dtype",
+        "float32",
+    )
+    runs = [
+        run_cli(home, *args, *extra, background_build=True) for extra in ((), (), ("--compile",), ("--no-compile",))
+    ]
+    assert [r.returncode for r in runs] == [0] * 4 and len({r.stdout for r in runs}) == 1, runs
+    assert "decode: the plain step; after this run, the step compiled ahead of time" in runs[0].stderr
+    pid = re.search(r"in the background, for later runs \(pid (\d+), log (.+)\)$", runs[0].stderr, re.M)
+    assert pid and f"waiting for the background build of the compiled step (pid {pid[1]}," in runs[1].stderr
+    assert all("decode: the step compiled ahead of time" in r.stderr for r in runs[1:3])
+    assert "decode: the plain step (--no-compile)" in runs[3].stderr
+    assert not any(w in r.stderr for r in runs[1:] for w in ("compiling", "building", "after this run"))
 
     model, _ = generate.load(snapshot(home, "phi-2"), dtype="float32", device="cpu")
+    path = generate.ExportedStep.path(model)
+    assert pid[2] == str(path.with_suffix(".log")) and path.exists()
+    assert not path.with_suffix(".log").exists() and not path.with_suffix(".building").exists()
     step = generate.ExportedStep.load(model)
     assert isinstance(step, generate.ExportedStep)
     ids = ids_for(20, vocab=model.config.vocab_size)
@@ -564,10 +583,17 @@ def test_exported_step_is_built_once_kept_and_decodes_as_the_plain_step(hub, tmp
         assert err(same, mine) <= TOL
 
     generate.ExportedStep.path(model).write_bytes(b"not a package")
-    r = run_cli(home, *args, "--dtype", "float32")
+    r = run_cli(home, *args, background_build=True)
     assert r.returncode == 0 and r.stdout == runs[0].stdout
     assert re.search(r"the compiled decode step .*\.pt2 is not used \(.+\); the plain step instead", r.stderr), r
-    assert "decode: the plain step" in r.stderr
+    assert "decode: the plain step" in r.stderr and "building" not in r.stderr
+
+    path.unlink()
+    path.with_suffix(".log").write_text("a background build that failed")
+    r = run_cli(home, *args, background_build=True)
+    assert r.returncode == 0 and r.stdout == runs[0].stdout
+    assert f"decode: the plain step (a build of the compiled step failed: {path.with_suffix('.log')}; --" in r.stderr
+    assert "building" not in r.stderr and not path.exists() and not path.with_suffix(".building").exists()
 
 
 @pytest.mark.parametrize("new_tokens", [20, 36])
