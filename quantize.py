@@ -157,11 +157,29 @@ class FastLinear(nn.Linear):
 class FastAttention(phi.Attention):
     """phi.Attention, with a decode step's attention (one query per row and head) in the CPU operator
     phi_cpu::decode_attention (Q8_SOURCE): one call instead of ~10 small ops, reading only the slots the mask
-    allows (the compiled step's masks cover every slot of the cache), softmax in fp32 as phi.py's."""
+    allows (the compiled step's masks cover every slot of the cache), softmax in fp32 as phi.py's. In an eager
+    decode step (generate.decode_step's) rotary and the cache write are one call too (phi_cpu::rotary_cache,
+    for ~25 small ops: what a small model's token is made of)."""
+
+    def forward(self, x, a: phi.AttentionInputs):
+        if not self.fused(x, a):
+            return super().forward(x, a)
+        k, v = a.cache.k[self.layer], a.cache.v[self.layer]
+        q = torch.ops.phi_cpu.rotary_cache(self.qkv(x), a.cos, a.sin, k, v, a.at, self.n_head)
+        return self.out(self.decode_attention(q, k, v, a.mask).view(x.shape[0], 1, -1))
+
+    def fused(self, x, a) -> bool:  # (eager: a compiled step keeps phi.py's ops, which inductor fuses)
+        plain = self.grouped or self.qk_layernorm or self.sparse or a.flash or a.cache is None or a.mask is None
+        if plain or x.shape[1] != 1 or not isinstance(a.at, torch.Tensor) or torch.compiler.is_compiling():
+            return False
+        return self.decodes(x, a.cache.k[self.layer]) and a.cos.dtype == x.dtype
+
+    def decodes(self, q, k) -> bool:  # (the operators' dtypes and head sizes)
+        fits = q.dtype in (torch.float32, torch.bfloat16) and k.dtype == q.dtype
+        return q8_takes(q) and fits and self.head_dim % 8 == 0 and self.head_dim <= 256
 
     def decode_attention(self, q, k, v, mask):
-        takes = q8_takes(q) and q.dtype in (torch.float32, torch.bfloat16) and k.dtype == q.dtype
-        if takes and self.head_dim % 8 == 0 and self.head_dim <= 256:
+        if self.decodes(q, k):
             return torch.ops.phi_cpu.decode_attention(q.contiguous(), k, v, mask, self.scale or self.head_dim**-0.5)
         return super().decode_attention(q, k, v, mask)
 
@@ -207,6 +225,7 @@ Q8_SOURCE = r"""
 #include <stdlib.h>
 #include <string.h>
 #include <type_traits>
+#include <vector>
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
@@ -280,15 +299,16 @@ static inline void widen(const uint8_t* w, __m256i& lo, __m256i& hi) {
 // rows' int16 q, madd summing pairs into int32 (|w q| * 32 < 2^31), hadd the pairs; int4: 4 registers, register
 // j's lane c byte i = W[c][8j + i] low, W[c][8j + 4 + i] high (0..15), times int8 q (maddubs: eight sum into int16
 // below 2^15), madd summing into int32. s (and lo): (K/G, 8) fp16, the tile's scales (and minimums) per group of G
-// columns (int8: G = 32): y = sum_b d_b s_g (w_b . q_b), plus for int4 sum_g lo_g xs_g.
+// columns (int8: G = 32): y = sum_b d_b s_g (w_b . q_b), plus for int4 sum_g lo_g xs_g, plus the tile's 8 biases
+// where bias is given.
 template <int R, int BITS, bool WIDE>
 static void tile(const uint8_t* w, const int16_t* w16, const uint16_t* s, const uint16_t* lo, const void* qv,
-                 const float* d, const float* xs, int64_t K, int64_t G, float* y, int64_t N) {
+                 const float* d, const float* xs, const float* bias, int64_t K, int64_t G, float* y, int64_t N) {
   typedef typename std::conditional<BITS == 8, int16_t, int8_t>::type Q;
   const Q* q = (const Q*)qv;
   const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0F);
   __m256 acc[R], sg = _mm256_setzero_ps();
-  for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+  for (int r = 0; r < R; r++) acc[r] = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
   const int shift = BITS == 8 || G == 32 ? 0 : G == 64 ? 1 : 2;  // (blocks of 32 per group: 1 << shift)
   for (int64_t b = 0; b < K / 32; b++) {
     if ((b & ((1 << shift) - 1)) == 0) {  // a group's scales (and minimums times the group's sums of x)
@@ -340,27 +360,28 @@ static void tile(const uint8_t* w, const int16_t* w16, const uint16_t* s, const 
 // the 16 registers, nearly); w16: the tile's int8 weights widened to int16 (WIDE).
 template <int BITS, bool WIDE>
 static void tiles(int64_t t, int64_t m, int64_t R, const uint8_t* W, const int16_t* w16, const uint16_t* s,
-                  const uint16_t* lo, const void* q, const float* d, const float* xs, int64_t N, int64_t K, int64_t G,
-                  float* y) {
+                  const uint16_t* lo, const void* q, const float* d, const float* xs, const float* bias, int64_t N,
+                  int64_t K, int64_t G, float* y) {
   const uint8_t* w = W + 8 * t * K * BITS / 8;
   const uint16_t *st = s + 8 * t * K / G, *lt = BITS == 8 ? lo : lo + 8 * t * K / G;
   const void* qm = (const char*)q + m * K * (BITS == 8 ? 2 : 1);
   const float *dm = d + m * K / 32, *xm = xs + m * K / G;
+  const float *bt = bias ? bias + 8 * t : nullptr;
   float* ym = y + m * N + 8 * t;
   switch (R) {
-    case 1: tile<1, BITS, WIDE>(w, w16, st, lt, qm, dm, xm, K, G, ym, N); break;
-    case 2: tile<2, BITS, WIDE>(w, w16, st, lt, qm, dm, xm, K, G, ym, N); break;
-    case 3: tile<3, BITS, WIDE>(w, w16, st, lt, qm, dm, xm, K, G, ym, N); break;
-    default: tile<4, BITS, WIDE>(w, w16, st, lt, qm, dm, xm, K, G, ym, N);
+    case 1: tile<1, BITS, WIDE>(w, w16, st, lt, qm, dm, xm, bt, K, G, ym, N); break;
+    case 2: tile<2, BITS, WIDE>(w, w16, st, lt, qm, dm, xm, bt, K, G, ym, N); break;
+    case 3: tile<3, BITS, WIDE>(w, w16, st, lt, qm, dm, xm, bt, K, G, ym, N); break;
+    default: tile<4, BITS, WIDE>(w, w16, st, lt, qm, dm, xm, bt, K, G, ym, N);
   }
 }
 
-// y (M, N) fp32 = x (M, K) fp32 @ W.T, x rounded per block of 32 first (int16 for int8 weights, int8 for int4). W
+// y (M, N) fp32 = x (M, K) fp32 @ W.T (+ bias (N,)), x rounded per block of 32 first (int16 for int8 weights, int8 for int4). W
 // in tiles of 8 columns (N % 8 == 0): bits 8: int8 (N, K), s (N, K/32) fp16; bits 4: (N, K/2), s and lo (N, K/G)
 // fp16 (the layouts of tile). K % 64 == 0; G (int4) 32, 64 or 128, dividing K. Each thread takes 2 tiles at a time,
 // whose weights (16 K bytes; 32 K widened) stay in L2 while every 4 rows pass.
-static void linear_q8(const float* x, int64_t M, const uint8_t* W, const uint16_t* s, const uint16_t* lo, int64_t N,
-                      int64_t K, int64_t G, int bits, float* y) {
+static void linear_q8(const float* x, int64_t M, const uint8_t* W, const uint16_t* s, const uint16_t* lo,
+                      const float* bias, int64_t N, int64_t K, int64_t G, int bits, float* y) {
   const int64_t qb = bits == 8 ? 2 : 1;  // bytes per rounded x
   char* q = (char*)malloc(M * K * qb + M * (K / 32 + K / G) * sizeof(float));
   float *d = (float*)(q + M * K * qb), *xs = d + M * K / 32;
@@ -390,11 +411,11 @@ static void linear_q8(const float* x, int64_t M, const uint8_t* W, const uint16_
         const int64_t R = M - m < 4 ? M - m : 4;
         for (int64_t t = t0; t < t0 + 2 && t < N / 8; t++)
           if (wide)
-            tiles<8, true>(t, m, R, W, w16 + (t - t0) * 8 * K, s, lo, q, d, xs, N, K, G, y);
+            tiles<8, true>(t, m, R, W, w16 + (t - t0) * 8 * K, s, lo, q, d, xs, bias, N, K, G, y);
           else if (bits == 8)
-            tiles<8, false>(t, m, R, W, nullptr, s, lo, q, d, xs, N, K, G, y);
+            tiles<8, false>(t, m, R, W, nullptr, s, lo, q, d, xs, bias, N, K, G, y);
           else
-            tiles<4, false>(t, m, R, W, nullptr, s, lo, q, d, xs, N, K, G, y);
+            tiles<4, false>(t, m, R, W, nullptr, s, lo, q, d, xs, bias, N, K, G, y);
       }
     }
     free(w16);
@@ -405,11 +426,13 @@ static void linear_q8(const float* x, int64_t M, const uint8_t* W, const uint16_
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
-// The operator: x (M, K) fp32 -> y (M, N) fp32; int8 weight (N, K) and scales, or (lows given) int4's layout.
-Tensor linear(Tensor x, Tensor weight, Tensor scales, std::optional<Tensor> lows, int64_t group) {
+// The operator: x (..., K) fp32 -> y (..., N) fp32 (+ bias (N,) fp32); int8 weight (N, K) and scales, or (lows
+// given) int4's layout. (One call with the bias in: a decode step's Linear costs its dispatch, ~10 us, and no more.)
+Tensor linear(Tensor x, Tensor weight, Tensor scales, std::optional<Tensor> lows, int64_t group,
+              std::optional<Tensor> bias) {
   const int bits = lows.has_value() ? 4 : 8;
-  STD_TORCH_CHECK(x.dim() == 2 && x.scalar_type() == ScalarType::Float && x.is_contiguous(), "x: (rows, in) fp32");
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), G = bits == 8 ? 32 : group;
+  STD_TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == ScalarType::Float && x.is_contiguous(), "x: (..., in) fp32");
+  const int64_t K = x.size(x.dim() - 1), M = K ? x.numel() / K : 0, N = weight.size(0), G = bits == 8 ? 32 : group;
   STD_TORCH_CHECK(weight.scalar_type() == (bits == 8 ? ScalarType::Char : ScalarType::Byte) &&
                       weight.is_contiguous() && weight.size(1) * 8 / bits == K && N % 8 == 0,
                   "weight: int8 (out, in), or uint8 (out, in / 2) with lows; out % 8 == 0");
@@ -417,9 +440,16 @@ Tensor linear(Tensor x, Tensor weight, Tensor scales, std::optional<Tensor> lows
   for (const Tensor& t : {scales, lows.value_or(scales)})
     STD_TORCH_CHECK(t.scalar_type() == ScalarType::Half && t.is_contiguous() && t.numel() == N * K / G,
                     "scales, lows: fp16 (out, in / group)");
-  Tensor y = torch::stable::new_empty(x, {M, N});
+  if (bias.has_value())
+    STD_TORCH_CHECK(bias->scalar_type() == ScalarType::Float && bias->is_contiguous() && bias->numel() == N,
+                    "bias: fp32 (out,)");
+  std::vector<int64_t> shape;
+  for (int64_t i = 0; i < x.dim() - 1; i++) shape.push_back(x.size(i));
+  shape.push_back(N);
+  Tensor y = torch::stable::new_empty(x, shape);
   linear_q8((const float*)x.data_ptr(), M, (const uint8_t*)weight.data_ptr(), (const uint16_t*)scales.data_ptr(),
-            bits == 4 ? (const uint16_t*)lows->data_ptr() : nullptr, N, K, G, bits, (float*)y.data_ptr());
+            bits == 4 ? (const uint16_t*)lows->data_ptr() : nullptr,
+            bias.has_value() ? (const float*)bias->data_ptr() : nullptr, N, K, G, bits, (float*)y.data_ptr());
   return y;
 }
 
@@ -507,6 +537,77 @@ Tensor decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, double scale)
   return y;
 }
 
+// Rotary and the KV cache write of a decode step (one new token per row) in one call, for FastAttention: qkv (B, 1,
+// (H + 2 KV) hd) is phi.Attention's qkv Linear (the H heads' queries, then the keys, then the values); cos and sin
+// (B, 1, 1, d). Each query and key head rotated as phi.apply_rotary does (dim i < d / 2 pairs with i + d / 2: x cos
+// + rotate_half(x) sin; dims from d on pass; in bf16 each product and the sum rounded, as its ops round); the keys
+// and values written into slot `slot` of k_cache and v_cache (B, KV, S, hd); the queries into q (B, H, 1, hd).
+static inline float get(const float* p) { return *p; }
+static inline float get(const uint16_t* p) {
+  const uint32_t u = (uint32_t)*p << 16;
+  float x;
+  memcpy(&x, &u, 4);
+  return x;
+}
+template <typename E>
+static inline float in(float x) {  // x rounded to E's precision
+  E e;
+  store(&e, x);
+  return get(&e);
+}
+template <typename E>
+static void rotate(const E* x, const E* cos, const E* sin, int64_t d, int64_t hd, E* out) {
+  for (int64_t i = 0; i < d; i++) {
+    const float r = i < d / 2 ? -get(x + i + d / 2) : get(x + i - d / 2);
+    store(out + i, in<E>(get(x + i) * get(cos + i)) + in<E>(r * get(sin + i)));
+  }
+  memcpy(out + d, x + d, (hd - d) * sizeof(E));
+}
+template <typename E>
+static void rotate_and_cache(const E* qkv, const E* cos, const E* sin, E* kc, E* vc, E* q, int64_t B, int64_t H,
+                             int64_t KV, int64_t S, int64_t hd, int64_t d, int64_t slot) {
+  for (int64_t b = 0; b < B; b++) {
+    const E *x = qkv + b * (H + 2 * KV) * hd, *c = cos + b * d, *s = sin + b * d;
+    for (int64_t h = 0; h < H; h++) rotate(x + h * hd, c, s, d, hd, q + (b * H + h) * hd);
+    for (int64_t j = 0; j < KV; j++) {
+      rotate(x + (H + j) * hd, c, s, d, hd, kc + ((b * KV + j) * S + slot) * hd);
+      memcpy(vc + ((b * KV + j) * S + slot) * hd, x + (H + KV + j) * hd, hd * sizeof(E));
+    }
+  }
+}
+
+// The operator: qkv (B, 1, (H + 2 KV) hd), cos, sin (B, 1, 1, d), the caches (B, KV, S, hd), all in one dtype (fp32
+// or bf16, contiguous), at (1,) the slot -> the rotated queries (B, H, 1, hd); the caches written.
+Tensor rotary_cache(Tensor qkv, Tensor cos, Tensor sin, Tensor k_cache, Tensor v_cache, Tensor at, int64_t heads) {
+  const auto dt = qkv.scalar_type();
+  STD_TORCH_CHECK(dt == ScalarType::Float || dt == ScalarType::BFloat16, "qkv: float32 or bfloat16");
+  STD_TORCH_CHECK(k_cache.dim() == 4, "k_cache: (rows, kv_heads, slots, head_dim)");
+  const int64_t B = k_cache.size(0), KV = k_cache.size(1), S = k_cache.size(2), hd = k_cache.size(3), H = heads;
+  const int64_t d = cos.dim() ? cos.size(cos.dim() - 1) : 0;
+  for (const Tensor& t : {k_cache, v_cache})
+    STD_TORCH_CHECK(t.scalar_type() == dt && t.is_contiguous() && t.dim() == 4 && t.size(0) == B && t.size(1) == KV &&
+                        t.size(2) == S && t.size(3) == hd,
+                    "k_cache, v_cache: (rows, kv_heads, slots, head_dim) contiguous, in qkv's dtype");
+  STD_TORCH_CHECK(qkv.is_contiguous() && qkv.numel() == B * (H + 2 * KV) * hd,
+                  "qkv: (rows, 1, (heads + 2 kv_heads) head_dim) contiguous");
+  for (const Tensor& t : {cos, sin})
+    STD_TORCH_CHECK(t.scalar_type() == dt && t.is_contiguous() && t.numel() == B * d && d % 2 == 0 && d <= hd,
+                    "cos, sin: (rows, 1, 1, rotary_dim) in qkv's dtype, rotary_dim even, at most head_dim");
+  STD_TORCH_CHECK(at.scalar_type() == ScalarType::Long && at.numel() == 1, "at: one slot, int64");
+  const int64_t slot = *(const int64_t*)at.data_ptr();
+  STD_TORCH_CHECK(slot >= 0 && slot < S, "at: a slot of the cache");
+  Tensor q = torch::stable::new_empty(qkv, {B, H, 1, hd});
+  if (dt == ScalarType::Float)
+    rotate_and_cache((const float*)qkv.data_ptr(), (const float*)cos.data_ptr(), (const float*)sin.data_ptr(),
+                     (float*)k_cache.data_ptr(), (float*)v_cache.data_ptr(), (float*)q.data_ptr(), B, H, KV, S, hd, d,
+                     slot);
+  else
+    rotate_and_cache((const uint16_t*)qkv.data_ptr(), (const uint16_t*)cos.data_ptr(),
+                     (const uint16_t*)sin.data_ptr(), (uint16_t*)k_cache.data_ptr(), (uint16_t*)v_cache.data_ptr(),
+                     (uint16_t*)q.data_ptr(), B, H, KV, S, hd, d, slot);
+  return q;
+}
+
 // C columns n .. n + C - 1 of y = x @ W.T for bf16 W: each weight widened in a register (a shift), the C columns'
 // weights in L1 while the M rows pass. With ahead, the next C columns' rows (contiguous) are prefetched meanwhile,
 // two cache lines per 8 weights of the C columns: the whole next block while this one is read.
@@ -552,14 +653,17 @@ Tensor matvec_bf16(Tensor x, Tensor weight) {
 }
 
 STABLE_TORCH_LIBRARY(phi_cpu, m) {
-  m.def("linear(Tensor x, Tensor weight, Tensor scales, Tensor? lows, int group) -> Tensor");
+  m.def("linear(Tensor x, Tensor weight, Tensor scales, Tensor? lows, int group, Tensor? bias=None) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
   m.def("matvec_bf16(Tensor x, Tensor weight) -> Tensor");
+  m.def("rotary_cache(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor at, "
+        "int heads) -> Tensor");
 }
 STABLE_TORCH_LIBRARY_IMPL(phi_cpu, CPU, m) {
   m.impl("linear", TORCH_BOX(&linear));
   m.impl("decode_attention", TORCH_BOX(&decode_attention));
   m.impl("matvec_bf16", TORCH_BOX(&matvec_bf16));
+  m.impl("rotary_cache", TORCH_BOX(&rotary_cache));
 }
 """
 
@@ -594,10 +698,13 @@ def q8_kernel() -> bool:
         )
         return False
     torch.library.register_fake("phi_cpu::linear")(
-        lambda x, weight, scales, lows, group: x.new_empty(x.shape[0], weight.shape[0])
+        lambda x, weight, scales, lows, group, bias: x.new_empty(*x.shape[:-1], weight.shape[0])
     )
     torch.library.register_fake("phi_cpu::decode_attention")(lambda q, k, v, mask, scale: torch.empty_like(q))
     torch.library.register_fake("phi_cpu::matvec_bf16")(lambda x, weight: x.new_empty(x.shape[0], weight.shape[0]))
+    torch.library.register_fake("phi_cpu::rotary_cache")(
+        lambda qkv, cos, sin, k, v, at, heads: qkv.new_empty(k.shape[0], heads, 1, k.shape[3])
+    )
     return True
 
 
@@ -623,20 +730,17 @@ def untiled(t: torch.Tensor, width: int) -> torch.Tensor:  # tiled's inverse
     return t.view(len(t) // 8, -1, 8, width).transpose(1, 2).reshape(t.shape)
 
 
-def q8_product(
-    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, lows: torch.Tensor | None, group: int
-) -> torch.Tensor:
-    """x (rows, in) @ W.T as fp32 (rows, out) through the kernel: int8 W (out, in) times fp16 scales (out, in / 32),
-    or (lows given) 4-bit W (out, in / 2) * scales + lows per group of `group` columns (Int4Linear's layout)."""
+def q8_linear(x, weight, scales, lows=None, group=32, bias=None):
+    """x (..., in) @ W.T + bias, in x's dtype, through the kernel: int8 W (out, in) times fp16 scales (out, in / 32),
+    or (lows given) 4-bit W (out, in / 2) * scales + lows per group of `group` columns (Int4Linear's layout). The
+    kernel computes in fp32: an fp32 x (a decode step's, on the CPU) is one call, which is all its overhead."""
+    fp32 = bias is None or bias.dtype == torch.float32
+    if x.dtype == torch.float32 and x.is_contiguous() and scales.dtype == torch.float16 and fp32:
+        return torch.ops.phi_cpu.linear.default(x, weight, scales, lows, group, bias)
     if scales.dtype != torch.float16:  # (should model.to(dtype) have run)
         scales, lows = scales.half(), None if lows is None else lows.half()
-    return torch.ops.phi_cpu.linear(x.float().contiguous(), weight, scales, lows, group)
-
-
-def q8_linear(x, weight, scales, lows=None, group=32):
-    """x (..., in) times the quantized weight, in x's dtype, through the kernel."""
-    y = q8_product(x.reshape(-1, x.shape[-1]), weight, scales, lows, group)
-    return y.to(x.dtype).view(*x.shape[:-1], -1)
+    b = None if bias is None else bias.float()
+    return torch.ops.phi_cpu.linear.default(x.float().contiguous(), weight, scales, lows, group, b).to(x.dtype)
 
 
 INT16 = 32767  # (int8 weights' activations: rounded to int16)
@@ -689,8 +793,8 @@ class Int8Linear(nn.Module):
     def forward(self, x):
         rows = x.numel() // x.shape[-1]
         if self.q8 and q8_takes(x):
-            y = q8_linear(x, self.weight, self.scale)
-        elif self.q8:  # autograd, another device: the same product with the weights expanded
+            return q8_linear(x, self.weight, self.scale, bias=self.bias)
+        if self.q8:  # autograd, another device: the same product with the weights expanded
             y = (linear if self.cpu_kernels else F.linear)(rounded(x, INT16), self.dequantized()).to(x.dtype)
         elif self.cpu_kernels and one_row_compiled(x) and x.dtype == torch.float32:
             y = matvec(x, self.weight, self.scale)  # (with bf16 x inductor's loop is not vectorized: 3x slower)
@@ -766,8 +870,10 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", sz.bfloat16())
 
     def forward(self, x):
+        if self.q8 and q8_takes(x):
+            return q8_linear(x, self.weight, self.scales, self.lows, self.group, self.bias)
         if self.q8:
-            y = q8_linear(x, self.weight, self.scales, self.lows, self.group) if q8_takes(x) else self.expanded(x)
+            y = self.expanded(x)
         else:
             rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (the kernel wants it contiguous)
             mm = torch.ops.aten._weight_int4pack_mm if rows.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu

@@ -287,17 +287,20 @@ def test_int8_prompt_multiplies_the_expanded_weights_as_fast_linear_does(tmp_pat
 
 def test_int8_cannot_be_saved_and_cli_equals_the_api(tmp_path, hub):
     """An int8 model refuses to be saved (its weights are not the checkpoint's); --quantize int8 on the command line
-    generates the API's int8 tokens, which differ from the unquantized ones here (so the option is not ignored)."""
+    generates the API's int8 tokens, whose logits differ from the unquantized model's (so the option is not ignored:
+    the tokens of these random weights can be the same)."""
     q = quantize.quantize_int8(from_transformers("phi-1.5", tmp_path)[0])
     with pytest.raises(ValueError, match="an int8-quantized model is not saved"):
         q.save_pretrained(tmp_path / "no")
     home, _ = hub
-    want = {}
+    want, logits = {}, {}
     for bits in (None, "int8"):
         model, tok = generate.load(snapshot(home, "phi3-4k"), quantize=bits)
         prompt = tok.encode("def f(x):", bos=tok.add_bos)
         want[bits] = continuation(tok, prompt, list(generate.generate(model, prompt, 24)))
-    assert want[None] != want["int8"]
+        with torch.no_grad():
+            logits[bits] = model(torch.tensor([prompt]))
+    assert err(logits[None], logits["int8"]) > 1e-3
     args = ("--model", "test/phi3-4k", "--prompt", "def f(x):", "--max-new-tokens", 24, "--temperature", 0)
     assert run_cli(home, *args, "--quantize", "int8").stdout == want["int8"] + "\n"
 
@@ -462,8 +465,8 @@ def test_q8_kernel_multiplies_rounded_activations_by_the_quantized_weights(K, mo
     assert quantize.q8_kernel()
     monkeypatch.setattr(quantize, "CPU_KERNELS", True)  # (the rule that turns it on: AMD)
     calls = []
-    product = quantize.q8_product
-    monkeypatch.setattr(quantize, "q8_product", lambda *a: calls.append(a[0].shape[0]) or product(*a))
+    product = quantize.q8_linear
+    monkeypatch.setattr(quantize, "q8_linear", lambda *a, **k: calls.append(a[0].shape[0]) or product(*a, **k))
     torch.manual_seed(0)
     lin = torch.nn.Linear(K, 72)
     w = lin.weight.detach()
@@ -506,12 +509,17 @@ def test_q8_kernel_without_a_compiler_is_one_line_and_checks_its_inputs(monkeypa
     assert len(lines) == 1 and "the int8 CPU kernel did not build" in lines[0], lines
     x, w, s = torch.randn(2, 64), torch.randint(-127, 128, (8, 64), dtype=torch.int8), torch.ones(8, 2).half()
     assert torch.ops.phi_cpu.linear(x, w, s, None, 32).shape == (2, 8)
+    y = torch.ops.phi_cpu.linear(x, w, s, None, 32, torch.arange(8.0))  # (a bias; x of any rank)
+    plain = torch.ops.phi_cpu.linear(x.view(2, 1, 64), w, s, None, 32)
+    assert plain.shape == (2, 1, 8) and torch.allclose(y, plain[:, 0] + torch.arange(8.0), atol=1e-5)
     for args, what in (
         ((x.double(), w, s, None, 32), "x: .*fp32"),
         ((x, w.float(), s, None, 32), "weight: int8"),
         ((x, w, s.float(), None, 32), "scales, lows: fp16"),
         ((x[:, :32].contiguous(), w[:, :32].contiguous(), s[:, :1].contiguous(), None, 32), "in % 64"),
         ((x, w[:6], s[:6], None, 32), "out % 8"),
+        ((x, w, s, None, 32, torch.zeros(8).half()), "bias: fp32"),
+        ((x, w, s, None, 32, torch.zeros(6)), "bias: fp32"),
     ):
         with pytest.raises(RuntimeError, match=what):
             torch.ops.phi_cpu.linear(*args)
@@ -586,15 +594,54 @@ def test_fast_attention_decodes_as_phi_attention(model_type, monkeypatch):
     ids = ids_for(14, B=2)
     with torch.no_grad():
         for step in (generate.decode_one_token, lambda m, t, c: m(t[:, None], cache=c)[:, -1]):
-            want = stepped_logits(plain, step, ids, 5, phi.KVCache(cfg, 2, 14))
-            calls, op = [], torch.ops.phi_cpu.decode_attention
-            monkeypatch.setattr(torch.ops.phi_cpu, "decode_attention", lambda *a: calls.append(1) or op(*a))
-            got = stepped_logits(fast, step, ids, 5, phi.KVCache(cfg, 2, 14))
+            caches = [phi.KVCache(cfg, 2, 14) for _ in range(2)]
+            want = stepped_logits(plain, step, ids, 5, caches[0])
+            calls = {name: [] for name in ("decode_attention", "rotary_cache")}
+            for name, op in [(n, getattr(torch.ops.phi_cpu, n)) for n in calls]:  # (counted)
+                monkeypatch.setattr(torch.ops.phi_cpu, name, lambda *a, n=name, op=op: calls[n].append(1) or op(*a))
+            got = stepped_logits(fast, step, ids, 5, caches[1])
             monkeypatch.undo()
             assert record(f"FastAttention decode ({model_type}) vs phi.Attention", err(got, want)) <= TOL
+            assert max(err(a, b) for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v)) <= TOL
             # a forward takes SDPA unless a mask is needed: phi3's window of 6 cuts the cache from 7 slots on
             masked = 9 if step is generate.decode_one_token else 8 if cfg.sliding_window else 0
-            assert len(calls) == masked * cfg.num_hidden_layers
+            assert len(calls["decode_attention"]) == masked * cfg.num_hidden_layers
+            # decode_step's (eager): rotary and the cache write in one call too
+            assert len(calls["rotary_cache"]) == (9 if step is generate.decode_one_token else 0) * cfg.num_hidden_layers
+
+
+@needs_q8
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_cache_operator_rotates_and_writes_as_phi(dtype):
+    """phi_cpu::rotary_cache (quantize.Q8_SOURCE), FastAttention's eager decode step: from the qkv Linear's output
+    (B, 1, (H + 2 KV) hd), the queries rotated as phi.apply_rotary rotates them, and the rotated keys and the values
+    written into one slot of each cache as KVCache.update writes them, the other slots as they were; partial (16 of
+    32 dims) and full rotary; bf16 equal (each product and sum rounded as torch's ops round). Bad input is named."""
+    assert quantize.q8_kernel()
+    torch.manual_seed(0)
+    B, H, KV, S, hd, at = 3, 4, 2, 9, 32, torch.tensor([4])
+    for d in (16, 32):
+        angles = torch.tensor([5.0, 0.0, 700.0])[:, None] * 10000 ** -(torch.arange(0, d, 2) / d)  # (B, d / 2)
+        cos, sin = (f(torch.cat([angles, angles], -1)).to(dtype)[:, None, None] for f in (torch.cos, torch.sin))
+        qkv = torch.randn(B, 1, (H + 2 * KV) * hd).to(dtype)
+        k, v = torch.randn(B, KV, S, hd).to(dtype), torch.randn(B, KV, S, hd).to(dtype)
+        want_k, want_v = k.clone(), v.clone()
+        q_, k_, v_ = (t.view(B, 1, -1, hd).transpose(1, 2) for t in qkv.split([H * hd, KV * hd, KV * hd], -1))
+        want_k[:, :, 4:5], want_v[:, :, 4:5] = phi.apply_rotary(k_, cos, sin), v_
+        q = torch.ops.phi_cpu.rotary_cache(qkv, cos, sin, k, v, at, H)
+        want_q = phi.apply_rotary(q_, cos, sin)
+        if dtype == torch.bfloat16:
+            assert torch.equal(q, want_q) and torch.equal(k, want_k) and torch.equal(v, want_v)
+        else:
+            assert max(err(q, want_q), err(k, want_k)) <= 1e-6 and torch.equal(v, want_v)
+    for args, what in (
+        ((qkv, cos, sin, k, v, torch.tensor([9]), H), "at: a slot of the cache"),
+        ((qkv, cos.float() if dtype != torch.float32 else cos.double(), sin, k, v, at, H), "cos, sin"),
+        ((qkv[..., :-1].contiguous(), cos, sin, k, v, at, H), "qkv: "),
+        ((qkv, cos, sin, k.transpose(1, 2), v, at, H), "k_cache, v_cache"),
+    ):
+        with pytest.raises(RuntimeError, match=what):
+            torch.ops.phi_cpu.rotary_cache(*args)
 
 
 @needs_q8
