@@ -376,10 +376,10 @@ static void tiles(int64_t t, int64_t m, int64_t R, const uint8_t* W, const int16
   }
 }
 
-// y (M, N) fp32 = x (M, K) fp32 @ W.T (+ bias (N,)), x rounded per block of 32 first (int16 for int8 weights, int8 for int4). W
-// in tiles of 8 columns (N % 8 == 0): bits 8: int8 (N, K), s (N, K/32) fp16; bits 4: (N, K/2), s and lo (N, K/G)
-// fp16 (the layouts of tile). K % 64 == 0; G (int4) 32, 64 or 128, dividing K. Each thread takes 2 tiles at a time,
-// whose weights (16 K bytes; 32 K widened) stay in L2 while every 4 rows pass.
+// y (M, N) fp32 = x (M, K) fp32 @ W.T (+ bias (N,)), x rounded per block of 32 first (int16 for int8 weights,
+// int8 for int4). W in tiles of 8 columns (N % 8 == 0): bits 8: int8 (N, K), s (N, K/32) fp16; bits 4: (N, K/2), s
+// and lo (N, K/G) fp16 (the layouts of tile). K % 64 == 0; G (int4) 32, 64 or 128, dividing K. Each thread takes 2
+// tiles at a time, whose weights (16 K bytes; 32 K widened) stay in L2 while every 4 rows pass.
 static void linear_q8(const float* x, int64_t M, const uint8_t* W, const uint16_t* s, const uint16_t* lo,
                       const float* bias, int64_t N, int64_t K, int64_t G, int bits, float* y) {
   const int64_t qb = bits == 8 ? 2 : 1;  // bytes per rounded x
@@ -540,7 +540,8 @@ Tensor decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, double scale)
 // Rotary and the KV cache write of a decode step (one new token per row) in one call, for FastAttention: qkv (B, 1,
 // (H + 2 KV) hd) is phi.Attention's qkv Linear (the H heads' queries, then the keys, then the values); cos and sin
 // (B, 1, 1, d). Each query and key head rotated as phi.apply_rotary does (dim i < d / 2 pairs with i + d / 2: x cos
-// + rotate_half(x) sin; dims from d on pass; in bf16 each product and the sum rounded, as its ops round); the keys
+// + rotate_half(x) sin; dims from d on pass; in bf16 each product and the sum rounded, as its ops round; in fp32 up
+// to the last bit, where the compiler fuses a product and the sum into one FMA); the keys
 // and values written into slot `slot` of k_cache and v_cache (B, KV, S, hd); the queries into q (B, H, 1, hd).
 static inline float get(const float* p) { return *p; }
 static inline float get(const uint16_t* p) {
