@@ -362,8 +362,8 @@ class ExportedStep:
         lock = path.with_suffix(".building")
         try:
             pid, age = lock.read_text().strip(), time.time() - lock.stat().st_mtime
-            if not pid:
-                return 0 if age < 60 else None
+            if not pid and age < 60:
+                return 0
             try:
                 if os.waitpid(int(pid), os.WNOHANG)[0]:  # (a child of this process that has exited: reaped now)
                     raise ProcessLookupError
@@ -372,7 +372,7 @@ class ExportedStep:
             return int(pid)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError):  # no such process (or a damaged lock)
+        except (OSError, ValueError):  # no such process (or a lock left empty, or damaged)
             lock.unlink(missing_ok=True)
             return None
 

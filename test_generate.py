@@ -3,10 +3,12 @@ and stop strings, the CLI, the compiled decode step, speculative decoding."""
 
 import copy
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -594,6 +596,29 @@ def test_exported_step_is_built_once_kept_and_decodes_as_the_plain_step(hub, tmp
     assert r.returncode == 0 and r.stdout == runs[0].stdout
     assert f"decode: the plain step (a build of the compiled step failed: {path.with_suffix('.log')}; --" in r.stderr
     assert "building" not in r.stderr and not path.exists() and not path.with_suffix(".building").exists()
+
+
+def test_background_build_lock_names_a_live_builder_only(tmp_path):
+    """ExportedStep.builder reads the background build's lock beside a package: a live process's pid is a build
+    going on (a run waits for it), a lock still empty for under a minute one starting (0); the lock of a process
+    that has exited (this process's child too, reaped), one left empty or damaged, is removed (a build may start)."""
+    path = tmp_path / "step.pt2"
+    lock = path.with_suffix(".building")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(str(live.pid))
+        assert generate.ExportedStep.builder(path) == live.pid and lock.exists()
+    finally:
+        live.kill()
+    live.wait()
+    for text, age, want in ((str(live.pid), 0, None), ("", 0, 0), ("", 120, None), ("x1", 0, None)):
+        lock.write_text(text)
+        os.utime(lock, (time.time() - age,) * 2)
+        assert generate.ExportedStep.builder(path) == want and lock.exists() == (want is not None), (text, age)
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])  # (a child not yet reaped: a zombie)
+    time.sleep(1.0)
+    lock.write_text(str(exited.pid))
+    assert generate.ExportedStep.builder(path) is None and not lock.exists()
 
 
 @pytest.mark.parametrize("new_tokens", [20, 36])
