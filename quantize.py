@@ -792,9 +792,9 @@ class Int8Linear(nn.Module):
         self.cpu_kernels = isinstance(linear, FastLinear)  # speed_up ran: matvec and oneDNN here too
 
     def forward(self, x):
-        rows = x.numel() // x.shape[-1]
         if self.q8 and q8_takes(x):
             return q8_linear(x, self.weight, self.scale, bias=self.bias)
+        rows = x.numel() // x.shape[-1]
         if self.q8:  # autograd, another device: the same product with the weights expanded
             y = (linear if self.cpu_kernels else F.linear)(rounded(x, INT16), self.dequantized()).to(x.dtype)
         elif self.cpu_kernels and one_row_compiled(x) and x.dtype == torch.float32:
