@@ -398,7 +398,7 @@ class ExportedStep:
         tries again but --compile. Says what became of it, for stderr."""
         path = cls.path(model)
         lock, log = path.with_suffix(".building"), path.with_suffix(".log")
-        if path.exists() or cls.builder(path) is not None or cls.failed_build(model):
+        if path.exists() or cls.builder(path) is not None or log.exists():  # (built, building, or failed)
             return ""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
