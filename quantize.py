@@ -301,9 +301,14 @@ static inline void widen(const uint8_t* w, __m256i& lo, __m256i& hi) {
 // below 2^15), madd summing into int32. s (and lo): (K/G, 8) fp16, the tile's scales (and minimums) per group of G
 // columns (int8: G = 32): y = sum_b d_b s_g (w_b . q_b), plus for int4 sum_g lo_g xs_g, plus the tile's 8 biases
 // where bias is given.
+// ahead (the first rows' pass over a tile): the weights AHEAD bytes on are prefetched, this tile's and then the next's
+// (a thread's tiles are contiguous). AMD EPYC Zen 3, a model's Linears from memory, one row: 10-18% faster at 1024-1536
+// bytes (160m int8 8.84 -> 7.64 ms, 0.5b int8 30.7 -> 27.4, int4 15.4 -> 12.4), 2048 less, none or 512 no faster.
+constexpr int64_t AHEAD = 1280;
 template <int R, int BITS, bool WIDE>
 static void tile(const uint8_t* w, const int16_t* w16, const uint16_t* s, const uint16_t* lo, const void* qv,
-                 const float* d, const float* xs, const float* bias, int64_t K, int64_t G, float* y, int64_t N) {
+                 const float* d, const float* xs, const float* bias, int64_t K, int64_t G, float* y, int64_t N,
+                 bool ahead) {
   typedef typename std::conditional<BITS == 8, int16_t, int8_t>::type Q;
   const Q* q = (const Q*)qv;
   const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0F);
@@ -311,6 +316,8 @@ static void tile(const uint8_t* w, const int16_t* w16, const uint16_t* s, const 
   for (int r = 0; r < R; r++) acc[r] = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
   const int shift = BITS == 8 || G == 32 ? 0 : G == 64 ? 1 : 2;  // (blocks of 32 per group: 1 << shift)
   for (int64_t b = 0; b < K / 32; b++) {
+    for (int i = 0; ahead && i < BITS / 2; i++)  // (a block's BITS * 32 bytes: BITS / 2 cache lines)
+      _mm_prefetch((const char*)w + BITS * 32 * b + AHEAD + 64 * i, _MM_HINT_T0);
     if ((b & ((1 << shift) - 1)) == 0) {  // a group's scales (and minimums times the group's sums of x)
       const int64_t g = b >> shift;
       sg = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s + 8 * g)));
@@ -368,11 +375,12 @@ static void tiles(int64_t t, int64_t m, int64_t R, const uint8_t* W, const int16
   const float *dm = d + m * K / 32, *xm = xs + m * K / G;
   const float *bt = bias ? bias + 8 * t : nullptr;
   float* ym = y + m * N + 8 * t;
+  const bool ahead = !WIDE && m == 0;  // (a prompt's widened weights are in L2 already)
   switch (R) {
-    case 1: tile<1, BITS, WIDE>(w, w16, st, lt, qm, dm, xm, bt, K, G, ym, N); break;
-    case 2: tile<2, BITS, WIDE>(w, w16, st, lt, qm, dm, xm, bt, K, G, ym, N); break;
-    case 3: tile<3, BITS, WIDE>(w, w16, st, lt, qm, dm, xm, bt, K, G, ym, N); break;
-    default: tile<4, BITS, WIDE>(w, w16, st, lt, qm, dm, xm, bt, K, G, ym, N);
+    case 1: tile<1, BITS, WIDE>(w, w16, st, lt, qm, dm, xm, bt, K, G, ym, N, ahead); break;
+    case 2: tile<2, BITS, WIDE>(w, w16, st, lt, qm, dm, xm, bt, K, G, ym, N, ahead); break;
+    case 3: tile<3, BITS, WIDE>(w, w16, st, lt, qm, dm, xm, bt, K, G, ym, N, ahead); break;
+    default: tile<4, BITS, WIDE>(w, w16, st, lt, qm, dm, xm, bt, K, G, ym, N, ahead);
   }
 }
 
