@@ -611,6 +611,61 @@ def test_fast_attention_decodes_as_phi_attention(model_type, monkeypatch):
 
 
 @needs_q8
+@pytest.mark.parametrize("model_type", ["phi", "phi3"])
+def test_fast_block_decodes_as_phi_block(model_type, monkeypatch):
+    """speed_up swaps phi.Block for quantize.FastBlock (a subclass, no state of its own). An eager decode step
+    through its lean path (parallel phi, sequential phi3 with its gated MLP) gives the same model's logits and caches
+    with phi.Block's forward, exactly (phi.Block's ops in its order), fp32, int8 and int4 (their operators called
+    directly). Where a forward hook is on the attention, the MLP or a Linear, or a global one, or in training mode
+    (dropout), phi.Block's forward runs: the hooks see every call they see without FastBlock, dropout applies."""
+    cfg = tiny_config(model_type=model_type, num_key_value_heads=2, intermediate_size=128, resid_pdrop=0.5)
+    torch.manual_seed(0)
+    base = quantize.speed_up(phi.Phi.from_config(cfg).eval(), cpu_kernels=True)
+    assert all(type(layer) is quantize.FastBlock for layer in base.layers)
+    ids, lean = ids_for(9, B=2), []
+    monkeypatch.setattr(
+        quantize.FastBlock, "lean", lambda *a, f=quantize.FastBlock.lean: lean.append(f(*a)) or lean[-1]
+    )
+
+    def decode(model, hook=None):  # logits and caches of 5 decode steps; the hooked calls' module names
+        calls, caches = [], phi.KVCache(cfg, 2, 9)
+        if hook is not None:
+            handle = hook(model, lambda m, args, out: calls.append(type(m).__name__.removeprefix("Fast")) or out * 2)
+        with torch.no_grad():
+            logits = stepped_logits(model, generate.decode_one_token, ids, 4, caches)
+        if hook is not None:
+            handle.remove()
+        return logits, caches.k + caches.v, calls
+
+    def plain(model, attention=quantize.FastAttention):  # the same model, phi.Block's forward
+        model = copy.deepcopy(model)
+        for layer in model.layers:
+            layer.__class__, layer.attn.__class__ = phi.Block, attention
+        return model
+
+    for make in (copy.deepcopy, quantize.quantize_int8, quantize.quantize_int4):
+        fast = make(copy.deepcopy(base))
+        lean.clear()
+        got, want = decode(fast), decode(plain(fast))
+        assert torch.equal(got[0], want[0]) and all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
+        assert lean.count(True) == 5 * cfg.num_hidden_layers  # (and False in the prefill's forward)
+    for hook in (
+        lambda m, f: m.layers[1].attn.register_forward_hook(f),
+        lambda m, f: m.layers[1].mlp.register_forward_hook(f),
+        lambda m, f: m.layers[1].mlp.fc2.register_forward_hook(f),
+        lambda m, f: m.layers[1].attn.qkv.register_forward_pre_hook(lambda mod, args: f(mod, None, args[0])),
+        lambda m, f: torch.nn.modules.module.register_module_forward_hook(lambda mod, a, out: f(mod, a, out) / 2),
+    ):
+        got, want = decode(fast, hook), decode(plain(fast, phi.Attention), hook)  # (no FastAttention.decode either)
+        assert err(got[0], want[0]) <= TOL and got[2] == want[2] and got[2]
+    fast.train()  # (under no_grad, as decode_one_token's: the operators still take the step)
+    torch.manual_seed(1)
+    got = decode(fast)[0]
+    torch.manual_seed(1)
+    assert torch.equal(got, decode(plain(fast))[0]) and err(got, decode(plain(fast.eval()))[0]) > 1e-3
+
+
+@needs_q8
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rotary_cache_operator_rotates_and_writes_as_phi(dtype):
     """phi_cpu::rotary_cache (quantize.Q8_SOURCE), FastAttention's eager decode step: from the qkv Linear's output
