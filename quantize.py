@@ -145,10 +145,11 @@ class FastLinear(nn.Linear):
     kernel = False  # the CPU operators are built (speed_up sets it: q8_kernel)
 
     def forward(self, x):
-        if self.kernel and bf16_decoding(x, self.weight):
-            y = torch.ops.phi_cpu.matvec_bf16(x.reshape(-1, x.shape[-1]).float().contiguous(), self.weight)
-            y = y.to(x.dtype).view(*x.shape[:-1], -1)
-            return y if self.bias is None else y + self.bias
+        if self.kernel and bf16_decoding(x, self.weight) and x.dtype in (torch.float32, torch.bfloat16):
+            if not torch.compiler.is_compiling():  # eager: one call (the bias, x's dtype in and out)
+                return torch.ops.phi_cpu.matvec_bf16(x.contiguous(), self.weight, self.bias)
+            y = torch.ops.phi_cpu.matvec_bf16(x.float().contiguous(), self.weight).to(x.dtype)  # inductor fuses the
+            return y if self.bias is None else y + self.bias  # cast and the bias into the next op, unrounded
         if one_row_compiled(x):
             y = matvec(x, self.weight)
             return y if self.bias is None else y + self.bias
@@ -353,8 +354,8 @@ static inline void widen(const uint8_t* w, __m256i& lo, __m256i& hi) {
 // columns (int8: G = 32): y = sum_b d_b s_g (w_b . q_b), plus for int4 sum_g lo_g xs_g, plus the tile's 8 biases
 // where bias is given.
 // ahead (the first rows' pass over a tile): the weights AHEAD bytes on are prefetched, this tile's and then the next's
-// (a thread's tiles are contiguous). AMD EPYC Zen 3, a model's Linears from memory, one row: 10-18% faster at 1024-1536
-// bytes (160m int8 8.84 -> 7.64 ms, 0.5b int8 30.7 -> 27.4, int4 15.4 -> 12.4), 2048 less, none or 512 no faster.
+// (a thread's tiles are contiguous). AMD EPYC Zen 3, a model's Linears from memory, one row: 8-19% faster at 1024-1536
+// bytes (160m int8 9.16 -> 8.45 ms, int4 5.79 -> 4.96; 0.5b int8 30.7 -> 27.4), 2048 less, none or 512 no faster.
 constexpr int64_t AHEAD = 1280;
 template <int R, int BITS, bool WIDE>
 static void tile(const uint8_t* w, const int16_t* w16, const uint16_t* s, const uint16_t* lo, const void* qv,
@@ -668,54 +669,85 @@ Tensor rotary_cache(Tensor qkv, Tensor cos, Tensor sin, Tensor k_cache, Tensor v
   return q;
 }
 
-// C columns n .. n + C - 1 of y = x @ W.T for bf16 W: each weight widened in a register (a shift), the C columns'
-// weights in L1 while the M rows pass. With ahead, the next C columns' rows (contiguous) are prefetched meanwhile,
-// two cache lines per 8 weights of the C columns: the whole next block while this one is read.
-template <int C>
-static void columns(const float* x, const uint16_t* w, float* y, int64_t n, int64_t M, int64_t N, int64_t K,
-                    bool ahead) {
+// C columns n .. n + C - 1 of y = x @ W.T (+ bias) for bf16 W: each weight widened in a register (a shift), the C
+// columns' weights in L1 while the M rows pass. With ahead, the next C columns' rows (contiguous) are prefetched
+// meanwhile, two cache lines per 8 weights of the C columns: the whole next block while this one is read. X: x's and
+// y's type (float, or bf16 as uint16_t); with a bias (bf16) the product is rounded to y's type, then the bias is
+// added and the sum rounded, as a Linear's ops round them (y.to(x.dtype) + bias).
+static inline float rounded(const float*, float v) { return v; }
+static inline float rounded(const uint16_t*, float v) {  // v rounded to bf16, as fp32
+  uint16_t b;
+  store(&b, v);
+  const uint32_t u = (uint32_t)b << 16;
+  memcpy(&v, &u, 4);
+  return v;
+}
+template <int C, typename X>
+static void columns(const X* x, const uint16_t* w, const uint16_t* bias, X* y, int64_t n, int64_t M, int64_t N,
+                    int64_t K, bool ahead) {
   const char* next = (const char*)(w + (n + C) * K);
+  float b[C] = {};  // the bias as fp32
+  for (int c = 0; bias && c < C; c++) {
+    const uint32_t u = (uint32_t)bias[n + c] << 16;
+    memcpy(&b[c], &u, 4);
+  }
   for (int64_t m = 0; m < M; m++) {
     __m256 a[C];
     for (int c = 0; c < C; c++) a[c] = _mm256_setzero_ps();
     for (int64_t k = 0; k < K; k += 8) {
       if (ahead && m == 0)
         for (int i = 0; i < C / 4; i++) _mm_prefetch(next + (k / 8 * (C / 4) + i) * 64, _MM_HINT_T0);
-      const __m256 xv = _mm256_loadu_ps(x + m * K + k);
+      const __m256 xv = load8(x + m * K + k);
       for (int c = 0; c < C; c++) a[c] = _mm256_fmadd_ps(load8(w + (n + c) * K + k), xv, a[c]);
     }
-    for (int c = 0; c < C; c++) y[m * N + n + c] = hsum(a[c]);
+    for (int c = 0; c < C; c++) store(y + m * N + n + c, bias ? rounded(y, hsum(a[c])) + b[c] : hsum(a[c]));
   }
 }
 
-// y (M, N) fp32 = x (M, K) fp32 @ W.T for bf16 weights W (N, K) and a few rows (decoding), 8 columns at a time, then
-// 4. N % 4 == 0, K % 8 == 0. Measured on an AMD EPYC Zen 3 (2 threads, a model's Linears from memory): 8 columns
-// read 5-13% faster than 4 (12 and 16 no faster); rows shorter than 1024 (2 KB) stream at only 12-13 GB/s, the next
-// 8 columns prefetched 16-18 GB/s, where at K >= 1536 prefetching cost 5-10% (the hardware's streams ramp up).
-Tensor matvec_bf16(Tensor x, Tensor weight) {
-  STD_TORCH_CHECK(x.dim() == 2 && x.scalar_type() == ScalarType::Float && x.is_contiguous(), "x: (rows, in) fp32");
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  STD_TORCH_CHECK(weight.scalar_type() == ScalarType::BFloat16 && weight.is_contiguous() && weight.size(1) == K &&
-                      N % 4 == 0 && K % 8 == 0,
-                  "weight: bf16 (out, in), out % 4 == 0, in % 8 == 0");
-  Tensor y = torch::stable::new_empty(x, {M, N});
-  const float* xp = (const float*)x.data_ptr();
-  const uint16_t* wp = (const uint16_t*)weight.data_ptr();
-  float* yp = (float*)y.data_ptr();
+// y (..., N) = x (..., K) @ W.T (+ bias (N,) bf16) for bf16 weights W (N, K) and a few rows (decoding), x and y fp32 or
+// bf16 (x's dtype; computed in fp32), 8 columns at a time, then 4. N % 4 == 0, K % 8 == 0. One call for a Linear:
+// on an AMD EPYC Zen 3 x's cast, y's and the bias add took ~5 of 160m's ~18 ms of bf16 Linears a token. Measured
+// there (2 threads, a model's Linears from memory): 8 columns read 5-13% faster than 4 (12 and 16 no faster); rows
+// shorter than 1024 (2 KB) stream at only 12-13 GB/s, the next 8 columns prefetched 16-18 GB/s, where at K >= 1536
+// prefetching cost 5-10% (the hardware's streams ramp up).
+template <typename X>
+static void matvec(const X* x, const uint16_t* w, const uint16_t* bias, X* y, int64_t M, int64_t N, int64_t K) {
   const int threads = torch::stable::get_num_threads();
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t n = 0; n < N; n += 8)
     if (n + 8 <= N)
-      columns<8>(xp, wp, yp, n, M, N, K, K < 1024 && n + 16 <= N);
+      columns<8>(x, w, bias, y, n, M, N, K, K < 1024 && n + 16 <= N);
     else
-      columns<4>(xp, wp, yp, n, M, N, K, false);
+      columns<4>(x, w, bias, y, n, M, N, K, false);
+}
+
+Tensor matvec_bf16(Tensor x, Tensor weight, std::optional<Tensor> bias) {
+  const auto dt = x.scalar_type();
+  STD_TORCH_CHECK(x.dim() >= 1 && (dt == ScalarType::Float || dt == ScalarType::BFloat16) && x.is_contiguous(),
+                  "x: (..., in) fp32 or bf16, contiguous");
+  const int64_t K = x.size(x.dim() - 1), M = K ? x.numel() / K : 0, N = weight.size(0);
+  STD_TORCH_CHECK(weight.scalar_type() == ScalarType::BFloat16 && weight.is_contiguous() && weight.size(1) == K &&
+                      N % 4 == 0 && K % 8 == 0,
+                  "weight: bf16 (out, in), out % 4 == 0, in % 8 == 0");
+  if (bias.has_value())
+    STD_TORCH_CHECK(bias->scalar_type() == ScalarType::BFloat16 && bias->is_contiguous() && bias->numel() == N,
+                    "bias: bf16 (out,)");
+  std::vector<int64_t> shape;
+  for (int64_t i = 0; i < x.dim() - 1; i++) shape.push_back(x.size(i));
+  shape.push_back(N);
+  Tensor y = torch::stable::new_empty(x, shape);
+  const uint16_t *wp = (const uint16_t*)weight.data_ptr(), *bp = bias ? (const uint16_t*)bias->data_ptr() : nullptr;
+  if (dt == ScalarType::Float)
+    matvec((const float*)x.data_ptr(), wp, bp, (float*)y.data_ptr(), M, N, K);
+  else
+    matvec((const uint16_t*)x.data_ptr(), wp, bp, (uint16_t*)y.data_ptr(), M, N, K);
   return y;
 }
 
 STABLE_TORCH_LIBRARY(phi_cpu, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor scales, Tensor? lows, int group, Tensor? bias=None) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
-  m.def("matvec_bf16(Tensor x, Tensor weight) -> Tensor");
+  m.def("matvec_bf16(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
   m.def("rotary_cache(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor at, "
         "int heads) -> Tensor");
 }
@@ -761,7 +793,9 @@ def q8_kernel() -> bool:
         lambda x, weight, scales, lows, group, bias: x.new_empty(*x.shape[:-1], weight.shape[0])
     )
     torch.library.register_fake("phi_cpu::decode_attention")(lambda q, k, v, mask, scale: torch.empty_like(q))
-    torch.library.register_fake("phi_cpu::matvec_bf16")(lambda x, weight: x.new_empty(x.shape[0], weight.shape[0]))
+    torch.library.register_fake("phi_cpu::matvec_bf16")(
+        lambda x, weight, bias=None: x.new_empty(*x.shape[:-1], weight.shape[0])
+    )
     torch.library.register_fake("phi_cpu::rotary_cache")(
         lambda qkv, cos, sin, k, v, at, heads: qkv.new_empty(k.shape[0], heads, 1, k.shape[3])
     )

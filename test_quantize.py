@@ -705,10 +705,12 @@ def test_bf16_operator_multiplies_a_few_rows_as_float64(K, monkeypatch):
     """phi_cpu::matvec_bf16 (quantize.Q8_SOURCE), which FastLinear takes for bf16 weights and up to 8 rows (decoding;
     any rows inside a compiled step): fp32 products of the bf16 weights (76 rows of weights: 9 blocks of 8 and one of
     4; K 256: the next block prefetched, 2048: not), against float64, and the Linear's bf16 output within its
-    rounding; 9 rows, or gradients on, keep PyTorch's kernel. The operator names what is wrong with its inputs."""
+    rounding; 9 rows, or gradients on, keep PyTorch's kernel. With the bias, bf16 or fp32 x of any leading dimensions,
+    it equals the product rounded to x's dtype, then the bias added (the ops it replaces, in one call). The operator
+    names what is wrong with its inputs."""
     assert quantize.q8_kernel()
     calls, op = [], torch.ops.phi_cpu.matvec_bf16
-    monkeypatch.setattr(torch.ops.phi_cpu, "matvec_bf16", lambda x, w: calls.append(len(x)) or op(x, w))
+    monkeypatch.setattr(torch.ops.phi_cpu, "matvec_bf16", lambda x, w, b=None: calls.append(len(x)) or op(x, w, b))
     torch.manual_seed(0)
     lin = quantize.speed_up(torch.nn.Sequential(torch.nn.Linear(K, 76)).bfloat16(), cpu_kernels=True)[0]
     w = lin.weight.detach()
@@ -724,8 +726,13 @@ def test_bf16_operator_multiplies_a_few_rows_as_float64(K, monkeypatch):
         calls.clear()
         lin(x.bfloat16())
         assert calls == []
+        for dtype in (torch.bfloat16, torch.float32):
+            x3 = x.to(dtype).view(1, rows, K)
+            want = (op(x3.float().view(rows, K), w).to(dtype) + lin.bias.detach()).view(1, rows, -1)
+            assert torch.equal(op(x3, w, lin.bias.detach()), want) and op(x3, w).dtype == dtype
     for args, what in (
         ((x.double(), w), "x: .*fp32"),
+        ((x, w, lin.bias.detach().float()), "bias: bf16"),
         ((x, w.float()), "weight: bf16"),
         ((x, w[:70].contiguous()), "out % 4"),
         ((x[:, : K - 4].contiguous(), w[:, : K - 4].contiguous()), "in % 8"),
