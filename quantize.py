@@ -486,6 +486,13 @@ static void linear_q8(const float* x, int64_t M, const uint8_t* W, const uint16_
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
+static Tensor rows_of(const Tensor& x, int64_t N) {  // a new tensor in x's dtype: (x's leading dimensions..., N)
+  std::vector<int64_t> shape;
+  for (int64_t i = 0; i < x.dim() - 1; i++) shape.push_back(x.size(i));
+  shape.push_back(N);
+  return torch::stable::new_empty(x, shape);
+}
+
 // The operator: x (..., K) fp32 -> y (..., N) fp32 (+ bias (N,) fp32); int8 weight (N, K) and scales, or (lows
 // given) int4's layout. (One call with the bias in: a decode step's Linear costs its dispatch, ~10 us, and no more.)
 Tensor linear(Tensor x, Tensor weight, Tensor scales, std::optional<Tensor> lows, int64_t group,
@@ -503,10 +510,7 @@ Tensor linear(Tensor x, Tensor weight, Tensor scales, std::optional<Tensor> lows
   if (bias.has_value())
     STD_TORCH_CHECK(bias->scalar_type() == ScalarType::Float && bias->is_contiguous() && bias->numel() == N,
                     "bias: fp32 (out,)");
-  std::vector<int64_t> shape;
-  for (int64_t i = 0; i < x.dim() - 1; i++) shape.push_back(x.size(i));
-  shape.push_back(N);
-  Tensor y = torch::stable::new_empty(x, shape);
+  Tensor y = rows_of(x, N);
   linear_q8((const float*)x.data_ptr(), M, (const uint8_t*)weight.data_ptr(), (const uint16_t*)scales.data_ptr(),
             bits == 4 ? (const uint16_t*)lows->data_ptr() : nullptr,
             bias.has_value() ? (const float*)bias->data_ptr() : nullptr, N, K, G, bits, (float*)y.data_ptr());
@@ -732,10 +736,7 @@ Tensor matvec_bf16(Tensor x, Tensor weight, std::optional<Tensor> bias) {
   if (bias.has_value())
     STD_TORCH_CHECK(bias->scalar_type() == ScalarType::BFloat16 && bias->is_contiguous() && bias->numel() == N,
                     "bias: bf16 (out,)");
-  std::vector<int64_t> shape;
-  for (int64_t i = 0; i < x.dim() - 1; i++) shape.push_back(x.size(i));
-  shape.push_back(N);
-  Tensor y = torch::stable::new_empty(x, shape);
+  Tensor y = rows_of(x, N);
   const uint16_t *wp = (const uint16_t*)weight.data_ptr(), *bp = bias ? (const uint16_t*)bias->data_ptr() : nullptr;
   if (dt == ScalarType::Float)
     matvec((const float*)x.data_ptr(), wp, bp, (float*)y.data_ptr(), M, N, K);
