@@ -145,8 +145,8 @@ class FastLinear(nn.Linear):
     kernel = False  # the CPU operators are built (speed_up sets it: q8_kernel)
 
     def forward(self, x):
-        if self.kernel and bf16_decoding(x, self.weight) and x.dtype in (torch.float32, torch.bfloat16):
-            if not torch.compiler.is_compiling():  # eager: one call (the bias, x's dtype in and out)
+        if self.kernel and bf16_decoding(x, self.weight):
+            if x.dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling():  # eager: one call
                 return torch.ops.phi_cpu.matvec_bf16(x.contiguous(), self.weight, self.bias)
             y = torch.ops.phi_cpu.matvec_bf16(x.float().contiguous(), self.weight).to(x.dtype)  # inductor fuses the
             return y if self.bias is None else y + self.bias  # cast and the bias into the next op, unrounded
