@@ -455,9 +455,10 @@ def near_halves(x, levels):
 @needs_q8
 @pytest.mark.parametrize("K", [192, 2048])
 def test_q8_kernel_multiplies_rounded_activations_by_the_quantized_weights(K, monkeypatch):
-    """The C++ kernel (quantize.Q8_SOURCE, built here: on an x86-64 CPU with a compiler it must) computes, for 1 to 37
-    rows (its tiles of 4 rows and the 1 to 3 left over; over 8 rows int8 weights widened once per tile; 72 columns: 9
-    tiles of 8, the last 16 columns a thread takes at a time half full), the activations rounded per block of 32
+    """The C++ kernel (quantize.Q8_SOURCE, built here: on an x86-64 CPU with a compiler it must; with AVX-512 VNNI's
+    multiply-adds where the CPU has them, quantize.AVX512_VNNI) computes, for 1 to 37 rows (its tiles of 4 rows and
+    the 1 to 3 left over; over 8 rows int8 weights widened once per tile; 72 columns: 9 tiles of 8, the last 16
+    columns a thread takes at a time half full), the activations rounded per block of 32
     times the weights dequantized by their scheme: int8 with an fp16 scale per block of 32 (q8_0), the activations
     to int16; int4 per group of 32, 64 or 128 columns (q * scale + min, both fp16), the activations to int8; bias
     added; written out here in float64. Under autograd the product takes the GEMM path (quantize.rounded and the
