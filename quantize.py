@@ -145,15 +145,22 @@ class FastLinear(nn.Linear):
     kernel = False  # the CPU operators are built (speed_up sets it: q8_kernel)
 
     def forward(self, x):
+        if self.one_call(x):
+            return self.product(x)
         if self.kernel and bf16_decoding(x, self.weight):
-            if x.dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling():  # eager: one call
-                return torch.ops.phi_cpu.matvec_bf16(x.contiguous(), self.weight, self.bias)
             y = torch.ops.phi_cpu.matvec_bf16(x.float().contiguous(), self.weight).to(x.dtype)  # inductor fuses the
             return y if self.bias is None else y + self.bias  # cast and the bias into the next op, unrounded
         if one_row_compiled(x):
             y = matvec(x, self.weight)
             return y if self.bias is None else y + self.bias
         return linear(x, self.weight, self.bias)
+
+    def one_call(self, x) -> bool:  # eager bf16 decoding with fp32 or bf16 x: the operator, the bias in (product)
+        eager = x.dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling()
+        return self.kernel and eager and bf16_decoding(x, self.weight)
+
+    def product(self, x):  # (one_call(x))
+        return torch.ops.phi_cpu.matvec_bf16(x.contiguous(), self.weight, self.bias)
 
 
 class FastAttention(phi.Attention):
@@ -227,11 +234,12 @@ def hooked(module: nn.Module) -> bool:  # forward hooks on module, or global one
 
 
 def product(linear, x):
-    """linear(x) in an eager decode step (FastBlock, FastAttention.decode): an Int8Linear's or Int4Linear's operator
-    called directly where the kernel takes x (its layout, fp32 x, no hooks), else the module."""
-    if isinstance(linear, (Int8Linear, Int4Linear)) and linear.q8 and x.dtype == torch.float32 and not hooked(linear):
-        return linear.product(x)
-    return linear(x)
+    """linear(x) in an eager decode step (FastBlock, FastAttention.decode): the operator of an Int8Linear or
+    Int4Linear (where the kernel takes x: its layout, fp32 x) or of a bf16 FastLinear (one_call) called directly where
+    the Linear has no hooks, else the module."""
+    direct = isinstance(linear, (Int8Linear, Int4Linear)) and linear.q8 and x.dtype == torch.float32
+    direct = direct or (isinstance(linear, FastLinear) and linear.one_call(x))
+    return linear.product(x) if direct and not hooked(linear) else linear(x)
 
 
 def swap_linears(model: nn.Module, make, skip=()):

@@ -616,8 +616,8 @@ def test_fast_attention_decodes_as_phi_attention(model_type, monkeypatch):
 def test_fast_block_decodes_as_phi_block(model_type, monkeypatch):
     """speed_up swaps phi.Block for quantize.FastBlock (a subclass, no state of its own). An eager decode step
     through its lean path (parallel phi, sequential phi3 with its gated MLP) gives the same model's logits and caches
-    with phi.Block's forward, exactly (phi.Block's ops in its order), fp32, int8 and int4 (their operators called
-    directly). Where a forward hook is on the attention, the MLP or a Linear, or a global one, or in training mode
+    with phi.Block's forward, exactly (phi.Block's ops in its order), fp32, bf16, int8 and int4 (the operators of
+    bf16, int8 and int4 Linears called directly: in bf16 the steps call only the lm_head's module). Where a forward hook is on the attention, the MLP or a Linear, or a global one, or in training mode
     (dropout), phi.Block's forward runs: the hooks see every call they see without FastBlock, dropout applies."""
     cfg = tiny_config(model_type=model_type, num_key_value_heads=2, intermediate_size=128, resid_pdrop=0.5)
     torch.manual_seed(0)
@@ -629,7 +629,7 @@ def test_fast_block_decodes_as_phi_block(model_type, monkeypatch):
     )
 
     def decode(model, hook=None):  # logits and caches of 5 decode steps; the hooked calls' module names
-        calls, caches = [], phi.KVCache(cfg, 2, 9)
+        calls, caches = [], phi.KVCache(cfg, 2, 9, model.embed.weight.dtype)
         if hook is not None:
             handle = hook(model, lambda m, args, out: calls.append(type(m).__name__.removeprefix("Fast")) or out * 2)
         with torch.no_grad():
@@ -644,10 +644,16 @@ def test_fast_block_decodes_as_phi_block(model_type, monkeypatch):
             layer.__class__, layer.attn.__class__ = phi.Block, attention
         return model
 
-    for make in (copy.deepcopy, quantize.quantize_int8, quantize.quantize_int4):
+    steps = []  # a bf16 Linear's module calls in decode steps (one position)
+    forward = quantize.FastLinear.forward
+    monkeypatch.setattr(quantize.FastLinear, "forward", lambda m, x: steps.append(x.shape[1] == 1) or forward(m, x))
+    for make in (copy.deepcopy, lambda m: m.bfloat16(), quantize.quantize_int8, quantize.quantize_int4):
         fast = make(copy.deepcopy(base))
-        lean.clear()
-        got, want = decode(fast), decode(plain(fast))
+        lean.clear(), steps.clear()
+        got = decode(fast)
+        if fast.embed.weight.dtype == torch.bfloat16:
+            assert steps.count(True) == 5  # (the lm_head's; the blocks' Linears called as operators)
+        want = decode(plain(fast))
         assert torch.equal(got[0], want[0]) and all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
         assert lean.count(True) == 5 * cfg.num_hidden_layers  # (and False in the prefill's forward)
     for hook in (
