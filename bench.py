@@ -430,6 +430,7 @@ def load_impl(impl, ckpt, dtype, device):
     import phi
 
     if impl.startswith("ours"):
+        quantize.huge_pages()  # (as generate.load)
         model = quantize.speed_up(phi.Phi.from_pretrained(ckpt, dtype=dtype, device=device))  # CPU kernels
         weight_only = "-wo" in impl  # PyTorch's kernels, activations not rounded
         if "int4" in impl:
@@ -1104,11 +1105,11 @@ def bench_llama_cpp(args):
             for impl, dtype in our_rows:
                 runs.setdefault(f"{impl} {dtype}", []).append(row_process("_row", size, dtype, impl, d / "ckpt", "cpu"))
         rows = {}
-        for name, results in runs.items():
-            for _, errors in results:
+        for name, tries in runs.items():
+            for _, errors in tries:
                 if errors is not None:
                     print(f"{name} failed: {errors[-3:]}")
-            got = [r for r, _ in results if r]
+            got = [r for r, _ in tries if r]
             rows[name] = None  # (every round failed: no median to take)
             if got:
                 median = {k: statistics.median(r[k] for r in got) for k in ("prefill", "decode_b1")}
