@@ -28,7 +28,7 @@ import lora
 import phi
 import quantize
 import tp as tensor_parallel
-from quantize import q8_on, quantize_int4, quantize_int8, speed_up
+from quantize import huge_pages, q8_on, quantize_int4, quantize_int8, speed_up
 from tokenizer import TOKENIZER_FILES, Tokenizer, chat_prompt, download, load_tokenizer
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -71,6 +71,7 @@ def load(name_or_dir, dtype="auto", device=None, revision=None, attn="sdpa", qua
     (converting to bf16 costs more than it saves). adapter: a PEFT LoRA adapter (Hub id or directory), merged into
     the weights before any quantization. tp=True (inside torchrun's process group: tp.init()): this rank's shard of
     the model (tp.py)."""
+    huge_pages()  # (before the weights are allocated)
     if tp and (quantize or adapter):
         raise ValueError("tensor parallelism (--tp) takes no --quantize or --adapter yet")
     if quantize is not None and quantize not in QUANTIZERS:

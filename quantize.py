@@ -242,6 +242,14 @@ def product(linear, x):
     return linear.product(x) if direct and not hooked(linear) else linear(x)
 
 
+def huge_pages():
+    """Let PyTorch back its large CPU allocations (the weights, the caches) with 2 MB pages: THP_MEM_ALLOC_ENABLE,
+    which it reads at its first allocation (a value the user set stands; after that, no effect). Decoding streams
+    every weight once a token; in fewer pages the TLB misses less: an AMD EPYC Zen 4 read a 0.5b model's bf16
+    Linears 4-13% faster (one row, alternating processes), one 8192 x 2048 Linear on one thread 14-34%."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
 def swap_linears(model: nn.Module, make, skip=()):
     """Replace every nn.Linear child of model (but those named in skip) by make(linear), in place."""
     for module in list(model.modules()):

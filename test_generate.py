@@ -83,6 +83,19 @@ def test_greedy_generation_matches_transformers(name, hub):
 
 
 @needs_reference("tokenizers")
+def test_load_asks_pytorch_for_huge_pages_unless_told_otherwise(hub, monkeypatch):
+    """generate.load sets THP_MEM_ALLOC_ENABLE=1 before the weights are allocated (quantize.huge_pages: PyTorch reads
+    it at its first CPU allocation and then backs large ones with 2 MB pages); a value the user set stands."""
+    for before, after in ((None, "1"), ("0", "0")):
+        if before is None:
+            monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+        else:
+            monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", before)
+        generate.load(snapshot(hub[0], "phi3-4k"), dtype="float32")
+        assert os.environ["THP_MEM_ALLOC_ENABLE"] == after
+
+
+@needs_reference("tokenizers")
 def test_repetition_penalty_generation_matches_transformers(hub):
     home, refs = hub
     model, tok = generate.load(snapshot(home, "phi3-4k"), dtype="float32")
