@@ -367,9 +367,9 @@ static inline void widen(const uint8_t* w, __m256i& lo, __m256i& hi) {
 // int8: 8 registers, register j's lane c = W[c][4j .. 4j + 3], widened to int16 (widen) and multiplied by the
 // rows' int16 q, madd summing pairs into int32 (|w q| * 32 < 2^31), hadd the pairs; int4: 4 registers, register
 // j's lane c byte i = W[c][8j + i] low, W[c][8j + 4 + i] high (0..15), times int8 q (maddubs: eight sum into int16
-// below 2^15), madd summing into int32. (VNNI: vpdpwssd and vpdpbusd multiply and add into int32 at once.) s (and lo): (K/G, 8) fp16, the tile's scales (and minimums) per group of G
-// columns (int8: G = 32): y = sum_b d_b s_g (w_b . q_b), plus for int4 sum_g lo_g xs_g, plus the tile's 8 biases
-// where bias is given.
+// below 2^15), madd summing into int32 (VNNI: vpdpwssd and vpdpbusd multiply and add into int32 at once). s (and
+// lo): (K/G, 8) fp16, the tile's scales (and minimums) per group of G columns (int8: G = 32): y = sum_b d_b s_g
+// (w_b . q_b), plus for int4 sum_g lo_g xs_g, plus the tile's 8 biases where bias is given.
 // ahead (the first rows' pass over a tile): the weights AHEAD bytes on are prefetched, this tile's and then the next's
 // (a thread's tiles are contiguous). AMD EPYC Zen 3, a model's Linears from memory, one row: 8-19% faster at 1024-1536
 // bytes (160m int8 9.16 -> 8.45 ms, int4 5.79 -> 4.96; 0.5b int8 30.7 -> 27.4), 2048 less, none or 512 no faster.
@@ -798,8 +798,8 @@ AVX512_VNNI = ["-mavx512vnni", "-mavx512vl"] if {"avx512_vnni", "avx512vl"} <= s
 @functools.cache
 def q8_kernel() -> bool:
     """Is the operator phi_cpu::linear (Q8_SOURCE) loaded? It is compiled at first use into ~/.cache/phi (once per
-    machine, torch and source; with AVX512_VNNI where the CPU has it); False where it cannot run: not x86-64 with AVX2, or it does not build (no compiler:
-    $CXX, else c++; one line on stderr)."""
+    machine, torch and source; with AVX512_VNNI where the CPU has it); False where it cannot run: not x86-64 with
+    AVX2, or it does not build (no compiler: $CXX, else c++; one line on stderr)."""
     if platform.machine().lower() not in ("x86_64", "amd64") or torch.backends.cpu.get_cpu_capability() == "DEFAULT":
         return False
     torch_dir = Path(torch.__file__).parent

@@ -458,11 +458,11 @@ def test_q8_kernel_multiplies_rounded_activations_by_the_quantized_weights(K, mo
     """The C++ kernel (quantize.Q8_SOURCE, built here: on an x86-64 CPU with a compiler it must; with AVX-512 VNNI's
     multiply-adds where the CPU has them, quantize.AVX512_VNNI) computes, for 1 to 37 rows (its tiles of 4 rows and
     the 1 to 3 left over; over 8 rows int8 weights widened once per tile; 72 columns: 9 tiles of 8, the last 16
-    columns a thread takes at a time half full), the activations rounded per block of 32
-    times the weights dequantized by their scheme: int8 with an fp16 scale per block of 32 (q8_0), the activations
-    to int16; int4 per group of 32, 64 or 128 columns (q * scale + min, both fp16), the activations to int8; bias
-    added; written out here in float64. Under autograd the product takes the GEMM path (quantize.rounded and the
-    weights expanded) to the same result."""
+    columns a thread takes at a time half full), the activations rounded per block of 32 times the weights
+    dequantized by their scheme: int8 with an fp16 scale per block of 32 (q8_0), the activations to int16; int4 per
+    group of 32, 64 or 128 columns (q * scale + min, both fp16), the activations to int8; bias added; written out
+    here in float64. Under autograd the product takes the GEMM path (quantize.rounded and the weights expanded) to the
+    same result."""
     assert quantize.q8_kernel()
     monkeypatch.setattr(quantize, "CPU_KERNELS", True)  # (the rule that turns it on: AMD)
     calls = []
@@ -617,8 +617,9 @@ def test_fast_block_decodes_as_phi_block(model_type, monkeypatch):
     """speed_up swaps phi.Block for quantize.FastBlock (a subclass, no state of its own). An eager decode step
     through its lean path (parallel phi, sequential phi3 with its gated MLP) gives the same model's logits and caches
     with phi.Block's forward, exactly (phi.Block's ops in its order), fp32, bf16, int8 and int4 (the operators of
-    bf16, int8 and int4 Linears called directly: in bf16 the steps call only the lm_head's module). Where a forward hook is on the attention, the MLP or a Linear, or a global one, or in training mode
-    (dropout), phi.Block's forward runs: the hooks see every call they see without FastBlock, dropout applies."""
+    bf16, int8 and int4 Linears called directly: in bf16 the steps call only the lm_head's module). Where a forward
+    hook is on the attention, the MLP or a Linear, or a global one, or in training mode (dropout), phi.Block's forward
+    runs: the hooks see every call they see without FastBlock, dropout applies."""
     cfg = tiny_config(model_type=model_type, num_key_value_heads=2, intermediate_size=128, resid_pdrop=0.5)
     torch.manual_seed(0)
     base = quantize.speed_up(phi.Phi.from_config(cfg).eval(), cpu_kernels=True)
