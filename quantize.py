@@ -54,6 +54,7 @@ def cpu_vendor() -> str:
 
 
 CPU_KERNELS = {"0": False, "1": True}.get(os.environ.get("PHI_CPU_KERNELS", ""), cpu_vendor() == "AuthenticAMD")
+CPU_FLAGS = set(cpu_info("flags").split())  # (avx2, avx512_vnni, ...: the instructions the kernels may use)
 
 
 def one_row_compiled(x) -> bool:  # one row (batch-1 decoding) on the CPU inside torch.compile: see matvec
@@ -113,7 +114,7 @@ ONEDNN_MIN_WEIGHTS = 2**20 if torch.backends.mkldnn.is_available() else math.inf
 # A CPU without bf16 dot products (AVX-512 BF16, AMX) multiplies bf16 matrices far slower than fp32 ones: on an AMD
 # EPYC Zen 3 (AVX2) a 512 x 768 by 768 x 3072 product took 138 ms in bf16, 18 ms in fp32 with the weights widened
 # for the call (8192 x 2048: 863 and 163 ms). Widening pays from ~64 rows (16: 4.3 ms and 1.4; one row: 0.3 and 0.9).
-BF16_NATIVE = bool({"avx512_bf16", "amx_bf16"} & set(cpu_info("flags").split()))
+BF16_NATIVE = bool({"avx512_bf16", "amx_bf16"} & CPU_FLAGS)
 WIDEN_MIN_ROWS = 64
 
 
@@ -792,7 +793,7 @@ STABLE_TORCH_LIBRARY_IMPL(phi_cpu, CPU, m) {
 # one instruction (vpdpwssd, vpdpbusd) where AVX2 takes two, the same sums in the same order: a prompt's products,
 # which are bound by them, ran 1.4x (int8) and 1.6x (int4) faster on an AMD EPYC Zen 4; decoding's, bound by memory,
 # no faster.
-AVX512_VNNI = ["-mavx512vnni", "-mavx512vl"] if {"avx512_vnni", "avx512vl"} <= set(cpu_info("flags").split()) else []
+AVX512_VNNI = ["-mavx512vnni", "-mavx512vl"] if {"avx512_vnni", "avx512vl"} <= CPU_FLAGS else []
 
 
 @functools.cache
