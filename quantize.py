@@ -705,24 +705,13 @@ Tensor rotary_cache(Tensor qkv, Tensor cos, Tensor sin, Tensor k_cache, Tensor v
 // columns' weights in L1 while the M rows pass. With ahead, the next C columns' rows (contiguous) are prefetched
 // meanwhile, two cache lines per 8 weights of the C columns: the whole next block while this one is read. X: x's and
 // y's type (float, or bf16 as uint16_t); with a bias (bf16) the product is rounded to y's type, then the bias is
-// added and the sum rounded, as a Linear's ops round them (y.to(x.dtype) + bias).
-static inline float rounded(const float*, float v) { return v; }
-static inline float rounded(const uint16_t*, float v) {  // v rounded to bf16, as fp32
-  uint16_t b;
-  store(&b, v);
-  const uint32_t u = (uint32_t)b << 16;
-  memcpy(&v, &u, 4);
-  return v;
-}
+// added and the sum rounded, as a Linear's ops round them (y.to(x.dtype) + bias; in<X>, get: rotate's helpers).
 template <int C, typename X>
 static void columns(const X* x, const uint16_t* w, const uint16_t* bias, X* y, int64_t n, int64_t M, int64_t N,
                     int64_t K, bool ahead) {
   const char* next = (const char*)(w + (n + C) * K);
   float b[C] = {};  // the bias as fp32
-  for (int c = 0; bias && c < C; c++) {
-    const uint32_t u = (uint32_t)bias[n + c] << 16;
-    memcpy(&b[c], &u, 4);
-  }
+  for (int c = 0; bias && c < C; c++) b[c] = get(bias + n + c);
   for (int64_t m = 0; m < M; m++) {
     __m256 a[C];
     for (int c = 0; c < C; c++) a[c] = _mm256_setzero_ps();
@@ -732,7 +721,7 @@ static void columns(const X* x, const uint16_t* w, const uint16_t* bias, X* y, i
       const __m256 xv = load8(x + m * K + k);
       for (int c = 0; c < C; c++) a[c] = _mm256_fmadd_ps(load8(w + (n + c) * K + k), xv, a[c]);
     }
-    for (int c = 0; c < C; c++) store(y + m * N + n + c, bias ? rounded(y, hsum(a[c])) + b[c] : hsum(a[c]));
+    for (int c = 0; c < C; c++) store(y + m * N + n + c, bias ? in<X>(hsum(a[c])) + b[c] : hsum(a[c]));
   }
 }
 
