@@ -708,12 +708,14 @@ def test_rotary_cache_operator_rotates_and_writes_as_phi(dtype):
 
 
 @needs_q8
-@pytest.mark.parametrize("K", [2048, 256])
+@pytest.mark.parametrize("K", [2048, 256, 264])
 def test_bf16_operator_multiplies_a_few_rows_as_float64(K, monkeypatch):
     """phi_cpu::matvec_bf16 (quantize.Q8_SOURCE), which FastLinear takes for bf16 weights and up to 8 rows (decoding;
     any rows inside a compiled step): fp32 products of the bf16 weights (76 rows of weights: 9 blocks of 8 and one of
-    4; K 256: the next block prefetched, 2048: not), against float64, and the Linear's bf16 output within its
-    rounding; 9 rows, or gradients on, keep PyTorch's kernel. With the bias, bf16 or fp32 x of any leading dimensions,
+    4; K 256: the next block prefetched, 2048: not), against float64, for fp32 x and for x of bf16 numbers (in
+    bf16 or fp32: with AVX-512 BF16 a row at a time in bf16 pairs, K 264 ending in a masked block; the same fp32
+    sums either way), and the Linear's bf16 output within its rounding; 9 rows, or gradients on, keep PyTorch's
+    kernel. With the bias, bf16 or fp32 x of any leading dimensions,
     it equals the product rounded to x's dtype, then the bias added (the ops it replaces, in one call). The operator
     names what is wrong with its inputs."""
     assert quantize.q8_kernel()
@@ -725,6 +727,10 @@ def test_bf16_operator_multiplies_a_few_rows_as_float64(K, monkeypatch):
     for rows in (1, 3, 8, 9):
         x = torch.randn(rows, K)
         assert record("bf16 operator vs float64", err(op(x, w), x.double() @ w.double().T)) <= 1e-4
+        xb = x.bfloat16()
+        y = op(xb.float(), w)
+        assert record("bf16 operator vs float64", err(y, xb.double() @ w.double().T)) <= 1e-4
+        assert torch.equal(op(xb, w), y.bfloat16())
         with torch.no_grad():  # (decoding; with gradients on, PyTorch's kernel)
             got = lin(x.bfloat16())
         exact = x.bfloat16().double() @ w.double().T + lin.bias.detach().double()
