@@ -148,17 +148,16 @@ class FastLinear(nn.Linear):
     def forward(self, x):
         if self.one_call(x):
             return self.product(x)
-        if self.kernel and bf16_decoding(x, self.weight):
-            y = torch.ops.phi_cpu.matvec_bf16(x.float().contiguous(), self.weight).to(x.dtype)  # inductor fuses the
-            return y if self.bias is None else y + self.bias  # cast and the bias into the next op, unrounded
         if one_row_compiled(x):
             y = matvec(x, self.weight)
             return y if self.bias is None else y + self.bias
         return linear(x, self.weight, self.bias)
 
-    def one_call(self, x) -> bool:  # eager bf16 decoding with fp32 or bf16 x: the operator, the bias in (product)
-        eager = x.dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling()
-        return self.kernel and eager and bf16_decoding(x, self.weight)
+    def one_call(self, x) -> bool:
+        """bf16 decoding (bf16_decoding) with fp32 or bf16 x: the operator, the bias in (product). A compiled step's
+        bf16 x too, as it is: widened to fp32 in the step, inductor skipped its rounding to bf16 (it computes a
+        fused op's bf16 results in fp32), which took x off the operator's bf16 pairs (AVX512_BF16)."""
+        return self.kernel and x.dtype in (torch.float32, torch.bfloat16) and bf16_decoding(x, self.weight)
 
     def product(self, x):  # (one_call(x))
         return torch.ops.phi_cpu.matvec_bf16(x.contiguous(), self.weight, self.bias)
