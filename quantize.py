@@ -763,8 +763,8 @@ static const uint16_t* as_bf16(const float* x, int64_t n, std::vector<uint16_t>&
 // bf16 (x's dtype; computed in fp32). N % 4 == 0, K % 8 == 0. One call for a Linear: on an AMD EPYC Zen 3 x's cast,
 // y's and the bias add took ~5 of 160m's ~18 ms of bf16 Linears a token.
 // With AVX-512 BF16 (and x's numbers bf16), a row of W at a time (dot_bf16; each thread's rows are one stream of
-// memory): an AMD EPYC Zen 4 read a 0.5b model's Linears (2 threads, one row) at 93-97% of a plain read's bandwidth,
-// 1.15-1.2x the fma path's. Else 8 columns at a time, then 4, each weight widened in a register (a shift) and
+// memory): an AMD EPYC Zen 4 read a 0.5b model's Linears (2 threads, one row) at 92-98% of a plain read's bandwidth,
+// 1.15-1.27x the fma path's. Else 8 columns at a time, then 4, each weight widened in a register (a shift) and
 // multiplied in fp32 (fma). Measured on an AMD EPYC Zen 3: 8 columns read 5-13% faster than 4 (12 and 16 no faster);
 // rows shorter than 1024 (2 KB) stream at only 12-13 GB/s, the next 8 columns prefetched 16-18 GB/s, where at
 // K >= 1536 prefetching cost 5-10% (the hardware's streams ramp up).
@@ -833,7 +833,7 @@ STABLE_TORCH_LIBRARY_IMPL(phi_cpu, CPU, m) {
 # no faster.
 AVX512_VNNI = ["-mavx512vnni", "-mavx512vl"] if {"avx512_vnni", "avx512vl"} <= CPU_FLAGS else []
 # Where it has AVX-512 BF16 (AMD Zen 4; Intel Xeon since Cooper Lake) bf16 decoding multiplies bf16 pairs in one
-# instruction (vdpbf16ps; matvec_bf16's dot_bf16): a 0.5b model's bf16 Linears read 1.15-1.2x faster on a Zen 4.
+# instruction (vdpbf16ps; matvec_bf16's dot_bf16): a 0.5b model's bf16 Linears read 1.15-1.27x faster on a Zen 4.
 AVX512_BF16 = ["-mavx512f", "-mavx512bw", "-mavx512bf16"] if {"avx512_bf16", "avx512bw"} <= CPU_FLAGS else []
 
 
