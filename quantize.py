@@ -154,9 +154,9 @@ class FastLinear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
     def one_call(self, x) -> bool:
-        """bf16 decoding (bf16_decoding) with fp32 or bf16 x: the operator, the bias in (product). A compiled step's
-        bf16 x too, as it is: widened to fp32 in the step, inductor skipped its rounding to bf16 (it computes a
-        fused op's bf16 results in fp32), which took x off the operator's bf16 pairs (AVX512_BF16)."""
+        """bf16 decoding (bf16_decoding) with fp32 or bf16 x: the operator, the bias in (product); inside a compiled
+        step too, with x as it is. (Widened to fp32 there, x was not rounded to bf16 where inductor fused the op that
+        made it, computing in fp32: that kept it off the operator's bf16 pairs, AVX512_BF16.)"""
         return self.kernel and x.dtype in (torch.float32, torch.bfloat16) and bf16_decoding(x, self.weight)
 
     def product(self, x):  # (one_call(x))
