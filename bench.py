@@ -384,7 +384,7 @@ def runners(impl, model, cfg, dtype, device):
                 raise RuntimeError("the decode step compiled ahead of time is not there (see the line above)")
 
         def prefill():
-            generate.prefill(model, ids512, None, phi.KVCache(cfg, 1, 512, dtype=dtype, device=device))
+            generate.prefill(model, ids512, None, phi.KVCache(cfg, 1, 512, quantize.cache_dtype(model), device))
             sync()
 
         def decode(B, k):

@@ -317,11 +317,13 @@ class ExportedStep:
 
     def __init__(self, model, runner, package: Path):
         self.model, self.runner, self.package = model, runner, package
+        self.cache_dtype = quantize.cache_dtype(model)  # (what it was exported with)
 
     def __call__(self, model, token, cache):
         tensors = step_tensors(cache)
         # the compiled code reads its inputs as the contiguous tensors it was exported with (it checks no strides)
-        if model is not self.model or cache.long or not all(t.is_contiguous() for t in tensors):
+        fits = cache.k[0].dtype == self.cache_dtype and all(t.is_contiguous() for t in tensors)
+        if model is not self.model or cache.long or not fits:
             return decode_one_token(model, token, cache)  # (cache.long: LongRoPE's long factors)
         with torch.no_grad():
             return self.runner(token.contiguous(), model.rotary.inv_freq, *tensors)
@@ -440,7 +442,7 @@ class ExportedStep:
         """Export the step (example: 2 rows, 16 slots; both dimensions dynamic) and compile it into path."""
         print(f"compiling the decode step ahead of time into {path} (once for this model shape)", file=sys.stderr)
         cfg, model = step.model.config, step.model
-        cache = phi.KVCache(cfg, 2, 16, model.embed.weight.dtype, model.embed.weight.device)
+        cache = phi.KVCache(cfg, 2, 16, quantize.cache_dtype(model), model.embed.weight.device)
         rows, slots = torch.export.Dim("rows", min=1), torch.export.Dim("slots", min=2)
         shapes = [None, {0: rows, 1: slots}, {0: rows, 1: slots}, {0: rows, 1: slots}, {0: slots}]
         shapes += [{0: rows, 2: slots}] * (2 * cfg.num_hidden_layers)
@@ -499,7 +501,7 @@ def generate_batch(model, prompts, max_new_tokens=128, *, eos_ids=None, stats=No
     eos = torch.tensor(sorted(stop_ids(model, eos_ids)), dtype=torch.long, device=dev)
     ids, mask = left_padded(prompts, dev)
     max_new_tokens = fit_context(model, ids.shape[1], max_new_tokens)
-    cache = phi.KVCache(model.config, len(prompts), ids.shape[1] + max_new_tokens, model.embed.weight.dtype, dev)
+    cache = phi.KVCache(model.config, len(prompts), ids.shape[1] + max_new_tokens, quantize.cache_dtype(model), dev)
     # tokens seen so far per row, for the repetition penalty; a pad slot repeats the row's first real token
     seen = torch.where(mask.bool(), ids, ids.gather(1, (mask == 0).sum(1, keepdim=True).clamp(max=ids.shape[1] - 1)))
     done = torch.zeros(len(prompts), dtype=torch.bool, device=dev)
@@ -576,7 +578,7 @@ def generate_beam(
     eos = torch.tensor(sorted(stop_ids(model, eos_ids)), dtype=torch.long, device=dev)
     ids, mask = left_padded(prompts, dev)
     B, N = len(prompts), fit_context(model, ids.shape[1], max_new_tokens)
-    cache = phi.KVCache(model.config, B, ids.shape[1] + N, model.embed.weight.dtype, dev)
+    cache = phi.KVCache(model.config, B, ids.shape[1] + N, quantize.cache_dtype(model), dev)
     logits = prefill(model, ids, mask if (mask == 0).any() else None, cache).repeat_interleave(K, 0)  # (B * K, V)
     reorder_rows(cache, torch.arange(B, device=dev).repeat_interleave(K))  # each prompt's K beams start from it
     beams = Beams(B, K, N, eos, length_penalty, early_stopping)
@@ -800,8 +802,8 @@ def generate_speculative(
     max_new_tokens = fit_context(model, len(ids), max_new_tokens)
     if max_new_tokens < 1:
         return
-    cache = phi.KVCache(model.config, 1, len(ids) + max_new_tokens, dtype=model.embed.weight.dtype, device=dev)
-    dcache = draft and phi.KVCache(draft.config, 1, len(ids) + max_new_tokens, draft.embed.weight.dtype, dev)
+    cache = phi.KVCache(model.config, 1, len(ids) + max_new_tokens, quantize.cache_dtype(model), dev)
+    dcache = draft and phi.KVCache(draft.config, 1, len(ids) + max_new_tokens, quantize.cache_dtype(draft), dev)
     stats = {} if stats is None else stats
     stats.update(prompt_tokens=len(ids), new_tokens=0, drafted=0, accepted=0)
     backoff, t0 = Backoff(k), time.perf_counter()

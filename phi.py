@@ -341,13 +341,14 @@ class KVCache:
     def update(self, layer: int, k, v, at):
         """Write this layer's new k, v (B, n_kv, T, hd) at slot `at`; return the keys and values to attend to. A
         prompt (`at` an int) gets the filled slots; generate.decode_step's tokens (`at` a (T,) tensor of slots) get all
-        max_len slots, the unfilled ones hidden by their mask."""
+        max_len slots, the unfilled ones hidden by their mask. Both in the cache's dtype, which may be narrower than
+        the model's (quantize.cache_dtype: an fp32 model's int8/int4 weights decoded with an fp16 cache)."""
         if isinstance(at, int):
             end = at + k.shape[2]
             self.k[layer][:, :, at:end], self.v[layer][:, :, at:end] = k, v
             return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-        self.k[layer].index_copy_(2, at, k)
-        self.v[layer].index_copy_(2, at, v)
+        self.k[layer].index_copy_(2, at, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(2, at, v.to(self.v[layer].dtype))
         return self.k[layer], self.v[layer]
 
 
@@ -432,8 +433,12 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, a.cos, a.sin), apply_rotary(k, a.cos, a.sin)
         if a.cache is not None:
-            k, v = a.cache.update(self.layer, k, v, a.at)  # (B, KV, S, hd), S = cached + T
+            k, v = a.cache.update(self.layer, k, v, a.at)  # (B, KV, S, hd), S = cached + T, in the cache's dtype
         dropout, mask = self.dropout if self.training else 0.0, a.mask
+        if T == 1 and mask is not None and not (self.sparse or a.flash):
+            y = self.decode_attention(q, k, v, mask)  # (it reads a narrower cache as it is)
+            return self.out(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        k, v = k.to(q.dtype), v.to(q.dtype)  # (a cache narrower than the model, widened)
         if self.sparse:
             y = self.block_sparse_attention(q, k, v, a, dropout)
         elif a.flash:
@@ -443,8 +448,6 @@ class Attention(nn.Module):
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             y = a.flash(q, k, v, dropout_p=dropout, softmax_scale=self.scale, causal=True, window_size=window)
             y = y.transpose(1, 2)
-        elif T == 1 and mask is not None:
-            y = self.decode_attention(q, k, v, mask)
         else:
             # phi-2's raw q·k can exceed fp16's 65504 (transformers#28163: an explicit fp16 q @ k.T overflows). SDPA's
             # kernels scale before the product and accumulate in fp32, so no upcast is needed here (tested).
@@ -484,6 +487,7 @@ class Attention(nn.Module):
         """One query per row (a decode step): two small matmuls beat SDPA's masked kernel here. Query heads are
         grouped by the KV head they share (GQA) instead of repeating k and v; softmax in fp32. mask (B, 1 | H, 1, S)."""
         B, G = q.shape[0], self.n_head // self.n_kv_head
+        k, v = k.to(q.dtype), v.to(q.dtype)  # (a cache narrower than the model, widened)
         att = (q.view(B, self.n_kv_head, G, self.head_dim) @ k.transpose(-1, -2)) * (self.scale or self.head_dim**-0.5)
         mask = mask.view(B, -1, G if mask.shape[1] > 1 else 1, mask.shape[-1])  # (B, KV | 1, G | 1, S)
         att = att.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32).to(v.dtype)  # (B, KV, G, S)

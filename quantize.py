@@ -185,8 +185,9 @@ class FastAttention(phi.Attention):
         y = torch.ops.phi_cpu.decode_attention(q, k, v, a.mask, self.scale or self.head_dim**-0.5)
         return product(self.out, y.view(x.shape[0], 1, -1))
 
-    def decodes(self, q, k) -> bool:  # (the operators' dtypes and head sizes)
-        fits = q.dtype in (torch.float32, torch.bfloat16) and k.dtype == q.dtype
+    def decodes(self, q, k) -> bool:  # (the operators' dtypes and head sizes; a cache narrower: see cache_dtype)
+        fits = k.dtype == q.dtype or (q.dtype == torch.float32 and k.dtype in (torch.bfloat16, torch.float16))
+        fits = fits and q.dtype in (torch.float32, torch.bfloat16)
         return q8_takes(q) and fits and self.head_dim % 8 == 0 and self.head_dim <= 256
 
     def decode_attention(self, q, k, v, mask):
@@ -545,24 +546,38 @@ Tensor linear(Tensor x, Tensor weight, Tensor scales, std::optional<Tensor> lows
 }
 
 // Attention for one query per row and head (a decode step) over S cached slots: y = softmax(scale q.k_s over the
-// slots the mask allows) . v_s, all in fp32 (E: float, or bf16 as uint16_t: an fp32's top half). q, y (B, H, hd)
-// contiguous; k, v (B, KV, S, hd) and mask (B, 1 | H, S) by their strides (st: k's, v's, mask's for row, head,
-// slot), so a slice of the cache needs no copy; query head h reads key head h / (H / KV) (GQA). Slots the mask
-// hides are not read: a cache's empty slots cost nothing. No slot allowed: NaN, as a softmax of only -inf.
+// slots the mask allows) . v_s, all in fp32 (Q, q's and y's type: float, or bf16 as uint16_t: an fp32's top half; E,
+// the cache's: float, bf16 or fp16, half). q, y (B, H, hd) contiguous; k, v (B, KV, S, hd) and mask (B, 1 | H, S) by
+// their strides (st: k's, v's, mask's for row, head, slot), so a slice of the cache needs no copy; query head h reads
+// key head h / (H / KV) (GQA). Slots the mask hides are not read: a cache's empty slots cost nothing. No slot
+// allowed: NaN, as a softmax of only -inf.
+struct half {  // IEEE fp16 (torch.float16): a KV cache narrower than an fp32 model's (see cache_dtype)
+  uint16_t bits;
+};
 static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 static inline __m256 load8(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
+static inline __m256 load8(const half* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
 static inline void store(float* p, float x) { *p = x; }
 static inline void store(uint16_t* p, float x) {  // fp32 -> bf16, to nearest even (as torch; NaN stays NaN)
   uint32_t u;
   memcpy(&u, &x, 4);
   *p = (uint16_t)(x != x ? 0x7FC0 : (u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
+static inline void store(half* p, float x) { p->bits = _cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT); }  // (as torch)
+static inline float get(const float* p) { return *p; }
+static inline float get(const uint16_t* p) {
+  const uint32_t u = (uint32_t)*p << 16;
+  float x;
+  memcpy(&x, &u, 4);
+  return x;
+}
+static inline float get(const half* p) { return _cvtsh_ss(p->bits); }
 
-template <typename E>
-static void attend(const E* q, const E* k, const E* v, const bool* mask, int64_t B, int64_t H, int64_t KV, int64_t S,
-                   int64_t hd, const int64_t (*st)[3], float scale, E* y) {
+template <typename Q, typename E>
+static void attend(const Q* q, const E* k, const E* v, const bool* mask, int64_t B, int64_t H, int64_t KV, int64_t S,
+                   int64_t hd, const int64_t (*st)[3], float scale, Q* y) {
   const int threads = torch::stable::get_num_threads();
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads) if (B * H * S * hd >= 65536)
   for (int64_t b = 0; b < B; b++)
@@ -600,18 +615,38 @@ static void attend(const E* q, const E* k, const E* v, const bool* mask, int64_t
     }
 }
 
-// The operator: q (B, H, 1, hd), k and v (B, KV, S, hd), mask bool (B, 1 | H, 1, S) -> y (B, H, 1, hd) in q's dtype.
+// Calls f with null pointers of the C++ types of an operator's activations and of its KV cache (the dtypes dt and
+// ct, checked by the caller: ct is dt, or for fp32 activations bf16 or fp16): float or uint16_t (bf16); float,
+// uint16_t (bf16) or half.
+template <typename F>
+static void with_types(ScalarType dt, ScalarType ct, F f) {
+  if (dt == ScalarType::BFloat16)
+    f((uint16_t*)nullptr, (uint16_t*)nullptr);
+  else if (ct == ScalarType::Float)
+    f((float*)nullptr, (float*)nullptr);
+  else if (ct == ScalarType::BFloat16)
+    f((float*)nullptr, (uint16_t*)nullptr);
+  else
+    f((float*)nullptr, (half*)nullptr);
+}
+static bool cache_of(ScalarType dt, ScalarType ct) {  // a KV cache's dtype the operators take beside activations'
+  return ct == dt || (dt == ScalarType::Float && (ct == ScalarType::BFloat16 || ct == ScalarType::Half));
+}
+
+// The operator: q (B, H, 1, hd), k and v (B, KV, S, hd) in q's dtype or narrower (cache_of), mask bool (B, 1 | H, 1,
+// S) -> y (B, H, 1, hd) in q's dtype.
 Tensor decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, double scale) {
-  const auto dt = q.scalar_type();
+  const auto dt = q.scalar_type(), ct = k.scalar_type();
   STD_TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && q.is_contiguous(), "q: (rows, heads, 1, head_dim) contiguous");
   const int64_t B = q.size(0), H = q.size(1), hd = q.size(3), KV = k.dim() == 4 ? k.size(1) : 0;
   const int64_t S = k.dim() == 4 ? k.size(2) : 0;
   STD_TORCH_CHECK(dt == ScalarType::Float || dt == ScalarType::BFloat16, "q: float32 or bfloat16");
   STD_TORCH_CHECK(hd % 8 == 0 && hd <= 256, "head_dim: a multiple of 8, at most 256");
   for (const Tensor& t : {k, v})
-    STD_TORCH_CHECK(t.scalar_type() == dt && t.dim() == 4 && t.size(0) == B && t.size(1) == KV && t.size(2) == S &&
-                        t.size(3) == hd && t.stride(3) == 1 && KV > 0 && H % KV == 0,
-                    "k, v: (rows, kv_heads, slots, head_dim) in q's dtype, kv_heads dividing heads");
+    STD_TORCH_CHECK(t.scalar_type() == ct && cache_of(dt, ct) && t.dim() == 4 && t.size(0) == B && t.size(1) == KV &&
+                        t.size(2) == S && t.size(3) == hd && t.stride(3) == 1 && KV > 0 && H % KV == 0,
+                    "k, v: (rows, kv_heads, slots, head_dim), one dtype: q's, or bfloat16 or float16 for float32 q; "
+                    "kv_heads dividing heads");
   STD_TORCH_CHECK(mask.scalar_type() == ScalarType::Bool && mask.dim() == 4 && mask.size(0) == B &&
                       (mask.size(1) == 1 || mask.size(1) == H) && mask.size(2) == 1 && mask.size(3) == S,
                   "mask: bool (rows, 1 or heads, 1, slots)");
@@ -619,12 +654,12 @@ Tensor decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, double scale)
                             {v.stride(0), v.stride(1), v.stride(2)},
                             {mask.stride(0), mask.size(1) == 1 ? 0 : mask.stride(1), mask.stride(3)}};
   Tensor y = torch::stable::new_empty(q, {B, H, 1, hd});
-  if (dt == ScalarType::Float)
-    attend((const float*)q.data_ptr(), (const float*)k.data_ptr(), (const float*)v.data_ptr(),
-           (const bool*)mask.data_ptr(), B, H, KV, S, hd, st, (float)scale, (float*)y.data_ptr());
-  else
-    attend((const uint16_t*)q.data_ptr(), (const uint16_t*)k.data_ptr(), (const uint16_t*)v.data_ptr(),
-           (const bool*)mask.data_ptr(), B, H, KV, S, hd, st, (float)scale, (uint16_t*)y.data_ptr());
+  with_types(dt, ct, [&](auto* x, auto* c) {
+    using X = std::remove_pointer_t<decltype(x)>;
+    using C = std::remove_pointer_t<decltype(c)>;
+    attend((const X*)q.data_ptr(), (const C*)k.data_ptr(), (const C*)v.data_ptr(), (const bool*)mask.data_ptr(), B, H,
+           KV, S, hd, st, (float)scale, (X*)y.data_ptr());
+  });
   return y;
 }
 
@@ -634,13 +669,6 @@ Tensor decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, double scale)
 // + rotate_half(x) sin; dims from d on pass; in bf16 each product and the sum rounded, as its ops round; in fp32 up
 // to the last bit, where the compiler fuses a product and the sum into one FMA); the keys
 // and values written into slot `slot` of k_cache and v_cache (B, KV, S, hd); the queries into q (B, H, 1, hd).
-static inline float get(const float* p) { return *p; }
-static inline float get(const uint16_t* p) {
-  const uint32_t u = (uint32_t)*p << 16;
-  float x;
-  memcpy(&x, &u, 4);
-  return x;
-}
 template <typename E>
 static inline float in(float x) {  // x rounded to E's precision
   E e;
@@ -655,31 +683,35 @@ static void rotate(const E* x, const E* cos, const E* sin, int64_t d, int64_t hd
   }
   memcpy(out + d, x + d, (hd - d) * sizeof(E));
 }
-template <typename E>
-static void rotate_and_cache(const E* qkv, const E* cos, const E* sin, E* kc, E* vc, E* q, int64_t B, int64_t H,
+template <typename X, typename E>
+static void rotate_and_cache(const X* qkv, const X* cos, const X* sin, E* kc, E* vc, X* q, int64_t B, int64_t H,
                              int64_t KV, int64_t S, int64_t hd, int64_t d, int64_t slot) {
+  X k[256];  // a key rotated in X, then rounded to the cache's E (as phi.KVCache.update's copy)
   for (int64_t b = 0; b < B; b++) {
-    const E *x = qkv + b * (H + 2 * KV) * hd, *c = cos + b * d, *s = sin + b * d;
+    const X *x = qkv + b * (H + 2 * KV) * hd, *c = cos + b * d, *s = sin + b * d;
     for (int64_t h = 0; h < H; h++) rotate(x + h * hd, c, s, d, hd, q + (b * H + h) * hd);
     for (int64_t j = 0; j < KV; j++) {
-      rotate(x + (H + j) * hd, c, s, d, hd, kc + ((b * KV + j) * S + slot) * hd);
-      memcpy(vc + ((b * KV + j) * S + slot) * hd, x + (H + KV + j) * hd, hd * sizeof(E));
+      E *kj = kc + ((b * KV + j) * S + slot) * hd, *vj = vc + ((b * KV + j) * S + slot) * hd;
+      rotate(x + (H + j) * hd, c, s, d, hd, k);
+      for (int64_t i = 0; i < hd; i++) store(kj + i, get(k + i)), store(vj + i, get(x + (H + KV + j) * hd + i));
     }
   }
 }
 
-// The operator: qkv (B, 1, (H + 2 KV) hd), cos, sin (B, 1, 1, d), the caches (B, KV, S, hd), all in one dtype (fp32
-// or bf16, contiguous), at (1,) the slot -> the rotated queries (B, H, 1, hd); the caches written.
+// The operator: qkv (B, 1, (H + 2 KV) hd), cos, sin (B, 1, 1, d) in one dtype (fp32 or bf16), the caches (B, KV, S,
+// hd) in that dtype or narrower (cache_of), all contiguous, at (1,) the slot -> the rotated queries (B, H, 1, hd);
+// the caches written.
 Tensor rotary_cache(Tensor qkv, Tensor cos, Tensor sin, Tensor k_cache, Tensor v_cache, Tensor at, int64_t heads) {
-  const auto dt = qkv.scalar_type();
+  const auto dt = qkv.scalar_type(), ct = k_cache.scalar_type();
   STD_TORCH_CHECK(dt == ScalarType::Float || dt == ScalarType::BFloat16, "qkv: float32 or bfloat16");
   STD_TORCH_CHECK(k_cache.dim() == 4, "k_cache: (rows, kv_heads, slots, head_dim)");
   const int64_t B = k_cache.size(0), KV = k_cache.size(1), S = k_cache.size(2), hd = k_cache.size(3), H = heads;
   const int64_t d = cos.dim() ? cos.size(cos.dim() - 1) : 0;
   for (const Tensor& t : {k_cache, v_cache})
-    STD_TORCH_CHECK(t.scalar_type() == dt && t.is_contiguous() && t.dim() == 4 && t.size(0) == B && t.size(1) == KV &&
-                        t.size(2) == S && t.size(3) == hd,
-                    "k_cache, v_cache: (rows, kv_heads, slots, head_dim) contiguous, in qkv's dtype");
+    STD_TORCH_CHECK(t.scalar_type() == ct && cache_of(dt, ct) && t.is_contiguous() && t.dim() == 4 && t.size(0) == B &&
+                        t.size(1) == KV && t.size(2) == S && t.size(3) == hd,
+                    "k_cache, v_cache: (rows, kv_heads, slots, head_dim) contiguous, one dtype: qkv's, or bfloat16 or "
+                    "float16 for float32 qkv");
   STD_TORCH_CHECK(qkv.is_contiguous() && qkv.numel() == B * (H + 2 * KV) * hd,
                   "qkv: (rows, 1, (heads + 2 kv_heads) head_dim) contiguous");
   for (const Tensor& t : {cos, sin})
@@ -689,14 +721,12 @@ Tensor rotary_cache(Tensor qkv, Tensor cos, Tensor sin, Tensor k_cache, Tensor v
   const int64_t slot = *(const int64_t*)at.data_ptr();
   STD_TORCH_CHECK(slot >= 0 && slot < S, "at: a slot of the cache");
   Tensor q = torch::stable::new_empty(qkv, {B, H, 1, hd});
-  if (dt == ScalarType::Float)
-    rotate_and_cache((const float*)qkv.data_ptr(), (const float*)cos.data_ptr(), (const float*)sin.data_ptr(),
-                     (float*)k_cache.data_ptr(), (float*)v_cache.data_ptr(), (float*)q.data_ptr(), B, H, KV, S, hd, d,
-                     slot);
-  else
-    rotate_and_cache((const uint16_t*)qkv.data_ptr(), (const uint16_t*)cos.data_ptr(),
-                     (const uint16_t*)sin.data_ptr(), (uint16_t*)k_cache.data_ptr(), (uint16_t*)v_cache.data_ptr(),
-                     (uint16_t*)q.data_ptr(), B, H, KV, S, hd, d, slot);
+  with_types(dt, ct, [&](auto* x, auto* c) {
+    using X = std::remove_pointer_t<decltype(x)>;
+    using C = std::remove_pointer_t<decltype(c)>;
+    rotate_and_cache((const X*)qkv.data_ptr(), (const X*)cos.data_ptr(), (const X*)sin.data_ptr(),
+                     (C*)k_cache.data_ptr(), (C*)v_cache.data_ptr(), (X*)q.data_ptr(), B, H, KV, S, hd, d, slot);
+  });
   return q;
 }
 
@@ -1078,3 +1108,13 @@ def quantize_int4(model: nn.Module, group: int = 128, weight_only: bool = False)
         return Int4Linear(linear, fits[0], weight_only) if fits else linear
 
     return swap_linears(model, int4, skip=NOT_QUANTIZED)
+
+
+def cache_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype for a model's KV cache: fp16 for an fp32 model whose int8/int4 Linears take the kernel (q8), as
+    llama.cpp keeps its cache beside q8_0 and q4_0 weights; else the model's own. A decode step reads the whole cache
+    once a token, and in fp32 it is a small model's second stream after the weights (160m, 192 slots: ~12 MB beside
+    int4's ~70 MB). The operators read and write fp16 directly; phi.py's other attention paths widen it."""
+    dtype = next(model.parameters()).dtype
+    ints = any(isinstance(m, (Int8Linear, Int4Linear)) and m.q8 for m in model.modules())
+    return torch.float16 if dtype == torch.float32 and ints else dtype

@@ -43,6 +43,7 @@ import torch
 
 import generate
 import phi
+import quantize
 import tp as tensor_parallel
 
 
@@ -359,7 +360,7 @@ class Batcher:
     def prefill(self, prompts: list, seqs=None):
         """Prefill the prompts (token-id lists) together, left-padded (each row computes what it computes alone),
         and place each in the next row; seqs: their Sequences (another rank of a tensor-parallel server has none)."""
-        dev, dtype = self.model.embed.weight.device, self.model.embed.weight.dtype
+        dev, dtype = self.model.embed.weight.device, quantize.cache_dtype(self.model)
         ids, mask = generate.left_padded(prompts, dev)
         cache = phi.KVCache(self.model.config, len(prompts), ids.shape[1], dtype, dev)
         logits = generate.prefill(self.model, ids, mask if (mask == 0).any() else None, cache)  # (n, V)
@@ -370,7 +371,7 @@ class Batcher:
         """Put the sequence whose prompt is row i of the prefilled cache `prompts` (its last len(ids) slots) in the
         next row."""
         cfg, P, r, T = self.model.config, len(seq.ids), len(self.rows), prompts.ids.shape[1]
-        dev, dtype = self.model.embed.weight.device, self.model.embed.weight.dtype
+        dev, dtype = self.model.embed.weight.device, quantize.cache_dtype(self.model)
         if self.cache is None:
             self.cache = phi.KVCache(cfg, self.max_batch, min(cfg.max_position_embeddings, 128), dtype, dev)
             self.cache.padded, self.logits = True, logits.new_zeros(self.max_batch, logits.shape[-1])

@@ -596,6 +596,9 @@ def test_exported_step_is_built_once_kept_and_decodes_as_the_plain_step(hub, tmp
         assert err(got, want) <= TOL and err(got, mine) > 0.1
         same = stepped_logits(model, step, ids, 6, phi.KVCache(model.config, 2, 20))  # (not its model: the plain step)
         assert err(same, mine) <= TOL
+        half = [phi.KVCache(model.config, 2, 20, torch.float16) for _ in range(2)]  # (not the dtype it was exported
+        got = stepped_logits(model, steps.decode, ids, 6, half[0])  # with, quantize.cache_dtype's: the plain step)
+        assert err(got, stepped_logits(model, generate.decode_one_token, ids, 6, half[1])) <= TOL
 
     generate.ExportedStep.path(model).write_bytes(b"not a package")
     r = run_cli(home, *args, background_build=True)

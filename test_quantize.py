@@ -174,7 +174,7 @@ def test_compiled_int8_decode_of_several_rows_matches_eager(weight_only, fresh_c
     steps = {"eager": generate.decode_one_token, "compiled": compiled_step()}
     out = {}
     for name, step in steps.items():
-        cache = phi.KVCache(cfg, 3, 12)
+        cache = phi.KVCache(cfg, 3, 12)  # (fp32: the kernel's numbers only; the fp16 cache: the test below)
         out[name] = stepped_logits(q, step, ids, 8, cache)
     with torch.no_grad():
         want = fp32(ids)[:, 8:]
@@ -548,14 +548,23 @@ def attention_reference(q, k, v, mask):
     return att.masked_fill(~mask, float("-inf")).softmax(-1) @ v
 
 
+CACHES = [
+    (torch.float32, None),
+    (torch.bfloat16, None),
+    (torch.float32, torch.float16),
+    (torch.float32, torch.bfloat16),
+]
+
+
 @needs_q8
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_operator_matches_softmax_attention(dtype):
+@pytest.mark.parametrize("dtype, cache", CACHES, ids=["fp32", "bf16", "fp32-fp16-cache", "fp32-bf16-cache"])
+def test_decode_attention_operator_matches_softmax_attention(dtype, cache):
     """phi_cpu::decode_attention (quantize.Q8_SOURCE), which FastAttention calls for a decode step's single query:
     GQA (8 heads on 2 KV heads), a mask per row (pads) or per head (Phi-3-small's block-sparse layers), keys and
     values a slice of a longer cache (strided), head dims 40 (an odd number of 8-lane registers) and 64, against the
     softmax written out in float64 and phi.Attention.decode_attention. bf16 inputs: fp32 inside, one rounding of the
-    output. A row with no key allowed is NaN, as the softmax of only -inf is."""
+    output; fp32 q over an fp16 or bf16 cache (quantize.cache_dtype): the cache's numbers widened exactly. A row with
+    no key allowed is NaN, as the softmax of only -inf is."""
     assert quantize.q8_kernel()
     g = torch.Generator().manual_seed(0)
     for hd, heads_mask in ((40, False), (64, True)):
@@ -564,7 +573,7 @@ def test_decode_attention_operator_matches_softmax_attention(dtype):
         )
         attn = phi.Attention(cfg, 0)
         q = torch.randn(3, 8, 1, hd, generator=g).to(dtype)
-        cache_k, cache_v = (torch.randn(3, 2, 50, hd, generator=g).to(dtype) for _ in range(2))
+        cache_k, cache_v = (torch.randn(3, 2, 50, hd, generator=g).to(cache or dtype) for _ in range(2))
         k, v = cache_k[:, :, :37], cache_v[:, :, :37]  # (the filled slots: a strided view)
         mask = torch.rand(3, 8 if heads_mask else 1, 1, 37, generator=g) < 0.6
         mask[..., 5] = True
@@ -579,7 +588,8 @@ def test_decode_attention_operator_matches_softmax_attention(dtype):
             assert err(got[:2], attn.decode_attention(q, k, v, mask)[:2]) <= 1e-6
     for args, what in (
         ((q.double(), k, v, mask), "q: float32 or bfloat16"),
-        ((q, k.float() if dtype == torch.bfloat16 else k.bfloat16(), v, mask), "k, v: .* in q's dtype"),
+        ((q, k.float() if dtype == torch.bfloat16 else k.double(), v, mask), "k, v: .* one dtype: q's"),
+        ((q, k, v.float() if k.dtype != torch.float32 else v.half(), mask), "k, v: .* one dtype"),
         ((q[..., :60].contiguous(), k[..., :60], v[..., :60], mask), "head_dim: a multiple of 8"),
         ((q, k, v, mask.float()), "mask: bool"),
         ((q, k[:, :1].expand(3, 3, 37, 64), v[:, :1].expand(3, 3, 37, 64), mask), "kv_heads dividing heads"),
@@ -589,11 +599,12 @@ def test_decode_attention_operator_matches_softmax_attention(dtype):
 
 
 @needs_q8
-@pytest.mark.parametrize("model_type", ["phi", "phi3"])
-def test_fast_attention_decodes_as_phi_attention(model_type, monkeypatch):
+@pytest.mark.parametrize("model_type, cache", [("phi", None), ("phi3", None), ("phi", torch.float16)])
+def test_fast_attention_decodes_as_phi_attention(model_type, cache, monkeypatch):
     """speed_up swaps phi.Attention for quantize.FastAttention (a subclass: same parameters and state dict): its
     decode steps (generate.decode_step's, masked over every slot of the cache; a forward whose window cuts the
-    cache) give the plain model's logits, and the operator is what runs them."""
+    cache) give the plain model's logits, and the operator is what runs them; with an fp16 cache too (cache_dtype's
+    for int8/int4 weights), which phi.py's paths widen and the operators read as it is."""
     cfg = tiny_config(model_type=model_type, num_key_value_heads=2, sliding_window=6 if model_type == "phi3" else None)
     torch.manual_seed(0)
     plain = phi.Phi.from_config(cfg).eval()
@@ -603,7 +614,7 @@ def test_fast_attention_decodes_as_phi_attention(model_type, monkeypatch):
     ids = ids_for(14, B=2)
     with torch.no_grad():
         for step in (generate.decode_one_token, lambda m, t, c: m(t[:, None], cache=c)[:, -1]):
-            caches = [phi.KVCache(cfg, 2, 14) for _ in range(2)]
+            caches = [phi.KVCache(cfg, 2, 14, cache or torch.float32) for _ in range(2)]
             want = stepped_logits(plain, step, ids, 5, caches[0])
             calls = {name: [] for name in ("decode_attention", "rotary_cache")}
             for name, op in [(n, getattr(torch.ops.phi_cpu, n)) for n in calls]:  # (counted)
@@ -617,6 +628,37 @@ def test_fast_attention_decodes_as_phi_attention(model_type, monkeypatch):
             assert len(calls["decode_attention"]) == masked * cfg.num_hidden_layers
             # decode_step's (eager): rotary and the cache write in one call too
             assert len(calls["rotary_cache"]) == (9 if step is generate.decode_one_token else 0) * cfg.num_hidden_layers
+
+
+@needs_q8
+def test_int8_and_int4_models_decode_with_an_fp16_cache(monkeypatch, fresh_compiler):
+    """cache_dtype: fp16 for an fp32 model whose int8/int4 Linears take the kernel, else the model's dtype; generate
+    makes its cache so. Decoding through the fp16 cache stays within 1e-3 of the fp32 cache's logits (relative to the
+    largest), a small share of what int8 weights move them."""
+    monkeypatch.setattr(quantize, "CPU_KERNELS", True)
+    cfg = tiny_config(intermediate_size=256)
+    torch.manual_seed(0)
+    fp32 = phi.Phi.from_config(cfg).eval()
+    q8, q4 = quantize.quantize_int8(copy.deepcopy(fp32)), quantize.quantize_int4(copy.deepcopy(fp32), group=32)
+    assert quantize.cache_dtype(q8) == quantize.cache_dtype(q4) == torch.float16
+    assert quantize.cache_dtype(fp32) == quantize.cache_dtype(quantize.quantize_int8(copy.deepcopy(fp32), True))
+    assert quantize.cache_dtype(fp32) == torch.float32 and quantize.cache_dtype(fp32.bfloat16()) == torch.bfloat16
+    made = []
+    monkeypatch.setattr(phi, "KVCache", lambda *a, f=phi.KVCache: made.append(f(*a)) or made[-1])
+    list(generate.generate(q8, [1, 2, 3], 2, temperature=0))
+    list(generate.generate_beam(q8, [[1, 2, 3]], 2, num_beams=2))
+    list(generate.generate_speculative(q8, [1, 2, 3], 2, draft=q4))
+    assert [c.k[0].dtype for c in made] == [torch.float16] * 4  # (speculative: the model's and the draft's)
+    monkeypatch.undo()
+    ids = ids_for(12, B=2)
+    with torch.no_grad():
+        want = fp32(ids)[:, 6:]
+        for step in (generate.decode_one_token, compiled_step()):
+            wide, narrow = (
+                stepped_logits(q8, step, ids, 6, phi.KVCache(cfg, 2, 12, t)) for t in (torch.float32, torch.float16)
+            )
+            off = record("int8 decode: fp16 vs fp32 cache / max|logit|", err(narrow, wide) / wide.abs().max().item())
+            assert 0 < off <= 1e-3 and err(narrow, wide) < 0.05 * err(wide, want)
 
 
 @needs_q8
@@ -638,7 +680,7 @@ def test_fast_block_decodes_as_phi_block(model_type, monkeypatch):
     )
 
     def decode(model, hook=None):  # logits and caches of 5 decode steps; the hooked calls' module names
-        calls, caches = [], phi.KVCache(cfg, 2, 9, model.embed.weight.dtype)
+        calls, caches = [], phi.KVCache(cfg, 2, 9, quantize.cache_dtype(model))  # (int8, int4: fp16)
         if hook is not None:
             handle = hook(model, lambda m, args, out: calls.append(type(m).__name__.removeprefix("Fast")) or out * 2)
         with torch.no_grad():
@@ -682,12 +724,14 @@ def test_fast_block_decodes_as_phi_block(model_type, monkeypatch):
 
 
 @needs_q8
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotary_cache_operator_rotates_and_writes_as_phi(dtype):
+@pytest.mark.parametrize("dtype, cache", CACHES, ids=["fp32", "bf16", "fp32-fp16-cache", "fp32-bf16-cache"])
+def test_rotary_cache_operator_rotates_and_writes_as_phi(dtype, cache):
     """phi_cpu::rotary_cache (quantize.Q8_SOURCE), FastAttention's eager decode step: from the qkv Linear's output
     (B, 1, (H + 2 KV) hd), the queries rotated as phi.apply_rotary rotates them, and the rotated keys and the values
     written into one slot of each cache as KVCache.update writes them, the other slots as they were; partial (16 of
-    32 dims) and full rotary; bf16 equal (each product and sum rounded as torch's ops round). Bad input is named."""
+    32 dims) and full rotary; bf16 equal (each product and sum rounded as torch's ops round); an fp16 or bf16 cache
+    beside fp32 qkv: the values rounded as torch rounds them, the keys rotated in fp32 first (a last fp32 bit may move
+    their rounding by one step). Bad input is named."""
     assert quantize.q8_kernel()
     torch.manual_seed(0)
     B, H, KV, S, hd, at = 3, 4, 2, 9, 32, torch.tensor([4])
@@ -695,7 +739,7 @@ def test_rotary_cache_operator_rotates_and_writes_as_phi(dtype):
         angles = torch.tensor([5.0, 0.0, 700.0])[:, None] * 10000 ** -(torch.arange(0, d, 2) / d)  # (B, d / 2)
         cos, sin = (f(torch.cat([angles, angles], -1)).to(dtype)[:, None, None] for f in (torch.cos, torch.sin))
         qkv = torch.randn(B, 1, (H + 2 * KV) * hd).to(dtype)
-        k, v = torch.randn(B, KV, S, hd).to(dtype), torch.randn(B, KV, S, hd).to(dtype)
+        k, v = torch.randn(B, KV, S, hd).to(cache or dtype), torch.randn(B, KV, S, hd).to(cache or dtype)
         want_k, want_v = k.clone(), v.clone()
         q_, k_, v_ = (t.view(B, 1, -1, hd).transpose(1, 2) for t in qkv.split([H * hd, KV * hd, KV * hd], -1))
         want_k[:, :, 4:5], want_v[:, :, 4:5] = phi.apply_rotary(k_, cos, sin), v_
@@ -703,6 +747,12 @@ def test_rotary_cache_operator_rotates_and_writes_as_phi(dtype):
         want_q = phi.apply_rotary(q_, cos, sin)
         if dtype == torch.bfloat16:
             assert torch.equal(q, want_q) and torch.equal(k, want_k) and torch.equal(v, want_v)
+        elif cache:
+            step = (2**-10 if cache == torch.float16 else 2**-7) * want_k.abs().max().item()  # (one step of the cache)
+            assert err(q, want_q) <= 1e-6 and err(k, want_k) <= step and torch.equal(v, want_v)
+            assert (
+                record(f"rotary_cache {cache} cache: keys off by a rounding step", (k != want_k).float().mean()) < 0.01
+            )
         else:
             assert max(err(q, want_q), err(k, want_k)) <= 1e-6 and torch.equal(v, want_v)
     for args, what in (
@@ -710,6 +760,7 @@ def test_rotary_cache_operator_rotates_and_writes_as_phi(dtype):
         ((qkv, cos.float() if dtype != torch.float32 else cos.double(), sin, k, v, at, H), "cos, sin"),
         ((qkv[..., :-1].contiguous(), cos, sin, k, v, at, H), "qkv: "),
         ((qkv, cos, sin, k.transpose(1, 2), v, at, H), "k_cache, v_cache"),
+        ((qkv, cos, sin, k.double(), v.double(), at, H), "k_cache, v_cache: .* one dtype: qkv's"),
     ):
         with pytest.raises(RuntimeError, match=what):
             torch.ops.phi_cpu.rotary_cache(*args)
