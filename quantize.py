@@ -206,6 +206,8 @@ class FastBlock(phi.Block):
     def forward(self, x, a: phi.AttentionInputs):
         if not self.lean(x, a):
             return super().forward(x, a)
+        if (act := self.one_call(x)) is not None:
+            return self.decode_block(x, a, act)
         h = self.norm1(x)
         y = self.attn.decode(h, a).add_(x)  # x + attention, then (parallel) + mlp(h)
         if self.parallel:
@@ -218,6 +220,31 @@ class FastBlock(phi.Block):
         hooks = hooked(attn) or hooked(mlp)
         return plain and not hooks and isinstance(attn, FastAttention) and attn.fused(x, a)
 
+    def one_call(self, x) -> int | None:
+        """The block in one operator call (phi_cpu::decode_block, Q8_SOURCE): where its four Linears are int8/int4 on
+        the kernel without hooks, x is fp32, its norms LayerNorm or RMSNorm and its activation gelu (tanh) or silu:
+        that activation's code, else None."""
+        attn, mlp, norms = self.attn, self.mlp, [self.norm1] + ([] if self.parallel else [self.norm2])
+        linears = (attn.qkv, attn.out, mlp.fc1, mlp.fc2)
+        if x.dtype != torch.float32 or not all(type(n) in (nn.LayerNorm, phi.RMSNorm) for n in norms):
+            return None
+        if not all(isinstance(lin, (Int8Linear, Int4Linear)) and lin.q8 and not hooked(lin) for lin in linears):
+            return None
+        tanh = isinstance(mlp.act, functools.partial) and mlp.act.func is F.gelu and mlp.act.keywords == TANH
+        return 0 if tanh else 1 if mlp.act is F.silu else None  # (phi.gelu_tanh, copied with the model, is another)
+
+    def decode_block(self, x, a, act):  # (one_call(x): act)
+        none, attn, mlp = x.new_empty(0), self.attn, self.mlp
+        p = [self.norm1.weight, getattr(self.norm1, "bias", None)]
+        p += [none, none] if self.parallel else [self.norm2.weight, getattr(self.norm2, "bias", None)]
+        for lin in (attn.qkv, attn.out, mlp.fc1, mlp.fc2):
+            scales = lin.scale if isinstance(lin, Int8Linear) else lin.scales
+            p += [lin.weight, scales, getattr(lin, "lows", None), lin.bias]
+        k, v, scale = a.cache.k[attn.layer], a.cache.v[attn.layer], attn.scale or attn.head_dim**-0.5
+        p = [none if t is None else t for t in p]
+        eps = self.norm1.eps
+        return torch.ops.phi_cpu.decode_block(x, p, a.cos, a.sin, k, v, a.at, a.mask, attn.n_head, scale, eps, act)
+
     def mlp_out(self, h):  # phi.MLP.forward (not gegelu's)
         mlp = self.mlp
         u = product(mlp.fc1, h)
@@ -227,6 +254,7 @@ class FastBlock(phi.Block):
         return product(mlp.fc2, mlp.act(u))
 
 
+TANH = {"approximate": "tanh"}
 GLOBAL_HOOKS = (torch.nn.modules.module._global_forward_hooks, torch.nn.modules.module._global_forward_pre_hooks)
 
 
@@ -841,18 +869,137 @@ Tensor matvec_bf16(Tensor x, Tensor weight, std::optional<Tensor> bias) {
   return y;
 }
 
+// An eager decode step's whole block in one call, for FastBlock where its four Linears are int8/int4 on this kernel
+// and x is fp32 (B, 1, C): a small model's token is ~10 operator calls a block, each some microseconds of Python and
+// dispatch, and slower still with the caches full of the weights just streamed. phi.Block's order: h = norm1(x); a =
+// x + out(attention(rotary(qkv(h)))), the key and value written into the cache (rotary_cache, decode_attention); then
+// a + mlp(h) (parallel: phi-1/1.5/2) or mlp(norm2(a)) + a, mlp(h) = fc2(act(fc1(h))) (or with glu, fc1's halves:
+// up * act(gate)). p: the norms' weights and biases (norm2's, and RMSNorm's biases, empty), then per Linear its
+// weight, scales, lows (int4's; empty for int8) and bias (or empty): qkv, out, fc1, fc2. act: 0 gelu (tanh), 1 silu.
+struct Q8 {  // a Linear on the kernel, as linear() takes it
+  const uint8_t* w;
+  const uint16_t *s, *lo;
+  const float* bias;
+  int64_t N, K, G;
+  int bits;
+};
+static Q8 q8_of(const std::vector<Tensor>& p, size_t i) {
+  const Tensor &w = p[4 + 4 * i], &s = p[5 + 4 * i], &lo = p[6 + 4 * i], &b = p[7 + 4 * i];
+  const int bits = lo.numel() ? 4 : 8;
+  const int64_t N = w.dim() == 2 ? w.size(0) : 0, K = N ? w.size(1) * 8 / bits : 0;
+  const int64_t G = bits == 8 ? 32 : s.numel() ? N * K / s.numel() : 0;
+  const bool fp16 = s.scalar_type() == ScalarType::Half && (bits == 8 || lo.scalar_type() == ScalarType::Half);
+  STD_TORCH_CHECK(w.scalar_type() == (bits == 8 ? ScalarType::Char : ScalarType::Byte) && w.is_contiguous() &&
+                      N % 8 == 0 && K % 64 == 0 && (G == 32 || G == 64 || G == 128) && K % G == 0 && fp16 &&
+                      s.is_contiguous() && s.numel() == N * K / G && (bits == 8 || lo.numel() == s.numel()) &&
+                      (!b.numel() || (b.scalar_type() == ScalarType::Float && b.numel() == N)),
+                  "p: a Linear's weight, scales, lows, bias as linear() takes them");
+  const uint16_t* lows = bits == 4 ? (const uint16_t*)lo.data_ptr() : nullptr;
+  const float* bias = b.numel() ? (const float*)b.data_ptr() : nullptr;
+  return {(const uint8_t*)w.data_ptr(), (const uint16_t*)s.data_ptr(), lows, bias, N, K, G, bits};
+}
+static std::vector<float> apply(const Q8& l, const float* x, int64_t M) {
+  std::vector<float> y(M * l.N);
+  linear_q8(x, M, l.w, l.s, l.lo, l.bias, l.N, l.K, l.G, l.bits, y.data());
+  return y;
+}
+// Rows of C: LayerNorm ((x - mean) / sqrt(var + eps) w + b, b given) or RMSNorm (x / sqrt(mean(x^2) + eps) w),
+// the sums in double.
+static std::vector<float> normed(const float* x, int64_t M, int64_t C, const Tensor& w, const Tensor& b, double eps) {
+  std::vector<float> y(M * C);
+  const float *g = (const float*)w.data_ptr(), *bb = b.numel() ? (const float*)b.data_ptr() : nullptr;
+  for (int64_t m = 0; m < M; m++) {
+    const float* r = x + m * C;
+    double mean = 0, var = 0;
+    for (int64_t i = 0; bb && i < C; i++) mean += r[i];
+    mean /= C;
+    for (int64_t i = 0; i < C; i++) var += (r[i] - mean) * (r[i] - mean);
+    const float mu = (float)mean, inv = (float)(1 / sqrt(var / C + eps));
+    for (int64_t i = 0; i < C; i++) y[m * C + i] = (r[i] - mu) * inv * g[i] + (bb ? bb[i] : 0.f);
+  }
+  return y;
+}
+static inline __m256 exp8(__m256 x) {  // e^x as Cephes' expf: 2^n e^r, |r| <= ln 2 / 2, a degree-7 polynomial
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+// gelu (tanh): z (1 + tanh(u)) / 2, u = sqrt(2 / pi) (z + 0.044715 z^3), tanh(u) = 1 - 2 / (e^2u + 1); or silu:
+// z / (1 + e^-z).
+static inline __m256 activation(__m256 z, int64_t act) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  if (act == 1) return _mm256_div_ps(z, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), z))));
+  const __m256 z3 = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), z), _mm256_mul_ps(z, z));
+  const __m256 u = _mm256_mul_ps(_mm256_set1_ps(0.7978845608f), _mm256_add_ps(z, z3));
+  const __m256 e = exp8(_mm256_add_ps(u, u));
+  const __m256 tanh = _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.f), _mm256_add_ps(e, one)));
+  return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), z), _mm256_add_ps(one, tanh));
+}
+static std::vector<float> mlp(const Q8& fc1, const Q8& fc2, const float* h, int64_t M, int64_t act) {
+  const std::vector<float> u = apply(fc1, h, M);
+  const int64_t I = fc2.K, glu = fc1.N == 2 * I;  // (I % 64 == 0: q8_of)
+  std::vector<float> g(M * I);
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t i = 0; i < I; i += 8) {
+      const float* r = u.data() + m * fc1.N;
+      const __m256 a = activation(_mm256_loadu_ps(r + i), act);
+      _mm256_storeu_ps(g.data() + m * I + i, glu ? _mm256_mul_ps(_mm256_loadu_ps(r + I + i), a) : a);
+    }
+  return apply(fc2, g.data(), M);
+}
+
+Tensor decode_block(Tensor x, std::vector<Tensor> p, Tensor cos, Tensor sin, Tensor k_cache, Tensor v_cache, Tensor at,
+                    Tensor mask, int64_t heads, double scale, double eps, int64_t act) {
+  STD_TORCH_CHECK(x.scalar_type() == ScalarType::Float && x.is_contiguous() && x.dim() == 3 && x.size(1) == 1,
+                  "x: fp32 (rows, 1, hidden)");
+  STD_TORCH_CHECK(p.size() == 20 && (act == 0 || act == 1), "p: 4 norm tensors, then 4 per Linear; act: 0 or 1");
+  const int64_t B = x.size(0), C = x.size(2);
+  STD_TORCH_CHECK(p[0].numel(), "p: norm1's weight");
+  for (int i = 0; i < 4; i++)
+    STD_TORCH_CHECK(!p[i].numel() || (p[i].scalar_type() == ScalarType::Float && p[i].numel() == C),
+                    "p: the norms' weights and biases fp32 (hidden,)");
+  const Q8 qkv = q8_of(p, 0), out = q8_of(p, 1), fc1 = q8_of(p, 2), fc2 = q8_of(p, 3);
+  STD_TORCH_CHECK(qkv.K == C && out.N == C && fc1.K == C && fc2.N == C && (fc1.N == fc2.K || fc1.N == 2 * fc2.K),
+                  "p: the Linears' shapes (qkv, out, fc1, fc2)");
+  const float* xp = (const float*)x.data_ptr();
+  const std::vector<float> h = normed(xp, B, C, p[0], p[1], eps);
+  Tensor t = torch::stable::new_empty(x, {B, 1, qkv.N});
+  linear_q8(h.data(), B, qkv.w, qkv.s, qkv.lo, qkv.bias, qkv.N, qkv.K, qkv.G, qkv.bits, (float*)t.data_ptr());
+  Tensor y = decode_attention(rotary_cache(t, cos, sin, k_cache, v_cache, at, heads), k_cache, v_cache, mask, scale);
+  STD_TORCH_CHECK(y.numel() == B * out.K, "p: out's inputs (heads x head_dim)");
+  std::vector<float> a = apply(out, (const float*)y.data_ptr(), B);
+  for (int64_t i = 0; i < B * C; i++) a[i] += xp[i];
+  const bool parallel = !p[2].numel();
+  const std::vector<float> h2 = parallel ? std::vector<float>() : normed(a.data(), B, C, p[2], p[3], eps);
+  const std::vector<float> m = mlp(fc1, fc2, parallel ? h.data() : h2.data(), B, act);
+  Tensor z = torch::stable::new_empty(x, {B, 1, C});
+  float* zp = (float*)z.data_ptr();
+  for (int64_t i = 0; i < B * C; i++) zp[i] = a[i] + m[i];
+  return z;
+}
+
 STABLE_TORCH_LIBRARY(phi_cpu, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor scales, Tensor? lows, int group, Tensor? bias=None) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
   m.def("matvec_bf16(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
   m.def("rotary_cache(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor at, "
         "int heads) -> Tensor");
+  m.def("decode_block(Tensor x, Tensor[] p, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor at, "
+        "Tensor mask, int heads, float scale, float eps, int act) -> Tensor");
 }
 STABLE_TORCH_LIBRARY_IMPL(phi_cpu, CPU, m) {
   m.impl("linear", TORCH_BOX(&linear));
   m.impl("decode_attention", TORCH_BOX(&decode_attention));
   m.impl("matvec_bf16", TORCH_BOX(&matvec_bf16));
   m.impl("rotary_cache", TORCH_BOX(&rotary_cache));
+  m.impl("decode_block", TORCH_BOX(&decode_block));
 }
 """
 

@@ -666,11 +666,17 @@ def test_int8_and_int4_models_decode_with_an_fp16_cache(monkeypatch, fresh_compi
 def test_fast_block_decodes_as_phi_block(model_type, monkeypatch):
     """speed_up swaps phi.Block for quantize.FastBlock (a subclass, no state of its own). An eager decode step
     through its lean path (parallel phi, sequential phi3 with its gated MLP) gives the same model's logits and caches
-    with phi.Block's forward, exactly (phi.Block's ops in its order), fp32, bf16, int8 and int4 (the operators of
-    bf16, int8 and int4 Linears called directly: in bf16 the steps call only the lm_head's module). Where a forward
-    hook is on the attention, the MLP or a Linear, or a global one, or in training mode (dropout), phi.Block's forward
-    runs: the hooks see every call they see without FastBlock, dropout applies."""
-    cfg = tiny_config(model_type=model_type, num_key_value_heads=2, intermediate_size=128, resid_pdrop=0.5)
+    with phi.Block's forward, exactly (phi.Block's ops in its order) in fp32 and bf16 (the bf16 Linears' operator
+    called directly: in bf16 the steps call only the lm_head's module); int8 and int4 blocks are one operator call
+    (decode_block: its own norms, gelu and silu), within 1% (int8) or 0.01% (int4) of what the weights' quantization
+    moves the logits.
+    Where a forward hook is on the attention, the MLP or a Linear, or a global one, or in training mode (dropout),
+    phi.Block's forward runs: the hooks see every call they see without FastBlock, dropout applies. decode_block
+    names bad input."""
+    act = "silu" if model_type == "phi3" else "gelu_new"  # (as their checkpoints)
+    cfg = tiny_config(
+        model_type=model_type, num_key_value_heads=2, intermediate_size=128, resid_pdrop=0.5, hidden_act=act
+    )
     torch.manual_seed(0)
     base = quantize.speed_up(phi.Phi.from_config(cfg).eval(), cpu_kernels=True)
     assert all(type(layer) is quantize.FastBlock for layer in base.layers)
@@ -695,18 +701,40 @@ def test_fast_block_decodes_as_phi_block(model_type, monkeypatch):
             layer.__class__, layer.attn.__class__ = phi.Block, attention
         return model
 
-    steps = []  # a bf16 Linear's module calls in decode steps (one position)
-    forward = quantize.FastLinear.forward
+    steps, blocks = [], []  # a bf16 Linear's module calls in decode steps (one position); decode_block's calls
+    forward, op = quantize.FastLinear.forward, torch.ops.phi_cpu.decode_block
     monkeypatch.setattr(quantize.FastLinear, "forward", lambda m, x: steps.append(x.shape[1] == 1) or forward(m, x))
+    monkeypatch.setattr(torch.ops.phi_cpu, "decode_block", lambda *a: blocks.append(a) or op(*a))
+    with torch.no_grad():
+        exact = base(ids)
     for make in (copy.deepcopy, lambda m: m.bfloat16(), quantize.quantize_int8, quantize.quantize_int4):
         fast = make(copy.deepcopy(base))
-        lean.clear(), steps.clear()
+        lean.clear(), steps.clear(), blocks.clear()
         got = decode(fast)
         if fast.embed.weight.dtype == torch.bfloat16:
             assert steps.count(True) == 5  # (the lm_head's; the blocks' Linears called as operators)
         want = decode(plain(fast))
-        assert torch.equal(got[0], want[0]) and all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
         assert lean.count(True) == 5 * cfg.num_hidden_layers  # (and False in the prefill's forward)
+        if make in (quantize.quantize_int8, quantize.quantize_int4):
+            assert len(blocks) == 5 * cfg.num_hidden_layers
+            # (int8 weights' int16 activations have a rounding boundary every 1/32767 of a block's max: the block's own
+            # norms and activation, equal to ~1e-7, move some of them across; int4's int8 activations, hardly any)
+            kind = type(fast.layers[0].mlp.fc1).__name__
+            off = err(got[0], want[0]) / err(want[0], exact[:, 4:])
+            assert record(f"decode_block ({model_type}, {kind}) / quantized", off) <= (1e-2 if "8" in kind else 1e-4)
+            assert max(err(a, b) for a, b in zip(got[1], want[1])) <= 1e-2 * max(a.abs().max() for a in want[1])
+            continue
+        assert not blocks and torch.equal(got[0], want[0]) and all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
+    x, p, *rest = blocks[0]
+    for args, what in (
+        ((x.bfloat16(), p, *rest), "x: fp32"),
+        ((x, p[:-1], *rest), "p: 4 norm tensors"),
+        ((x, p, *rest[:-1], 2), "act: 0 or 1"),
+        ((x, p[:5] + p[7:8] + p[6:], *rest), "a Linear's weight, scales, lows, bias"),
+        ((x, p[:4] + p[8:12] + p[4:8] + p[12:], *rest), "the Linears' shapes"),
+    ):
+        with pytest.raises(RuntimeError, match=what):
+            op(*args)
     for hook in (
         lambda m, f: m.layers[1].attn.register_forward_hook(f),
         lambda m, f: m.layers[1].mlp.register_forward_hook(f),
