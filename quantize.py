@@ -12,7 +12,8 @@ bench.py apply them; phi.py never sees them. The CPU kernels are kept where they
 - bf16: decoding's few rows through the operator phi_cpu::matvec_bf16 (bf16_decoding), prompts in fp32 on a CPU
   without bf16 instructions (BF16_NATIVE);
 - FastAttention: a decode step's attention in one operator call, phi_cpu::decode_attention;
-- FastBlock: an eager decode step's block in fewer Python calls (the kernel's Linears called as operators).
+- FastBlock: an eager decode step's block in fewer Python calls (the kernel's Linears called as operators; with
+  int8/int4 Linears the whole block is one, phi_cpu::decode_block).
 They were measured faster on AMD EPYC; on an Intel Xeon with AMX the compiled matvec step was slower than the eager
 one and MKL is Intel's own: there nn.Linear stays (CPU_KERNELS; PHI_CPU_KERNELS=0/1 overrides the rule).
 
@@ -201,7 +202,8 @@ class FastBlock(phi.Block):
     training, no forward hooks on the attention or MLP, nor global ones) in fewer Python calls: the dropouts
     (identity) skipped, the MLP's forward inline, the kernel's Linears called as operators (product), the residuals
     added in place in phi.Block's order (the same numbers). A small model's token is made of such calls: each
-    nn.Module call or attribute costs microseconds here (AMD EPYC Zen 3: ~12 us of a Linear's ~22 us at 128 wide)."""
+    nn.Module call or attribute costs microseconds here (AMD EPYC Zen 3: ~12 us of a Linear's ~22 us at 128 wide).
+    Where its four Linears are int8/int4 on the kernel, the whole block is one operator call (one_call)."""
 
     def forward(self, x, a: phi.AttentionInputs):
         if not self.lean(x, a):

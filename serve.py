@@ -467,7 +467,7 @@ class Server:
 
     def __init__(self, model, tok, name, steps=None, api_key=None, cors=None, max_body=4 << 20, max_batch=8, tp=False):
         self.model, self.tok, self.name = model, tok, name
-        self.batcher = Batcher(model, steps or generate.Steps(), max_batch, tp)  # Steps.compiled(device): --compile
+        self.batcher = Batcher(model, steps or generate.Steps(), max_batch, tp)  # (main: generate.command_line_steps)
         self.chat_eos = generate.end_of_turn_ids(model, tok)
         self.api_key, self.cors, self.max_body = api_key, cors, max_body
 
@@ -922,7 +922,13 @@ def build_parser():
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None)
-    p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="the decode step as generate.py takes it: compiled now (CPU: ahead of time, kept in ~/.cache/phi; "
+        "CUDA: torch.compile); without it the one a run built before, else the plain step and a build in the "
+        "background when the server stops; --no-compile: the plain step, nothing built",
+    )
     p.add_argument("--quantize", choices=list(generate.QUANTIZERS))
     p.add_argument(
         "--api-key",
@@ -952,9 +958,9 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"serve.py: error: {e}", file=sys.stderr)
         return 1
-    steps = generate.Steps.compiled(model.embed.weight.device) if args.compile else None
+    steps = generate.command_line_steps(model, args.compile, args.tp)  # (one line on stderr says which)
     if args.tp and torch.distributed.get_rank():  # the other ranks run every step rank 0 decides
-        Batcher(model, steps or generate.Steps(), args.max_batch, tp=True).follow()
+        Batcher(model, steps, args.max_batch, tp=True).follow()
     httpd = serve(
         model,
         tok,
@@ -974,6 +980,7 @@ def main(argv=None):
         httpd.serve_forever()
     except KeyboardInterrupt:
         pass
+    generate.build_later(model, args, steps)  # (where it decoded with the plain step for want of a package)
     return 0
 
 

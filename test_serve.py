@@ -12,6 +12,7 @@ import torch
 import transformers
 
 import generate
+import quantize
 import serve
 from conftest import GEN_CASES, PROMPT, ROOT, TOK, continuation, needs_reference, python_env, record, run_cli, snapshot
 
@@ -21,12 +22,15 @@ CHAT_ARGS = ("--max-new-tokens", 20, "--temperature", 0, "--dtype", "float32")
 @pytest.fixture
 def server(hub):
     """serve.py on a free loopback port, in a thread of this process, for a checkpoint of the hub fixture:
-    yields start: start(name, **serve_kw) starts one on a checkpoint and returns (base_url, model, tok)."""
+    yields start: start(name, **serve_kw) starts one on a checkpoint and returns (base_url, model, tok); steps may be
+    a function of the model."""
 
     running = []
 
     def start(name, **kw):
         model, tok = generate.load(snapshot(hub[0], name), dtype="float32")
+        if callable(kw.get("steps")):
+            kw["steps"] = kw["steps"](model)
         httpd = serve.serve(model, tok, f"test/{name}", port=0, **kw)
         threading.Thread(target=httpd.serve_forever, daemon=True).start()
         running.append(httpd)
@@ -294,9 +298,10 @@ def test_serve_chat_reply_is_the_decode_of_its_tokens_and_keeps_its_end(server, 
 
 
 @needs_reference("tokenizers")
-def test_serve_n_choices_and_seed_and_the_program(server, hub):
+def test_serve_n_choices_and_seed_and_the_program(server, hub, tmp_path):
     """n=2 at temperature 1 gives two different choices, and a seed reproduces them; serve.py as a program listens on
-    127.0.0.1 by default (port 0: a free one, printed) and answers /health."""
+    127.0.0.1 by default (port 0: a free one, printed) and answers /health; on a CPU where the exported step applies
+    it says, as generate.py, that it decodes with the plain step for want of one and builds it when it stops."""
     url, model, tok = server("phi3-4k")
     client = openai_client(url)
     msg = [{"role": "user", "content": "Tell me a story."}]
@@ -307,10 +312,12 @@ def test_serve_n_choices_and_seed_and_the_program(server, hub):
 
     a = texts(3)
     assert a[0] != a[1] and texts(3) == a and texts(4) != a
-    env = python_env(HF_HOME=hub[0], HF_HUB_OFFLINE=1)
+    env = python_env(HF_HOME=hub[0], HF_HUB_OFFLINE=1, PHI_CPU_KERNELS=1, XDG_CACHE_HOME=tmp_path)
     cmd = [sys.executable, str(ROOT / "serve.py"), "--model", "test/phi3-4k", "--port", "0", "--dtype", "float32"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
-    try:
+    try:  # (terminated below: no build)
+        line = proc.stderr.readline()
+        assert line.startswith("decode: the plain step; after this run, the step compiled ahead of time"), line
         line = proc.stderr.readline()
         m = re.fullmatch(r"serve.py: test/phi3-4k on http://127\.0\.0\.1:(\d+)/v1\n", line)
         assert m, line
@@ -655,11 +662,23 @@ def test_serve_stops_generating_for_a_client_that_left_without_reading(server, m
 
 
 @needs_reference("tokenizers")
-def test_serve_batches_concurrent_requests_and_each_equals_its_answer_alone(server, monkeypatch):
+@pytest.mark.parametrize("step", ["plain", "exported"])
+def test_serve_batches_concurrent_requests_and_each_equals_its_answer_alone(step, server, monkeypatch):
     """Requests at once (greedy chat and completions of different lengths, a stop string, n 2) with 3 rows for 7
     sequences: some wait for a row, rows are freed and refilled mid-way, the shared cache moves its rows left when
-    full (context 128): every answer equals the same request served alone, and several ran in one batch."""
-    url, model, tok = server("phi3-4k", max_batch=3)
+    full (context 128): every answer equals the same request served alone, and several ran in one batch. So with
+    the step compiled ahead of time (serve.py's on an AMD CPU, where a run built it), which runs every decode step
+    (on the running rows' views of the cache)."""
+    monkeypatch.setattr(quantize, "CPU_KERNELS", True)
+    exported = []
+
+    def steps(model):  # the package built once per source (~/.cache/phi/steps); its runner's calls counted
+        s = generate.Steps.exported(model)
+        runner = s.decode.runner
+        s.decode.runner = lambda *a: exported.append(len(a[0])) or runner(*a)  # (a[0]: the rows' tokens)
+        return s
+
+    url, model, tok = server("phi3-4k", max_batch=3, **({"steps": steps} if step == "exported" else {}))
     client = openai_client(url)
     asks = [
         ("chat", dict(messages=[{"role": "user", "content": "Name a prime."}], max_tokens=70)),
@@ -698,6 +717,8 @@ def test_serve_batches_concurrent_requests_and_each_equals_its_answer_alone(serv
     for t in threads:
         t.join()
     assert got == alone
+    if step == "exported":
+        assert len(exported) > 100 and max(exported) == 3
     assert max(busiest) == 3  # full batches
     assert min(shifts) < 0 < max(shifts)  # rows moved left (the cache full) and right (a longer prompt joined)
 
